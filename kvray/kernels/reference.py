@@ -1,0 +1,68 @@
+"""Plain-torch paged attention and KV-cache write: the ground truth and the CPU path.
+
+Same signatures as the Triton kernels in ``kvray.kernels``. Clear rather than fast: each
+sequence's context is gathered from its blocks and attended with an explicit causal mask,
+accumulating in float32.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """Scatter ``key``/``value`` [num_tokens, kv_heads, d] into the paged caches
+    [num_blocks, block_size, kv_heads, d] at ``slot_mapping`` (negative slots are skipped)."""
+    num_blocks, block_size = k_cache.shape[:2]
+    slots = slot_mapping.long()
+    keep = slots >= 0
+    if not bool(keep.all()):
+        slots, key, value = slots[keep], key[keep], value[keep]
+    k_flat = k_cache.view(num_blocks * block_size, *k_cache.shape[2:])
+    v_flat = v_cache.view(num_blocks * block_size, *v_cache.shape[2:])
+    k_flat.index_copy_(0, slots, key.to(k_cache.dtype))
+    v_flat.index_copy_(0, slots, value.to(v_cache.dtype))
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The first ``seq_len`` positions of one sequence's context: [seq_len, kv_heads, d]."""
+    block_size = cache.shape[1]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    blocks = cache.index_select(0, block_table[:num_blocks].long())
+    return blocks.reshape(num_blocks * block_size, *cache.shape[2:])[:seq_len]
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, softmax_scale: float,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of each sequence's queries over its paged context.
+
+    q [num_q_tokens, num_heads, d]; sequence i owns q rows query_start_loc[i]:query_start_loc[i+1],
+    which are the last q_len_i positions of its seq_lens[i]-long context.
+    """
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    if out is None:
+        out = torch.empty_like(q)
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for i, seq_len in enumerate(lens):
+        q_start, q_end = starts[i], starts[i + 1]
+        q_len = q_end - q_start
+        if q_len == 0:
+            continue
+        k = gather_kv(k_cache, block_tables[i], seq_len).float()      # [S, kvh, d]
+        v = gather_kv(v_cache, block_tables[i], seq_len).float()
+        qi = q[q_start:q_end].float()                                   # [L, h, d]
+        k = k.repeat_interleave(group, dim=1)                           # [S, h, d]
+        v = v.repeat_interleave(group, dim=1)
+        scores = torch.einsum("lhd,shd->hls", qi, k) * softmax_scale    # [h, L, S]
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+        k_pos = torch.arange(seq_len, device=q.device)
+        mask = k_pos[None, :] > q_pos[:, None]                          # [L, S]
+        scores.masked_fill_(mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        o = torch.einsum("hls,shd->lhd", probs, v)
+        out[q_start:q_end] = o.to(out.dtype)
+    return out
