@@ -1,8 +1,136 @@
-"""Paged-attention and KV-cache kernels.
+"""Paged-attention and KV-cache kernels, with their dispatch.
 
-Dispatch (filled in by the Triton kernels issue): Triton on CUDA tensors, the plain-torch
-reference on CPU tensors, Triton under its CPU interpreter when ``TRITON_INTERPRET=1``.
+* CUDA tensors run the Triton kernels (``triton_attention``, ``triton_cache``).
+* CPU tensors run the plain-torch reference (``kvray.kernels.reference``), unless
+  ``TRITON_INTERPRET=1`` is set at call time: then the Triton kernels run under Triton's CPU
+  interpreter (how CI tests them).
+* ``KVRAY_ATTENTION_BACKEND=reference|triton|auto`` (read at call time) or
+  ``set_attention_backend(name)`` (the engine option; wins over the variable) force a path:
+  ``reference`` runs the torch code even on CUDA (for debugging), ``triton`` runs the kernels
+  on CPU tensors too (under the interpreter).
+
+The Triton modules are loaded lazily, once per mode (compiled / interpreted), so the interpreter
+can be switched on per call without re-importing anything and CPU-only installs never import
+Triton. The entry points only check shapes, dtypes and devices: no device reads, no syncs.
 """
-from kvray.kernels.reference import paged_attention, write_kv_cache
+from __future__ import annotations
 
-__all__ = ["paged_attention", "write_kv_cache"]
+import importlib.util
+import os
+import sys
+import types
+
+import torch
+
+from kvray.kernels import reference
+from kvray.kernels._checks import check_paged_attention, check_write_kv_cache
+
+__all__ = ["paged_attention", "write_kv_cache", "set_attention_backend", "get_attention_backend",
+           "reference", "triton_impl"]
+
+BACKENDS = ("auto", "triton", "reference")
+ENV_BACKEND = "KVRAY_ATTENTION_BACKEND"
+_override: str | None = None
+_impls: dict[bool, types.SimpleNamespace] = {}
+
+
+def set_attention_backend(name: str | None) -> None:
+    """Force ``"reference"`` or ``"triton"`` (or ``"auto"``); ``None`` defers to $KVRAY_ATTENTION_BACKEND."""
+    global _override
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS} or None, got {name!r}")
+    _override = name
+
+
+def get_attention_backend() -> str:
+    name = _override or os.environ.get(ENV_BACKEND) or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"${ENV_BACKEND} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def _route(device: torch.device) -> tuple[bool, bool]:
+    """(use Triton, under the interpreter) for tensors on ``device``."""
+    backend = get_attention_backend()
+    if backend == "reference":
+        return False, False
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type == "cuda":
+        return True, interpret
+    if device.type == "cpu" and (interpret or backend == "triton"):
+        return True, True
+    return False, False
+
+
+def _load(stem: str, interpret: bool) -> types.ModuleType:
+    name = f"kvray.kernels._{stem}_{'interpreted' if interpret else 'compiled'}"
+    mod = sys.modules.get(name)
+    if mod is None:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), stem + ".py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        sys.modules[name] = mod
+    return mod
+
+
+def triton_impl(interpret: bool = False) -> types.SimpleNamespace:
+    """The Triton modules (``.attention``, ``.cache``) built for one mode. ``triton.jit`` picks the
+    interpreter at decoration time from $TRITON_INTERPRET, so each mode gets its own copy of the
+    modules, decorated with the variable set accordingly."""
+    impl = _impls.get(interpret)
+    if impl is None:
+        try:
+            import triton  # noqa: F401
+        except ImportError as e:  # pragma: no cover - CPU-only installs without Triton
+            raise ImportError("the Triton attention backend needs the `triton` package; "
+                              f"use {ENV_BACKEND}=reference") from e
+        prev = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+        try:
+            impl = types.SimpleNamespace(attention=_load("triton_attention", interpret),
+                                         cache=_load("triton_cache", interpret))
+        finally:
+            if prev is None:
+                os.environ.pop("TRITON_INTERPRET", None)
+            else:
+                os.environ["TRITON_INTERPRET"] = prev
+        _impls[interpret] = impl
+    return impl
+
+
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """Scatter key/value [num_tokens, num_kv_heads, head_dim] into the paged caches
+    [num_blocks, block_size, num_kv_heads, head_dim] at ``slot_mapping`` (int32/int64; slot =
+    block_id * block_size + offset; negative slots are skipped)."""
+    check_write_kv_cache(key, value, k_cache, v_cache, slot_mapping)
+    use_triton, interpret = _route(key.device)
+    if not use_triton:
+        return reference.write_kv_cache(key, value, k_cache, v_cache, slot_mapping)
+    triton_impl(interpret).cache.write_kv_cache_triton(key, value, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, softmax_scale: float,
+                    out: torch.Tensor | None = None, *, max_seq_len: int | None = None,
+                    max_query_len: int | None = None) -> torch.Tensor:
+    """Causal attention of each sequence's queries (the last q_len_i positions of its seq_lens[i]-long
+    context) over its paged K/V. Prefill, chunked prefill over a cached prefix and decode alike.
+
+    ``max_seq_len`` / ``max_query_len`` are optional host-side hints (upper bounds) used only to
+    pick tile sizes and the split-KV count; without them the choice comes from the shapes
+    (``block_tables.shape[1] * block_size`` bounds the context). Results never depend on them.
+    Under CUDA-graph capture pass fixed hints so every replay sees the same launch grid.
+    """
+    check_paged_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, softmax_scale, out)
+    if out is None:
+        out = torch.empty_like(q)
+    use_triton, interpret = _route(q.device)
+    if not use_triton:
+        return reference.paged_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
+                                         softmax_scale, out)
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"the Triton backend takes float16, bfloat16 or float32, got {q.dtype}")
+    return triton_impl(interpret).attention.paged_attention_triton(
+        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, softmax_scale, out,
+        max_seq_len=max_seq_len, max_query_len=max_query_len)

@@ -28,7 +28,7 @@ class Sequence:
         "request_id", "token_ids", "num_prompt_tokens", "params", "status", "num_computed_tokens",
         "block_table", "num_cached_tokens", "finish_reason", "stop_reason", "metrics", "logprobs",
         "top_logprobs", "generator", "detokenizer", "_block_hashes", "block_size", "deadline",
-        "prompt",
+        "prompt", "np_table", "np_src",
     )
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -53,6 +53,10 @@ class Sequence:
         # Absolute TTFT deadline (monotonic seconds) for deadline-aware policies.
         self.deadline = (self.metrics.arrival_time + params.ttft_ms / 1000.0) if params.ttft_ms else None
         self.prompt = prompt
+        # A numpy mirror of block_table kept by the model runner (grown by appends; rebuilt when
+        # block_table is replaced, which the block manager does on free).
+        self.np_table = None
+        self.np_src = None
 
     # ---- sizes -----------------------------------------------------------------------------
     @property

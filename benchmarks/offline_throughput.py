@@ -1,0 +1,254 @@
+"""Offline throughput of one kvray replica against transformers, and the hardware floor.
+
+Workloads (../shared/design.md):
+  A: 256 requests, prompt and output lengths each uniform in [100, 1024], random ids, ignore_eos, random.Random(0)
+  B: 256 requests x (512 prompt, 256 output)
+Baselines in the same run on the same random weights: transformers `generate` with static
+batches (left padding; batch 64 for A, 256 for B; only the requested output tokens count) and
+transformers continuous batching `generate_batch`.
+Floor: max(bytes / copy bandwidth, FLOPs / matmul rate), bytes = weights once per decode step
+(steps = the longest output) + every K/V byte read by every generated token; both ceilings are
+measured in this run.
+
+  python benchmarks/offline_throughput.py [--presets qwen3-0.6b:AB,llama-3.2-1b:B] [--hf-subset 64]
+Appends a markdown table to benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kvray import LLM, SamplingParams  # noqa: E402
+from kvray.replica.models.loader import resolve_model  # noqa: E402
+
+
+def workload(name: str, vocab: int):
+    rng = random.Random(0)
+    if name == "A":
+        lens = [(rng.randint(100, 1024), rng.randint(100, 1024)) for _ in range(256)]
+    else:
+        lens = [(512, 256)] * 256
+    prompts = [[rng.randrange(vocab) for _ in range(p)] for p, _ in lens]
+    return prompts, [o for _, o in lens]
+
+
+def cuda_time(fn, reps=5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        ts.append(s.elapsed_time(e) / 1e3)
+    return sorted(ts)[len(ts) // 2]
+
+
+def measure_ceilings() -> tuple[float, float]:
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    b = torch.empty_like(a)
+    copy_bw = 2 * n / cuda_time(lambda: b.copy_(a), reps=10)
+    del a, b
+    m = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm_rate = 2 * 8192 ** 3 / cuda_time(lambda: m @ m, reps=10)
+    del m
+    torch.cuda.empty_cache()
+    return copy_bw, mm_rate
+
+
+def floor_tok_s(cfg, prompts, outs, copy_bw, mm_rate, weight_bytes) -> dict:
+    layers, kvh = cfg.num_hidden_layers, cfg.num_key_value_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    heads = cfg.num_attention_heads
+    kv_per_token = 2 * layers * kvh * hd * 2  # bf16 K and V
+    kv_reads = sum(o * len(p) + o * (o + 1) // 2 for p, o in zip(prompts, outs))  # context tokens read per decode
+    steps = max(outs)
+    bytes_total = weight_bytes * steps + kv_reads * kv_per_token
+    params = weight_bytes / 2
+    tokens = sum(len(p) + o for p, o in zip(prompts, outs))
+    attn_flops = 4 * layers * heads * hd * (kv_reads + sum(len(p) ** 2 // 2 for p in prompts))
+    flops = 2 * params * tokens + attn_flops
+    t = max(bytes_total / copy_bw, flops / mm_rate)
+    return {"floor_tok_s": sum(outs) / t, "floor_bytes_s": bytes_total / copy_bw, "floor_flops_s": flops / mm_rate}
+
+
+def run_kvray(llm, prompts, outs) -> tuple[float, dict]:
+    params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for o in outs]
+    eng = llm.engine
+    peak = {"blocks": 0}
+    orig = eng.step
+
+    def step():
+        r = orig()
+        used = eng.block_manager.num_total_blocks - eng.block_manager.num_free_blocks
+        peak["blocks"] = max(peak["blocks"], used)
+        return r
+
+    eng.step = step
+    llm.generate(prompts[:8], [SamplingParams(max_tokens=8, ignore_eos=True)] * 8, use_tqdm=False)  # warm-up
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    res = llm.generate(prompts, params, use_tqdm=False)
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    eng.step = orig
+    assert [len(r.token_ids) for r in res] == outs
+    return sum(outs) / dt, {"peak_block_usage": peak["blocks"] / eng.block_manager.num_total_blocks,
+                            "preemptions": sum(r.metrics.num_preemptions for r in res)}
+
+
+@torch.inference_mode()
+def run_hf_static(hf, prompts, outs, batch, pad_id) -> float:
+    total_time, total_tok = 0.0, 0
+    for i in range(0, len(prompts), batch):
+        ps, os_ = prompts[i:i + batch], outs[i:i + batch]
+        width = max(len(p) for p in ps)
+        ids = torch.full((len(ps), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, p in enumerate(ps):
+            ids[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        ids, mask = ids.cuda(), mask.cuda()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        hf.generate(ids, attention_mask=mask, max_new_tokens=max(os_), min_new_tokens=max(os_), do_sample=False,
+                    pad_token_id=pad_id, eos_token_id=None)
+        torch.cuda.synchronize()
+        total_time += time.perf_counter() - t0
+        total_tok += sum(os_)
+    return total_tok / total_time
+
+
+@torch.inference_mode()
+def run_hf_cb(hf, prompts, outs) -> float:
+    from transformers import GenerationConfig
+    groups: dict[int, list[int]] = {}
+    order = sorted(range(len(outs)), key=lambda i: outs[i])
+    for k in range(4):  # quartiles of output length, each run to its own max (only requested tokens count)
+        idx = order[k * len(order) // 4:(k + 1) * len(order) // 4]
+        if idx:
+            groups[max(outs[i] for i in idx)] = idx
+    total_time = 0.0
+    for max_new, idx in groups.items():
+        gc = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=None, pad_token_id=0)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        hf.generate_batch(inputs=[prompts[i] for i in idx], generation_config=gc)
+        torch.cuda.synchronize()
+        total_time += time.perf_counter() - t0
+    return sum(outs) / total_time
+
+
+def single_stream(llm, vocab) -> float:
+    rng = random.Random(1)
+    prompt = [rng.randrange(vocab) for _ in range(512)]
+    p = SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True)
+    llm.generate([prompt], p, use_tqdm=False)
+    out = llm.generate([prompt], p, use_tqdm=False)[0]
+    m = out.metrics
+    return (m.finished_time - m.first_token_time) / (len(out.token_ids) - 1) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--presets", default="qwen3-0.6b:AB,llama-3.2-1b:B")
+    ap.add_argument("--hf-subset", type=int, default=64, help="requests of workload A given to the HF baselines")
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--out", default=None, help="also write JSON here")
+    args = ap.parse_args()
+    dev = torch.cuda.get_device_name()
+    copy_bw, mm_rate = measure_ceilings()
+    print(f"device {dev}: copy {copy_bw / 1e12:.2f} TB/s, bf16 matmul {mm_rate / 1e12:.0f} TFLOP/s", flush=True)
+    rows = []
+    for spec in args.presets.split(","):
+        preset, wls = spec.split(":")
+        llm = LLM(f"kvray:{preset}", gpu_memory_utilization=0.9, enforce_eager=args.enforce_eager)
+        eng = llm.engine
+        cfg = eng.hf_config
+        weight_bytes = sum(p.numel() * p.element_size() for p in eng.runner.model.parameters())
+        kv_alloc = eng.runner.kv_cache.numel() * eng.runner.kv_cache.element_size()
+        free, total = torch.cuda.mem_get_info()
+        info = {"kv_tokens": eng.block_manager.num_total_blocks * eng.config.block_size,
+                "kv_gib": kv_alloc / 2**30, "gpu_used_frac": (total - free) / total}
+        print(f"{preset}: KV capacity {info['kv_tokens']} tokens ({info['kv_gib']:.1f} GiB), "
+              f"GPU memory in use {info['gpu_used_frac']:.3f} of total", flush=True)
+        if preset.startswith("qwen3"):
+            info["single_stream_ms_per_token"] = single_stream(llm, eng.vocab_size)
+            print(f"single stream 512 in / 256 out: {info['single_stream_ms_per_token']:.3f} ms/token", flush=True)
+        hf = None
+        if not args.skip_hf:
+            from transformers import AutoModelForCausalLM
+            hf = AutoModelForCausalLM.from_pretrained(resolve_model(f"kvray:{preset}"), dtype=torch.bfloat16).cuda().eval()
+        for wl in wls:
+            prompts, outs = workload(wl, min(eng.vocab_size, len(eng.tokenizer)))
+            floor = floor_tok_s(cfg, prompts, outs, copy_bw, mm_rate, weight_bytes)
+            tok_s, extra = run_kvray(llm, prompts, outs)
+            row = {"preset": preset, "workload": wl, "kvray_tok_s": tok_s, **floor, **extra, **info}
+            print(f"{preset} {wl}: kvray {tok_s:,.0f} tok/s = {tok_s / floor['floor_tok_s']:.1%} of floor "
+                  f"{floor['floor_tok_s']:,.0f} (peak KV use {extra['peak_block_usage']:.1%}, "
+                  f"preemptions {extra['preemptions']})", flush=True)
+            if hf is not None:
+                n = args.hf_subset if wl == "A" else len(prompts)
+                torch.cuda.empty_cache()
+                row["hf_static_tok_s"] = run_hf_static(hf, prompts[:n], outs[:n], 64 if wl == "A" else 256,
+                                                       eng.tokenizer.pad_token_id or 0)
+                print(f"  hf static generate: {row['hf_static_tok_s']:,.0f} tok/s -> kvray x{tok_s / row['hf_static_tok_s']:.1f}", flush=True)
+                try:
+                    row["hf_cb_tok_s"] = run_hf_cb(hf, prompts[:n], outs[:n])
+                    print(f"  hf generate_batch: {row['hf_cb_tok_s']:,.0f} tok/s -> kvray x{tok_s / row['hf_cb_tok_s']:.1f}", flush=True)
+                except Exception as e:  # report, don't hide: the baseline failed on this image
+                    row["hf_cb_error"] = repr(e)[:200]
+                    print(f"  hf generate_batch failed: {e!r}"[:300], flush=True)
+            rows.append(row)
+        del llm, hf
+        torch.cuda.empty_cache()
+    write_results(dev, copy_bw, mm_rate, rows, args)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": dev, "copy_bw": copy_bw, "mm_rate": mm_rate, "rows": rows}, f, indent=1)
+
+
+def write_results(dev, copy_bw, mm_rate, rows, args) -> str:
+    lines = [f"\n### Offline throughput — {dev} — {datetime.date.today()}\n",
+             f"Command: `python benchmarks/offline_throughput.py --presets {args.presets} --hf-subset {args.hf_subset}"
+             f"{' --enforce-eager' if args.enforce_eager else ''}`  ",
+             f"Measured copy bandwidth {copy_bw / 1e12:.2f} TB/s, bf16 matmul {mm_rate / 1e12:.0f} TFLOP/s.\n",
+             "| model | workload | kvray tok/s | floor tok/s | % of floor | HF static tok/s | x static | HF generate_batch tok/s | x CB | KV tokens | peak KV use |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        k = r["kvray_tok_s"]
+        hs, hc = r.get("hf_static_tok_s"), r.get("hf_cb_tok_s")
+        hs_txt = f"{hs:,.0f} | {k / hs:.1f}" if hs else "- | -"
+        hc_txt = f"{hc:,.0f} | {k / hc:.1f}" if hc else f"{r.get('hf_cb_error', '-')} | -"
+        lines.append(f"| {r['preset']} | {r['workload']} | {k:,.0f} | {r['floor_tok_s']:,.0f} | "
+                     f"{k / r['floor_tok_s']:.1%} | {hs_txt} | {hc_txt} | {r['kv_tokens']:,} | {r['peak_block_usage']:.1%} |")
+    for r in rows:
+        if "single_stream_ms_per_token" in r:
+            lines.append(f"\nSingle stream ({r['preset']}, 512 in / 256 out): {r['single_stream_ms_per_token']:.3f} ms per output token.")
+            break
+    text = "\n".join(lines) + "\n"
+    print(text)
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+    with open(path, "a") as f:
+        f.write(text)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "offline_results.md"), "w") as f:
+            f.write(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

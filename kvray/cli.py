@@ -1,0 +1,72 @@
+"""The ``kvray`` console script.
+
+    kvray presets                                   list the built-in model presets
+    kvray make-checkpoint --preset P --out DIR      write preset P as a Hugging Face checkpoint
+
+Each subcommand is a ``(name, help, add_arguments, run)`` entry in ``COMMANDS``, so others can be
+added without touching the dispatch.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _add_make_checkpoint(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", required=True, help="preset name, e.g. tiny-qwen3 (a kvray: prefix is accepted)")
+    p.add_argument("--out", required=True, type=Path, help="output directory (must not exist or be empty)")
+
+
+def _run_make_checkpoint(args: argparse.Namespace) -> int:
+    from kvray.replica.models.presets import get_preset, make_checkpoint
+    try:
+        preset = get_preset(args.preset)
+    except ValueError as e:
+        print(f"kvray make-checkpoint: {e}", file=sys.stderr)
+        return 2
+    out: Path = args.out
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        print(f"kvray make-checkpoint: {out} exists and is not an empty directory", file=sys.stderr)
+        return 2
+    make_checkpoint(preset, out)
+    print(f"wrote {preset.name} ({preset.version()}) to {out}")
+    return 0
+
+
+def _add_presets(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def _run_presets(args: argparse.Namespace) -> int:
+    from kvray.replica.models.presets import PRESETS
+    width = max(len(n) for n in PRESETS)
+    for name, preset in PRESETS.items():
+        print(f"kvray:{name:<{width}}  {preset.description}")
+    return 0
+
+
+COMMANDS = [
+    ("presets", "list the built-in model presets", _add_presets, _run_presets),
+    ("make-checkpoint", "write a preset as a Hugging Face checkpoint directory", _add_make_checkpoint,
+     _run_make_checkpoint),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvray", description="kvray: LLM serving on Ray Serve")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text, add_arguments, run in COMMANDS:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args._run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

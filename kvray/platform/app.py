@@ -1,0 +1,57 @@
+"""``build_app``: the Serve application builder (``import_path: kvray.platform:build_app``).
+
+Wires ``Router`` (HTTP ingress) -> ``LLMReplica`` (engine) and sets defaults for the
+deployment options, which the Serve config file overrides key by key (a key under
+``deployments:`` replaces the code's value; ``ray_actor_options`` and
+``request_router_config`` are replaced as a whole):
+
+* LLMReplica: ``max_ongoing_requests = 2 * engine.max_num_seqs`` (requests beyond the engine's
+  batch wait in its queue, beyond that in the router), ``graceful_shutdown_timeout_s`` from the
+  args, the kvray request router with the args' policy, routing stats every
+  ``router.stats_period_s``, a health check every 10 s.
+* Router: ``max_ongoing_requests = 4096`` (it only waits on streams).
+
+Replica counts, resources and autoscaling are never set here: they belong to the config file.
+"""
+from __future__ import annotations
+
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from kvray.platform.config import AppArgs, parse_args
+from kvray.platform.replica import LLMReplica
+from kvray.router.ingress import Router
+from kvray.router.serve_router import PLUGIN_PATH
+
+ROUTER_MAX_ONGOING = 4096
+
+
+def replica_options(a: AppArgs) -> dict:
+    max_num_seqs = a.engine.max_num_seqs
+    return dict(
+        max_ongoing_requests=max(8, 2 * max_num_seqs),
+        graceful_shutdown_timeout_s=a.graceful_shutdown_timeout_s + 5.0,
+        health_check_period_s=10.0,
+        request_router_config=RequestRouterConfig(
+            request_router_class=PLUGIN_PATH,
+            request_router_kwargs={"policy": a.router.policy, "policy_options": a.router.policy_options},
+            request_routing_stats_period_s=a.router.stats_period_s,
+            request_routing_stats_timeout_s=max(5.0, 10 * a.router.stats_period_s),
+        ),
+    )
+
+
+def build_app(args: dict | None = None):
+    """Validate ``args`` (raising a ConfigError that names each bad field) and bind the app."""
+    return make_app(parse_args(args))
+
+
+def make_app(a: AppArgs, replica_overrides: dict | None = None, router_overrides: dict | None = None):
+    """Bind the app from validated args. The overrides are extra code-side deployment options
+    (for Python callers such as tests: ``serve.run(make_app(a, {"num_replicas": 2}))``)."""
+    replica = serve.deployment(LLMReplica, name="LLMReplica").options(
+        **{**replica_options(a), **(replica_overrides or {})})
+    router = serve.deployment(Router, name="Router").options(
+        **{"max_ongoing_requests": ROUTER_MAX_ONGOING, **(router_overrides or {})})
+    llm = replica.bind(a.model, a.engine_options(), a.graceful_shutdown_timeout_s, a.stream_interval_ms)
+    return router.bind(llm, a.model_dump(mode="json"))

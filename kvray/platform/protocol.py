@@ -1,0 +1,260 @@
+"""The OpenAI HTTP API: request models, the error shape, and response/chunk builders.
+
+Requests are validated strictly (a wrong JSON type is a 400, never coerced); fields the API
+defines but kvray does not support are rejected with a 400 naming them, unknown fields are
+ignored (as clients send vendor extras). Responses are built as plain dicts: the streaming
+path is hot.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+# ---- errors -------------------------------------------------------------------------------------
+class APIError(Exception):
+    """An error returned to the client as ``{"error": {message, type, param, code}}``."""
+
+    def __init__(self, status: int, message: str, *, type: str | None = None, param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type or _DEFAULT_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+_DEFAULT_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
+                  429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "StreamOptions", "TextPart", "ChatMessage"}
+
+
+def _is_union_tag(part: str) -> bool:
+    return part in _TYPE_TAGS or part.startswith(("list[", "dict[", "function-", "literal[", "tuple["))
+
+
+def validation_error(e: ValidationError) -> APIError:
+    errs = e.errors()
+    first = errs[0] if errs else {}
+    loc = [str(p) for p in first.get("loc", ())]
+    # pydantic names union members in the location (e.g. "prompt.str"); keep the request path
+    path = ".".join(p for p in loc if not _is_union_tag(p))
+    msg = first.get("msg", "invalid value")
+    more = f" (and {len(errs) - 1} more error(s))" if len(errs) > 1 else ""
+    if first.get("type") == "missing":
+        return APIError(400, f"missing required field '{path}'", param=path or None, code="missing_required_parameter")
+    return APIError(400, f"invalid value for '{path}': {msg}{more}", param=path.split(".")[0] if path else None,
+                    code="invalid_type" if first.get("type", "").endswith("_type") else "invalid_value")
+
+
+# ---- requests -----------------------------------------------------------------------------------
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    include_usage: bool | None = False
+
+
+class _SamplingRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = 1
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # kvray / vLLM-style extensions
+    top_k: int | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    slo_class: str | None = None
+
+    def common_checks(self) -> None:
+        if self.n is not None and self.n != 1:
+            raise APIError(400, f"n={self.n} is not supported: kvray returns one choice per request", param="n")
+        if self.temperature is not None and not (0.0 <= self.temperature <= 2.0):
+            raise APIError(400, f"temperature={self.temperature} must be in [0, 2]", param="temperature")
+        if self.top_p is not None and not (0.0 < self.top_p <= 1.0):
+            raise APIError(400, f"top_p={self.top_p} must be in (0, 1]", param="top_p")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if v not in (None, 0, 0.0):
+                raise APIError(400, f"{name} is not supported (only 0)", param=name)
+        if self.logit_bias:
+            raise APIError(400, "logit_bias is not supported", param="logit_bias")
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if len(stops) > 16 or any(not s for s in stops):
+            raise APIError(400, "stop must be up to 16 non-empty strings", param="stop")
+        if self.top_k is not None and (self.top_k == 0 or self.top_k < -1):
+            raise APIError(400, f"top_k={self.top_k} must be -1 or >= 1", param="top_k")
+        if self.min_tokens is not None and self.min_tokens < 0:
+            raise APIError(400, f"min_tokens={self.min_tokens} must be >= 0", param="min_tokens")
+        if self.stop_token_ids and any(t < 0 for t in self.stop_token_ids):
+            raise APIError(400, "stop_token_ids must be non-negative", param="stop_token_ids")
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool | None = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def checks(self) -> None:
+        self.common_checks()
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise APIError(400, f"max_tokens={self.max_tokens} must be >= 1", param="max_tokens")
+        if self.logprobs is not None and not (0 <= self.logprobs <= 20):
+            raise APIError(400, f"logprobs={self.logprobs} must be in [0, 20]", param="logprobs")
+        if self.echo:
+            raise APIError(400, "echo is not supported", param="echo")
+        if self.best_of not in (None, 1):
+            raise APIError(400, f"best_of={self.best_of} is not supported (only 1)", param="best_of")
+        if self.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for p in self.content:
+            if p.type != "text" or p.text is None:
+                raise APIError(400, f"message content part of type {p.type!r} is not supported (only text)",
+                               param="messages")
+            parts.append(p.text)
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+    # extensions
+    add_generation_prompt: bool | None = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def checks(self) -> None:
+        self.common_checks()
+        for name in ("max_tokens", "max_completion_tokens"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise APIError(400, f"{name}={v} must be >= 1", param=name)
+        if self.top_logprobs is not None:
+            if not (0 <= self.top_logprobs <= 20):
+                raise APIError(400, f"top_logprobs={self.top_logprobs} must be in [0, 20]", param="top_logprobs")
+            if not self.logprobs:
+                raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
+        if self.tools:
+            raise APIError(400, "tools are not supported", param="tools")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise APIError(400, "response_format other than text is not supported", param="response_format")
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+def parse_request(model_cls: type[BaseModel], obj: Any) -> BaseModel:
+    if not isinstance(obj, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    try:
+        req = model_cls.model_validate(obj)
+    except ValidationError as e:
+        raise validation_error(e) from None
+    req.checks()
+    return req
+
+
+# ---- responses ----------------------------------------------------------------------------------
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def completion_response(rid: str, created: int, model: str, text: str, finish_reason: str | None,
+                        logprobs: dict | None, usage_: dict) -> dict:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
+            "usage": usage_}
+
+
+def completion_chunk(rid: str, created: int, model: str, text: str, finish_reason: str | None,
+                     logprobs: dict | None, with_usage_field: bool) -> dict:
+    d = {"id": rid, "object": "text_completion", "created": created, "model": model,
+         "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+    if with_usage_field:
+        d["usage"] = None
+    return d
+
+
+def chat_response(rid: str, created: int, model: str, text: str, finish_reason: str | None,
+                  logprobs: dict | None, usage_: dict) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": logprobs, "finish_reason": finish_reason}],
+            "usage": usage_}
+
+
+def chat_chunk(rid: str, created: int, model: str, delta: dict, finish_reason: str | None,
+               logprobs: dict | None, with_usage_field: bool) -> dict:
+    d = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+         "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+    if with_usage_field:
+        d["usage"] = None
+    return d
+
+
+def usage_chunk(rid: str, created: int, model: str, obj: str, usage_: dict) -> dict:
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage_}
+
+
+def models_list(names: list[str], created: int | None = None) -> dict:
+    created = created or int(time.time())
+    return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "kvray"}
+                                       for n in names]}

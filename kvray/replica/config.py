@@ -1,0 +1,57 @@
+"""Engine options: the keyword arguments of ``kvray.LLM``, validated in one place."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+_POLICIES = ("fcfs",)
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    num_kv_blocks: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    enforce_eager: bool = False
+    seed: int = 0
+    scheduling_policy: str = "fcfs"
+    attention_backend: str | None = None  # None: automatic; "reference" forces plain torch
+    cpu_kv_cache_gib: float = 1.0  # KV budget when running on the CPU
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"invalid engine option {name}={getattr(self, name)!r}: {why}")
+
+        if not isinstance(self.model, str) or not self.model:
+            raise bad("model", "must be a non-empty string (a checkpoint directory, hub id or kvray:<preset>)")
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise bad("block_size", "must be one of 8, 16, 32, 64, 128")
+        if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
+            raise bad("max_num_seqs", "must be an integer >= 1")
+        for name in ("max_model_len", "max_num_batched_tokens", "num_kv_blocks"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise bad(name, "must be a positive integer or null")
+        if not (0.0 < self.gpu_memory_utilization <= 1.0):
+            raise bad("gpu_memory_utilization", "must be in (0, 1]")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise bad("dtype", "must be auto, float32, float16 or bfloat16")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise bad("device", "must be auto, cpu, cuda or cuda:N")
+        if self.scheduling_policy not in _POLICIES:
+            raise bad("scheduling_policy", f"must be one of {', '.join(_POLICIES)}")
+        if self.attention_backend not in (None, "reference", "triton"):
+            raise bad("attention_backend", "must be null, 'reference' or 'triton'")
+        if self.cpu_kv_cache_gib <= 0:
+            raise bad("cpu_kv_cache_gib", "must be > 0")
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

@@ -1,0 +1,151 @@
+"""Deadline-aware scheduling: admit by weighted TTFT slack, size prefill to keep TPOT targets.
+
+``DeadlinePolicy`` (registered as ``"deadline"``; FCFS stays the default) answers the three
+questions of ``kvray.replica.scheduling_policy``:
+
+* **order_waiting** — tiers, then keys:
+  0. sequences that already produced tokens (preempted, recomputing): highest class first,
+     then arrival — their TPOT clock is running;
+  1. sequences whose TTFT deadline is still ahead: by slack / priority (``deadline - now``
+     divided by ``params.priority``): earliest deadline first, weighted by class;
+  2. sequences without a TTFT target: by ``arrival + default_ttft_s``, in with tier 1's
+     deadlines;
+  3. sequences already past their TTFT deadline: by deadline (they have missed; serving them
+     before on-time ones would make those miss too — they are still served, never dropped).
+  The waiting queue is scanned once (O(waiting)) and yielded lazily from a heap.
+* **prefill_token_budget** — for each running decode with a TPOT target ``T`` that produced
+  ``k`` tokens since its first at ``t1`` and may produce ``r`` more, the step may take
+  ``T + bank / min(r, bank_horizon)`` seconds, ``bank = T * (k - 1) - (now - t1)`` (slack
+  banked so far against the mean-TPOT target, spent over the next few tokens; a negative bank
+  shortens the step so the mean recovers). The budget is the largest prompt chunk whose step, with all running
+  decodes, the cost model predicts within the tightest such limit (times ``safety``), at least
+  ``min_prefill_tokens``. O(running).
+* **pick_victim** — the lowest priority first; among those, the most slack (latest
+  deadline), then the newest.
+
+Cost model: any object with ``predict(batched_tokens, context_tokens, num_seqs) -> seconds``
+(e.g. ``kvray.router.latency_model.StepTimeModel``); with ``observe(batched, context, seqs,
+duration_s)`` it is also updated by ``observe_step``. The default is ``LinearStepCost``, whose
+prior is scaled online by the ratio of measured to predicted step times. The engine should call
+``policy.observe_step(duration_s, num_batched_tokens, num_context_tokens, num_seqs)`` after each
+step when the policy has that method.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from typing import TYPE_CHECKING
+
+from kvray.replica.scheduling_policy import SchedulingPolicy, register_policy
+
+if TYPE_CHECKING:
+    from collections import deque
+    from collections.abc import Iterator
+
+    from kvray.replica.sequence import Sequence
+
+
+class LinearStepCost:
+    """t = scale * (a + b*batched + c*context + d*seqs); ``scale`` tracks measured/predicted."""
+
+    def __init__(self, a: float = 6e-3, b: float = 4e-5, c: float = 2e-8, d: float = 3e-5, alpha: float = 0.05):
+        self.a, self.b, self.c, self.d = a, b, c, d
+        self.alpha = alpha
+        self.scale = 1.0
+
+    def predict(self, batched: float, context: float, num_seqs: float) -> float:
+        return self.scale * (self.a + self.b * batched + self.c * context + self.d * num_seqs)
+
+    def observe(self, batched: float, context: float, num_seqs: float, duration_s: float) -> None:
+        base = self.a + self.b * batched + self.c * context + self.d * num_seqs
+        if base > 0 and duration_s > 0:
+            ratio = min(10.0, max(0.1, duration_s / base))
+            self.scale += self.alpha * (ratio - self.scale)
+
+
+class DeadlinePolicy(SchedulingPolicy):
+    name = "deadline"
+
+    def __init__(self, cost_model=None, *, default_ttft_s: float = 30.0, safety: float = 0.9,
+                 min_prefill_tokens: int = 128, bank_horizon: int = 16):
+        self.cost = cost_model if cost_model is not None else LinearStepCost()
+        self.default_ttft_s = default_ttft_s
+        self.safety = safety
+        self.min_prefill_tokens = min_prefill_tokens
+        self.bank_horizon = bank_horizon
+
+    # ---- admission order -------------------------------------------------------------------
+    def _key(self, seq: Sequence, now: float) -> tuple[int, float]:
+        p = seq.params
+        prio = p.priority if p.priority and p.priority > 0 else 1.0
+        if seq.num_output_tokens > 0:
+            return (0, -prio * 1e12 + seq.metrics.arrival_time)
+        deadline = seq.deadline
+        if deadline is None:
+            return (1, seq.metrics.arrival_time + self.default_ttft_s - now)
+        slack = deadline - now
+        if slack < 0:
+            return (3, deadline)
+        return (1, slack / prio)
+
+    def order_waiting(self, waiting: deque[Sequence], now: float) -> Iterator[Sequence]:
+        if len(waiting) <= 1:
+            return iter(waiting)
+        key = self._key
+        heap = [(key(s, now), i, s) for i, s in enumerate(waiting)]
+        heapq.heapify(heap)
+        return _drain(heap)
+
+    # ---- preemption ------------------------------------------------------------------------
+    def pick_victim(self, candidates: list[Sequence]) -> Sequence:
+        def rank(s: Sequence):
+            p = s.params.priority if s.params.priority and s.params.priority > 0 else 1.0
+            deadline = s.deadline if s.deadline is not None else s.metrics.arrival_time + self.default_ttft_s
+            return (p, -deadline, -s.metrics.arrival_time)
+
+        return min(candidates, key=rank)
+
+    # ---- prefill budget --------------------------------------------------------------------
+    def prefill_token_budget(self, running: list[Sequence], max_num_batched_tokens: int, now: float) -> int:
+        limit = math.inf
+        num_decodes = 0
+        context = 0
+        for s in running:
+            n_out = s.num_output_tokens
+            if n_out == 0 or s.is_prefill:
+                continue
+            num_decodes += 1
+            context += s.num_tokens
+            tpot_ms = s.params.tpot_ms
+            t1 = s.metrics.first_token_time
+            if not tpot_ms or t1 is None:
+                continue
+            target = tpot_ms / 1000.0
+            left = max(1, min(self.bank_horizon, s.params.max_tokens - n_out))
+            bank = target * (n_out - 1) - (now - t1)
+            allowed = target + bank / left
+            if allowed < limit:
+                limit = allowed
+        if limit is math.inf:
+            return max_num_batched_tokens
+        cost = self.cost
+        base = cost.predict(num_decodes, context, num_decodes + 1)
+        per_tok = (cost.predict(num_decodes + 1000, context + 1000, num_decodes + 1) - base) / 1000.0
+        if per_tok <= 0:
+            return max_num_batched_tokens
+        n = int((limit * self.safety - base) / per_tok)
+        return max(min(self.min_prefill_tokens, max_num_batched_tokens), min(max_num_batched_tokens, n))
+
+    # ---- calibration -----------------------------------------------------------------------
+    def observe_step(self, duration_s: float, num_batched_tokens: int, num_context_tokens: int, num_seqs: int) -> None:
+        observe = getattr(self.cost, "observe", None)
+        if observe is not None:
+            observe(num_batched_tokens, num_context_tokens, num_seqs, duration_s)
+
+
+def _drain(heap: list) -> Iterator[Sequence]:
+    while heap:
+        yield heapq.heappop(heap)[2]
+
+
+register_policy("deadline", DeadlinePolicy)

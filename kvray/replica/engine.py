@@ -1,0 +1,279 @@
+"""The engine core (one step at a time) and the offline ``LLM`` API."""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from kvray.replica.block_manager import BlockManager
+from kvray.replica.config import EngineConfig
+from kvray.replica.detokenizer import IncrementalDetokenizer
+from kvray.replica.model_runner import ModelRunner, resolve_device
+from kvray.replica.models.loader import load_config, load_tokenizer, resolve_dtype, resolve_model
+from kvray.replica.outputs import RequestOutput
+from kvray.replica.sampling_params import SamplingParams
+from kvray.replica.scheduler import Scheduler
+from kvray.replica.scheduling_policy import make_policy
+from kvray.replica.sequence import Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+STEP_HISTORY = 256
+
+
+@dataclass
+class StepRecord:
+    """One engine step, as the router's step-time model consumes it."""
+
+    t_end: float
+    duration_s: float
+    num_batched_tokens: int
+    num_context_tokens: int
+    num_seqs: int
+
+
+class LLMEngine:
+    """Scheduler + block manager + model runner. Not thread-safe: one thread drives it."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        path = resolve_model(config.model)
+        hf_config = load_config(path)
+        self.device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, hf_config, self.device)
+        if config.attention_backend is not None:
+            from kvray import kernels
+            if hasattr(kernels, "set_attention_backend"):
+                kernels.set_attention_backend(config.attention_backend)
+        self.runner = ModelRunner(config, path, dtype, self.device)
+        self.hf_config = self.runner.hf_config
+        self.tokenizer = load_tokenizer(path)
+        self.model_path = path
+        self.vocab_size = self.hf_config.vocab_size
+        limit = getattr(self.hf_config, "max_position_embeddings", None) or 2048
+        if config.max_model_len is not None and config.max_model_len > limit:
+            raise ValueError(f"invalid engine option max_model_len={config.max_model_len}: the model supports at most {limit} positions")
+        self.max_model_len = config.max_model_len or limit
+        self.max_num_batched_tokens = config.max_num_batched_tokens or (
+            max(8192, config.max_num_seqs) if config.enable_chunked_prefill else max(self.max_model_len, config.max_num_seqs))
+        if not config.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError("invalid engine option max_num_batched_tokens: without chunked prefill it must be >= max_model_len")
+        num_blocks = config.num_kv_blocks or self.runner.profile_num_blocks(
+            self.max_num_batched_tokens, config.max_num_seqs, self.max_model_len)
+        if num_blocks * config.block_size < self.max_model_len:
+            raise ValueError(f"the KV cache holds {num_blocks * config.block_size} tokens, fewer than max_model_len="
+                             f"{self.max_model_len}: raise num_kv_blocks/gpu_memory_utilization or lower max_model_len")
+        self.runner.allocate_kv_cache(num_blocks)
+        self.runner.prepare(self.max_num_batched_tokens, config.max_num_seqs, self.max_model_len)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=self.max_num_batched_tokens,
+                                   max_model_len=self.max_model_len, policy=make_policy(config.scheduling_policy),
+                                   enable_chunked_prefill=config.enable_chunked_prefill)
+        self.eos_token_ids = self._eos_ids()
+        self.step_history: deque[StepRecord] = deque(maxlen=STEP_HISTORY)
+        self._seqs: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        logger.info("engine ready: model=%s device=%s dtype=%s max_model_len=%d KV=%d tokens", config.model,
+                    self.device, dtype, self.max_model_len, num_blocks * config.block_size)
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        gen_eos = None
+        try:
+            from transformers import GenerationConfig
+            gen_eos = GenerationConfig.from_pretrained(self.model_path).eos_token_id
+        except (OSError, ValueError):
+            pass
+        for e in (gen_eos, getattr(self.hf_config, "eos_token_id", None), self.tokenizer.eos_token_id):
+            if isinstance(e, int):
+                ids.add(e)
+            elif e:
+                ids.update(int(x) for x in e)
+        return ids
+
+    # ---- requests --------------------------------------------------------------------------
+    def tokenize(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt).input_ids
+
+    def make_sequence(self, request_id: str | None, prompt_token_ids: list[int], params: SamplingParams,
+                      arrival_time: float | None = None, prompt: str | None = None) -> Sequence:
+        """Validate a request and build its Sequence; raises ValueError before touching shared state."""
+        params.validate()
+        if request_id is None:
+            request_id = f"req-{next(self._ids)}"
+        if request_id in self._seqs:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens, but this model's context length "
+                             f"(max_model_len) is {self.max_model_len}; leave room for at least one generated token")
+        if any((not isinstance(t, int)) or t < 0 or t >= self.vocab_size for t in prompt_token_ids):
+            raise ValueError(f"the prompt has token ids outside the vocabulary [0, {self.vocab_size})")
+        seq = Sequence(request_id, prompt_token_ids, params, self.config.block_size, arrival_time, prompt)
+        if params.stop_strings:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids)
+        return seq
+
+    def add_sequence(self, seq: Sequence) -> None:
+        self._seqs[seq.request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        seq = self.scheduler.abort(request_id)
+        if seq is None:
+            seq = self._seqs.get(request_id)
+            if seq is None or seq.is_finished:
+                return None
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = "abort"
+        seq.metrics.finished_time = time.monotonic()
+        self._seqs.pop(request_id, None)
+        return seq
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step --------------------------------------------------------------------------
+    def step(self) -> list[Sequence]:
+        """Schedule and run one step. Returns the sequences that gained a token or finished."""
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            return []
+        t0 = time.monotonic()
+        sample_seqs, result = self.runner.execute(out.scheduled)
+        self.scheduler.update_after_step(out)
+        now = time.monotonic()
+        for i, seq in enumerate(sample_seqs):
+            self._append_token(seq, result, i, now)
+        self.step_history.append(StepRecord(now, now - t0, out.num_batched_tokens, out.num_context_tokens,
+                                            len(out.scheduled)))
+        return sample_seqs
+
+    def _append_token(self, seq: Sequence, result, row: int, now: float) -> None:
+        token = result.token_ids[row]
+        seq.token_ids.append(token)
+        if seq.metrics.first_token_time is None:
+            seq.metrics.first_token_time = now
+        if seq.logprobs is not None:
+            seq.logprobs.append(result.logprobs[row])
+            if seq.top_logprobs is not None:
+                seq.top_logprobs.append(result.top_logprobs[row])
+        p = seq.params
+        reason = stop = None
+        n_out = seq.num_output_tokens
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                reason = "stop"
+            elif p.stop_token_ids and token in p.stop_token_ids:
+                reason, stop = "stop", token
+        if seq.detokenizer is not None:
+            stop_str = self._check_stop_strings(seq)
+            if stop_str is not None and reason is None:
+                reason, stop = "stop", stop_str
+        if reason is None and (n_out >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            seq.stop_reason = stop
+            seq.metrics.finished_time = now
+            self.scheduler.finish(seq, reason)
+            self._seqs.pop(seq.request_id, None)
+
+    @staticmethod
+    def _check_stop_strings(seq: Sequence) -> str | None:
+        """Detokenize the new token; if a stop string appears, cut the text just before it."""
+        detok = seq.detokenizer
+        before = len(detok.text)
+        new = detok.add(seq.token_ids[-1:])
+        if not new:
+            return None
+        stops = seq.params.stop_strings
+        longest = max(len(s) for s in stops)
+        window_start = max(0, before - longest + 1)
+        best = None
+        for s in stops:
+            i = detok.text.find(s, window_start)
+            if i != -1 and (best is None or i < best[0]):
+                best = (i, s)
+        if best is None:
+            return None
+        detok.text = detok.text[:best[0]]
+        return best[1]
+
+    # ---- introspection ---------------------------------------------------------------------
+    def output_text(self, seq: Sequence) -> str:
+        if seq.detokenizer is not None:
+            return seq.detokenizer.text
+        return self.tokenizer.decode([t for t in seq.output_token_ids if t < len(self.tokenizer)],
+                                     skip_special_tokens=True)
+
+    def make_output(self, seq: Sequence) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids, token_ids=seq.output_token_ids,
+            text=self.output_text(seq), finished=seq.is_finished, finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason, logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+            top_logprobs=list(seq.top_logprobs) if seq.top_logprobs is not None else None,
+            num_cached_tokens=seq.num_cached_tokens, metrics=seq.metrics, prompt=seq.prompt)
+
+    def stats(self) -> dict:
+        sched = self.scheduler
+        running, waiting = list(sched.running), list(sched.waiting)
+        return {
+            "num_running": len(running),
+            "num_waiting": len(waiting),
+            "num_free_blocks": self.block_manager.num_free_blocks,
+            "num_total_blocks": self.block_manager.num_total_blocks,
+            "tokens_in_flight": sum(s.num_tokens for s in running) + sum(s.num_tokens for s in waiting),
+            "queued_prefill_tokens": sum(s.num_tokens - s.num_computed_tokens for s in waiting)
+            + sum(s.num_tokens - s.num_computed_tokens - 1 for s in running if s.is_prefill),
+            "prefix_hit_rate": self.block_manager.stats().get("prefix_hit_rate", 0.0),
+            "step_times": [(r.t_end, r.duration_s, r.num_batched_tokens, r.num_context_tokens, r.num_seqs)
+                           for r in list(self.step_history)[-64:]],
+            "block_size": self.config.block_size,
+            "max_num_seqs": self.config.max_num_seqs,
+        }
+
+
+class LLM:
+    """Offline batch generation: ``LLM(model).generate(prompts, SamplingParams(...))``."""
+
+    def __init__(self, model: str, **engine_options):
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_options))
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        if isinstance(prompts, (str,)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        eng = self.engine
+        seqs = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):  # validate everything before running anything
+            text = prompt if isinstance(prompt, str) else None
+            ids = eng.tokenize(prompt) if text is not None else list(prompt)
+            try:
+                seqs.append(eng.make_sequence(None, ids, p, prompt=text))
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
+        for seq in seqs:
+            eng.add_sequence(seq)
+        bar = tqdm(total=len(seqs), desc="generate", disable=not use_tqdm, unit="req")
+        done = 0
+        while eng.has_unfinished():
+            eng.step()
+            finished = sum(s.is_finished for s in seqs)
+            if finished > done:
+                bar.update(finished - done)
+                done = finished
+        bar.close()
+        return [eng.make_output(s) for s in seqs]

@@ -1,0 +1,131 @@
+"""Runs one scheduled step on the model: flatten, forward through the paged KV cache, sample."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from kvray.replica.config import EngineConfig
+from kvray.replica.forward_context import ForwardContext, forward_context
+from kvray.replica.models.loader import load_model
+from kvray.replica.sampler import Sampler, SampleResult
+from kvray.replica.sequence import Sequence
+from kvray.replica.step_inputs import StepInputBuilder
+from kvray.replica.cuda_graphs import DecodeGraphs
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"invalid engine option device={device!r}: CUDA is not available on this machine")
+    return dev
+
+
+class ModelRunner:
+    """Owns the model, its paged KV cache and the sampler."""
+
+    def __init__(self, config: EngineConfig, model_path, dtype: torch.dtype, device: torch.device):
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self.block_size = config.block_size
+        self.model, self.hf_config = load_model(model_path, dtype, device)
+        self.model.eval()
+        self.layers = self.model.attention_layers()
+        self.sampler = Sampler(device, seed=config.seed)
+        self.kv_cache: torch.Tensor | None = None
+        self.num_blocks = 0
+
+    # ---- KV cache --------------------------------------------------------------------------
+    def kv_bytes_per_block(self) -> int:
+        per_layer = sum(2 * self.block_size * a.num_kv_heads * a.head_dim for a in self.layers)
+        return per_layer * torch.tensor([], dtype=self.dtype).element_size()
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        a0 = self.layers[0]
+        shape = (len(self.layers), 2, num_blocks, self.block_size, a0.num_kv_heads, a0.head_dim)
+        self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        for i, attn in enumerate(self.layers):
+            attn.k_cache = self.kv_cache[i, 0]
+            attn.v_cache = self.kv_cache[i, 1]
+        self.num_blocks = num_blocks
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens, %.2f GiB", num_blocks, self.block_size,
+                    num_blocks * self.block_size, self.kv_cache.numel() * self.kv_cache.element_size() / 2**30)
+
+    def profile_num_blocks(self, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int) -> int:
+        """How many KV blocks fit: CPU by a fixed budget, CUDA by measuring the peak of a full step."""
+        per_block = self.kv_bytes_per_block()
+        if self.device.type != "cuda":
+            return max(1, int(self.config.cpu_kv_cache_gib * 2**30) // per_block)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._dummy_step(max_num_batched_tokens, max_num_seqs, max_model_len)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        non_torch = max(0, (total - free) - torch.cuda.memory_reserved(self.device))
+        budget = total * self.config.gpu_memory_utilization - peak - non_torch
+        budget = min(budget, free - 256 * 2**20)
+        if budget <= per_block:
+            raise ValueError(f"no GPU memory left for the KV cache: model+activations peak {peak / 2**30:.2f} GiB of "
+                             f"{total / 2**30:.2f} GiB at gpu_memory_utilization={self.config.gpu_memory_utilization}")
+        logger.info("memory profile: peak %.2f GiB (weights+activations), non-torch %.2f GiB, KV budget %.2f GiB",
+                    peak / 2**30, non_torch / 2**30, budget / 2**30)
+        return int(budget // per_block)
+
+    @torch.inference_mode()
+    def _dummy_step(self, num_tokens: int, max_num_seqs: int, max_model_len: int) -> None:
+        """A forward of the largest step, against a temporary KV cache, to find peak memory."""
+        seq_len = min(num_tokens, max_model_len)
+        num_seqs = max(1, num_tokens // seq_len)
+        blocks_per_seq = -(-seq_len // self.block_size)
+        self.allocate_kv_cache(num_seqs * blocks_per_seq)
+        lens = [seq_len] * num_seqs
+        ids = torch.randint(0, self.hf_config.vocab_size, (num_seqs * seq_len,), device=self.device)
+        pos = torch.arange(seq_len, device=self.device).repeat(num_seqs)
+        tables = torch.arange(num_seqs * blocks_per_seq, dtype=torch.int32, device=self.device).view(num_seqs, -1)
+        slots = (tables.long()[:, :, None] * self.block_size + torch.arange(self.block_size, device=self.device)).view(num_seqs, -1)[:, :seq_len]
+        ctx = ForwardContext(slots.reshape(-1), tables,
+                             torch.tensor([0] + list(np.cumsum(lens)), dtype=torch.int32, device=self.device),
+                             torch.tensor(lens, dtype=torch.int32, device=self.device), seq_len, seq_len)
+        with forward_context(ctx):
+            hidden = self.model(ids, pos)
+        rows = hidden[torch.arange(max_num_seqs, device=self.device) % hidden.shape[0]]
+        self.model.compute_logits(rows).softmax(-1)
+        self.kv_cache = None
+        for attn in self.layers:
+            attn.k_cache = attn.v_cache = None
+
+    # ---- one step --------------------------------------------------------------------------
+    def prepare(self, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int) -> None:
+        """Allocate the step buffers and, on CUDA unless enforce_eager, capture decode graphs.
+        Call after the KV cache is allocated."""
+        max_blocks = -(-max_model_len // self.block_size)
+        self.inputs = StepInputBuilder(self.device, self.block_size, max(max_num_batched_tokens, max_num_seqs),
+                                       max_num_seqs, max_blocks)
+        self.graphs = None
+        if self.device.type == "cuda" and not self.config.enforce_eager:
+            self.graphs = DecodeGraphs(self.model, self.device, min(max_num_seqs, 512), max_blocks, max_model_len)
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], SampleResult | None]:
+        """Run the step; return the sequences that reached their end and the token sampled for each."""
+        step = self.inputs.build(scheduled)
+        if self.graphs is not None and self.graphs.can_run(step):
+            hidden = self.graphs.run(step)
+        else:
+            with forward_context(step.ctx):
+                hidden = self.model(step.input_ids, step.positions)
+        if not step.sample_seqs:
+            return [], None
+        if len(step.sample_rows) != step.num_tokens:
+            rows = torch.as_tensor(step.sample_rows, device=self.device)
+            hidden = hidden.index_select(0, rows)
+        logits = self.model.compute_logits(hidden)
+        return step.sample_seqs, self.sampler(logits, step.sample_seqs)

@@ -1,0 +1,146 @@
+"""One pre-norm decoder-only transformer, specialised per architecture by a few flags.
+
+Llama, Qwen2 and Qwen3 differ only in where biases sit and whether q/k get a per-head RMSNorm:
+
+=============  ==========================  ========  ==========
+architecture   q/k/v bias                  o bias    q/k norm
+=============  ==========================  ========  ==========
+Llama          config.attention_bias       same      no
+Qwen2          always                      never     no
+Qwen3          config.attention_bias       same      yes
+=============  ==========================  ========  ==========
+
+Interface used by the model runner:
+
+* ``model(input_ids [T], positions [T]) -> hidden [T, hidden_size]`` for a flattened batch;
+  the paging metadata comes from the current forward context;
+* ``model.compute_logits(hidden [N, H]) -> [N, vocab]`` float32;
+* ``model.attention_layers()`` -> the ``Attention`` modules in layer order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvray.replica.models.layers import Attention, Embedding, GatedMLP, Linear, RMSNorm, RotaryEmbedding, rope_parameters
+
+
+@dataclass(frozen=True)
+class ArchFlags:
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _check_supported(config) -> None:
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"unsupported hidden_act {act!r}: kvray's gated MLP implements 'silu'")
+    layer_types = getattr(config, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types):
+        raise ValueError(f"unsupported layer_types {sorted(set(layer_types))}: kvray implements full attention only "
+                         "(no sliding-window layers)")
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, flags: ArchFlags, rotary_dim: int, dtype: torch.dtype, device=None):
+        super().__init__()
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = Attention(
+            hidden, config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads,
+            _head_dim(config), qkv_bias=flags.qkv_bias, o_bias=flags.o_bias, qk_norm=flags.qk_norm,
+            rms_norm_eps=eps, rotary_dim=rotary_dim, dtype=dtype, device=device)
+        self.mlp = GatedMLP(hidden, config.intermediate_size, flags.mlp_bias, dtype, device)
+        self.input_layernorm = RMSNorm(hidden, eps, dtype, device)
+        self.post_attention_layernorm = RMSNorm(hidden, eps, dtype, device)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DecoderModel(nn.Module):
+    """The ``model.*`` part of an HF causal LM: embeddings, layers, final norm."""
+
+    def __init__(self, config, flags: ArchFlags, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype, device)
+        self.rotary_emb = RotaryEmbedding(rope_parameters(config), _head_dim(config), device=device)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, flags, self.rotary_emb.rotary_dim, dtype, device)
+            for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(positions)
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        return self.norm(h)
+
+
+class DecoderForCausalLM(nn.Module):
+    """Base class; subclasses set ``flags_for(config)``."""
+
+    @classmethod
+    def flags_for(cls, config) -> ArchFlags:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __init__(self, config, dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        _check_supported(config)
+        self.config = config
+        self.dtype = dtype
+        self.model = DecoderModel(config, self.flags_for(config), dtype, device)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        if self.tie_word_embeddings:
+            self.lm_head = nn.Module()
+            self.lm_head.weight = self.model.embed_tokens.weight  # shared Parameter
+        else:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, False, dtype, device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head.weight).float()
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn for layer in self.model.layers]
+
+
+class LlamaForCausalLM(DecoderForCausalLM):
+    @classmethod
+    def flags_for(cls, config) -> ArchFlags:
+        bias = bool(getattr(config, "attention_bias", False))
+        return ArchFlags(qkv_bias=bias, o_bias=bias, mlp_bias=bool(getattr(config, "mlp_bias", False)), qk_norm=False)
+
+
+class Qwen2ForCausalLM(DecoderForCausalLM):
+    @classmethod
+    def flags_for(cls, config) -> ArchFlags:
+        return ArchFlags(qkv_bias=True, o_bias=False, mlp_bias=False, qk_norm=False)
+
+
+class Qwen3ForCausalLM(DecoderForCausalLM):
+    @classmethod
+    def flags_for(cls, config) -> ArchFlags:
+        bias = bool(getattr(config, "attention_bias", False))
+        return ArchFlags(qkv_bias=bias, o_bias=bias, mlp_bias=False, qk_norm=True)
+
+
+MODEL_REGISTRY: dict[str, type[DecoderForCausalLM]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+}
+# config.json files without an "architectures" entry fall back to their model_type
+MODEL_TYPE_TO_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}

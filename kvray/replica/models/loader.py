@@ -1,0 +1,232 @@
+"""Find a checkpoint, read its config, build the model and fill it from safetensors.
+
+``resolve_model`` accepts what ``kvray.LLM(model=...)`` accepts: a ``kvray:<preset>`` name, a
+local checkpoint directory, or a hub id that is already in the local Hugging Face cache (kvray
+never downloads). Everything that can be wrong with a checkpoint raises a ``ValueError`` whose
+message names the file or tensor at fault.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from kvray.replica.models.decoder import MODEL_REGISTRY, MODEL_TYPE_TO_ARCH, DecoderForCausalLM
+
+PRESET_PREFIX = "kvray:"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# tensors some checkpoints carry that are recomputed rather than loaded
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+# ----------------------------------------------------------------------------- locating a model
+
+def resolve_model(model: str | os.PathLike) -> Path:
+    """``kvray:<name>`` -> its generated cache dir; a directory -> itself; else a hub id in the
+    local HF cache. Raises ValueError when none applies."""
+    text = os.fspath(model)
+    if text.startswith(PRESET_PREFIX):
+        from kvray.replica.models.presets import ensure_preset
+        return ensure_preset(text[len(PRESET_PREFIX):])
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"model path {text!r} is a file; expected a checkpoint directory")
+    looks_like_path = path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1 or "\\" in text
+    cached = None if looks_like_path else _from_hf_cache(text)
+    if cached is None:
+        where = "" if looks_like_path else ", and it is not a hub id in the local Hugging Face cache"
+        raise ValueError(
+            f"model {text!r} does not exist: no such directory{where} (kvray never downloads; "
+            f"fetch hub checkpoints first with `hf download`, or use a preset such as kvray:tiny-qwen3)")
+    return cached
+
+
+def _from_hf_cache(repo_id: str) -> Path | None:
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached, malformed id, hub library problems: all mean "not available"
+        return None
+
+
+# ----------------------------------------------------------------------------- config
+
+def _read_config_json(path: Path) -> dict:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ValueError(f"checkpoint {str(path)!r} has no config.json")
+    try:
+        return json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(cfg_file)!r} is not valid JSON: {e}") from None
+
+
+def architecture_of(raw_config: dict) -> str:
+    """The supported architecture a config.json names; ValueError if none is supported."""
+    archs = list(raw_config.get("architectures") or [])
+    if not archs and raw_config.get("model_type") in MODEL_TYPE_TO_ARCH:
+        archs = [MODEL_TYPE_TO_ARCH[raw_config["model_type"]]]
+    for arch in archs:
+        if arch in MODEL_REGISTRY:
+            return arch
+    named = ", ".join(archs) or f"model_type {raw_config.get('model_type')!r}"
+    raise ValueError(f"unsupported architecture {named}; kvray supports {', '.join(sorted(MODEL_REGISTRY))}")
+
+
+def load_config(path: str | os.PathLike):
+    """The checkpoint's transformers config (AutoConfig), after checking its architecture."""
+    path = resolve_model(path)
+    architecture_of(_read_config_json(path))
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(str(path))
+
+
+def model_class(hf_config) -> type[DecoderForCausalLM]:
+    raw = {"architectures": getattr(hf_config, "architectures", None), "model_type": getattr(hf_config, "model_type", None)}
+    return MODEL_REGISTRY[architecture_of(raw)]
+
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def _as_dtype(value) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    key = str(value).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ValueError(f"unsupported dtype {value!r}; use auto, {', '.join(sorted(set(_DTYPES)))}")
+    return _DTYPES[key]
+
+
+def resolve_dtype(dtype, hf_config, device) -> torch.dtype:
+    """``"auto"`` -> the config's dtype (``dtype`` / ``torch_dtype``) on CUDA, float32 elsewhere;
+    otherwise the named dtype ("bfloat16", "bf16", torch.float16, ...)."""
+    if not (isinstance(dtype, str) and dtype.lower() == "auto"):
+        return _as_dtype(dtype)
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    cfg_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    return _as_dtype(cfg_dtype) if cfg_dtype is not None else torch.float32
+
+
+# ----------------------------------------------------------------------------- weights
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: model.safetensors, else the shards named by
+    model.safetensors.index.json, else every *.safetensors in the directory."""
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{str(index)!r} is not a valid safetensors index (needs a weight_map): {e}") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise ValueError(f"{INDEX_FILE} in {str(path)!r} names shard(s) that do not exist: {', '.join(missing)}")
+        return [path / f for f in files]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        others = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
+        hint = f" (found {', '.join(others)}; kvray loads safetensors only)" if others else ""
+        raise ValueError(f"no *.safetensors weights in {str(path)!r}{hint}")
+    return files
+
+
+def iter_checkpoint_tensors(path: Path):
+    """Yield (name, tensor) for every tensor in the checkpoint's safetensors files (on CPU)."""
+    from safetensors import safe_open
+    seen: dict[str, str] = {}
+    for file in weight_files(path):
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    if name in seen:
+                        raise ValueError(f"tensor {name!r} appears in both {seen[name]} and {file.name}")
+                    seen[name] = file.name
+                    yield name, f.get_tensor(name)
+        except ValueError:
+            raise
+        except Exception as e:  # SafetensorError, OSError, ...: a truncated or garbled file
+            raise ValueError(f"corrupt or unreadable safetensors file {str(file)!r}: {e}") from None
+
+
+def _fmt(names) -> str:
+    names = sorted(names)
+    shown = ", ".join(names[:8])
+    return shown + (f" (and {len(names) - 8} more)" if len(names) > 8 else "")
+
+
+def _copy(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
+    if tuple(tensor.shape) != tuple(param.shape):
+        raise ValueError(f"shape mismatch for tensor {name!r}: checkpoint has {list(tensor.shape)}, "
+                         f"the model (from config.json) expects {list(param.shape)}")
+    param.copy_(tensor)
+
+
+@torch.no_grad()
+def load_weights(model: DecoderForCausalLM, path: Path) -> None:
+    """Copy every checkpoint tensor into the parameter of the same name, converting dtype.
+    Every parameter must be filled exactly once; extra tensors are an error."""
+    params = dict(model.named_parameters())  # tied lm_head.weight is deduplicated away
+    tied = getattr(model, "tie_word_embeddings", False)
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    tied_head = None
+    for name, tensor in iter_checkpoint_tensors(path):
+        if name.endswith(_IGNORED_SUFFIXES):
+            continue
+        if tied and name == "lm_head.weight":
+            tied_head = tensor  # redundant copy of embed_tokens; used only if that is absent
+            continue
+        param = params.get(name)
+        if param is None:
+            unexpected.append(name)
+            continue
+        _copy(param, tensor, name)
+        loaded.add(name)
+    embed = "model.embed_tokens.weight"
+    if tied_head is not None and embed not in loaded and embed in params:
+        _copy(params[embed], tied_head, "lm_head.weight")
+        loaded.add(embed)
+    if unexpected:
+        raise ValueError(f"unexpected tensor(s) in checkpoint {str(path)!r}: {_fmt(unexpected)}")
+    missing = set(params) - loaded
+    if missing:
+        raise ValueError(f"checkpoint {str(path)!r} is missing tensor(s): {_fmt(missing)}")
+
+
+def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32, device="cpu"):
+    """Build the model for ``path``'s config on ``device`` in ``dtype`` (a torch dtype, a name,
+    or "auto", see :func:`resolve_dtype`) and load its weights. ``path`` may be anything
+    :func:`resolve_model` accepts. Returns ``(model, hf_config)``; eval mode, gradients off."""
+    path = resolve_model(path)
+    hf_config = load_config(path)
+    dtype = resolve_dtype(dtype, hf_config, device)
+    cls = model_class(hf_config)
+    weight_files(path)  # fail on missing weights before allocating anything
+    model = cls(hf_config, dtype=dtype, device=torch.device(device))
+    load_weights(model, path)
+    model.eval().requires_grad_(False)
+    return model, hf_config
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The checkpoint's tokenizer, through transformers' AutoTokenizer."""
+    path = resolve_model(path)
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"cannot load a tokenizer from {str(path)!r}: {e}") from None

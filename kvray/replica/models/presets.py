@@ -1,0 +1,262 @@
+"""Built-in ``kvray:<name>`` presets: deterministic random-weight checkpoints in the Hugging Face
+layout (config.json, generation_config.json, model.safetensors or shards plus
+model.safetensors.index.json, and a real BPE tokenizer with a chat template).
+
+Weights: the tensor names and shapes are those of the model for the config (built on the meta
+device, so nothing is allocated; they equal transformers' names, which the tests check); each tensor is drawn from a
+``torch.Generator`` seeded from the preset seed and the tensor's name, straight in the preset's
+dtype, one tensor at a time. Matrices are N(0, 0.02²); RMSNorm weights 1 + 0.1·N(0, 1), so a loader
+that ignored them would be caught; biases 0.1·N(0, 1).
+
+``ensure_preset`` generates a preset once into ``$KVRAY_CACHE_DIR`` (default
+``~/.cache/kvray/presets``) under ``<name>-<version>``; the version hashes the preset's whole
+definition, so changing a preset invalidates old caches. Generation writes to a temporary
+directory and renames it into place, so racing processes are safe.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import types
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kvray.replica.models.bpe import LLAMA3_TOKENIZER, QWEN_TOKENIZER, TokenizerSpec, write_tokenizer
+
+GENERATOR_VERSION = 1  # bump when the weight-generation code changes
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    config: dict                  # config.json contents, minus the token ids (filled from the tokenizer)
+    tokenizer: TokenizerSpec
+    max_shard_size: int | None = None   # bytes; None writes a single model.safetensors
+    seed: int = 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.config["torch_dtype"])
+
+    def version(self) -> str:
+        blob = json.dumps({"generator": GENERATOR_VERSION, "config": self.config, "seed": self.seed,
+                           "max_shard_size": self.max_shard_size, "tokenizer": self.tokenizer.fingerprint()},
+                          sort_keys=True)
+        return f"v{GENERATOR_VERSION}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+def _tiny(arch: str, model_type: str, **overrides) -> dict:
+    cfg = {"architectures": [arch], "model_type": model_type, "hidden_size": 64, "intermediate_size": 192,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+           "vocab_size": 1024, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+           "attention_dropout": 0.0, "initializer_range": 0.02, "torch_dtype": "float32", "use_cache": True}
+    cfg.update(overrides)
+    return cfg
+
+
+_QWEN_EXTRA = {"use_sliding_window": False, "sliding_window": None}
+
+PRESETS: dict[str, Preset] = {p.name: p for p in [
+    Preset("tiny-llama", "2-layer Llama, GQA 4/2, llama3 rope scaling (original context 64), untied, 3 shards",
+           _tiny("LlamaForCausalLM", "llama", rms_norm_eps=1e-5, attention_bias=False, mlp_bias=False,
+                 rope_theta=10000.0, tie_word_embeddings=False,
+                 rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+           LLAMA3_TOKENIZER, max_shard_size=400_000, seed=1),
+    Preset("tiny-qwen2", "2-layer Qwen2, GQA 4/2, q/k/v bias, untied",
+           _tiny("Qwen2ForCausalLM", "qwen2", rope_theta=1000000.0, rope_scaling=None, tie_word_embeddings=False,
+                 max_window_layers=2, **_QWEN_EXTRA),
+           QWEN_TOKENIZER, seed=2),
+    Preset("tiny-qwen3", "2-layer Qwen3, GQA 4/2, q/k RMSNorm, tied embeddings",
+           _tiny("Qwen3ForCausalLM", "qwen3", rope_theta=1000000.0, rope_scaling=None, tie_word_embeddings=True,
+                 attention_bias=False, max_window_layers=2, **_QWEN_EXTRA),
+           QWEN_TOKENIZER, seed=3),
+    Preset("qwen3-0.6b", "Qwen3-0.6B shapes (28 layers, hidden 1024, vocab 151936), bf16, random weights",
+           {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 1024,
+            "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
+            "head_dim": 128, "vocab_size": 151936, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
+            "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0, "rope_theta": 1000000.0,
+            "rope_scaling": None, "tie_word_embeddings": True, "max_window_layers": 28, "initializer_range": 0.02,
+            "torch_dtype": "bfloat16", "use_cache": True, **_QWEN_EXTRA},
+           QWEN_TOKENIZER, max_shard_size=1_000_000_000, seed=4),
+    Preset("llama-3.2-1b", "Llama-3.2-1B shapes (16 layers, hidden 2048, vocab 128256), bf16, random weights",
+           {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
+            "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "head_dim": 64, "vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+            "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+            "tie_word_embeddings": True, "initializer_range": 0.02, "pretraining_tp": 1,
+            "torch_dtype": "bfloat16", "use_cache": True},
+           LLAMA3_TOKENIZER, max_shard_size=1_000_000_000, seed=5),
+]}
+
+
+def get_preset(name: str) -> Preset:
+    name = name.removeprefix("kvray:")
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+# ----------------------------------------------------------------------------- files
+
+def token_ids(preset: Preset) -> dict:
+    """bos / eos / pad ids as written to config.json and generation_config.json."""
+    tok = preset.tokenizer
+    if tok.family == "qwen":
+        eot = tok.token_id("<|endoftext|>")
+        return {"config": {"bos_token_id": eot, "eos_token_id": tok.token_id("<|im_end|>"), "pad_token_id": eot},
+                "generation": {"bos_token_id": eot, "eos_token_id": [tok.token_id("<|im_end|>"), eot],
+                               "pad_token_id": eot}}
+    bos = tok.token_id("<|begin_of_text|>")
+    eos = [tok.token_id(t) for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")]
+    return {"config": {"bos_token_id": bos, "eos_token_id": eos},
+            "generation": {"bos_token_id": bos, "eos_token_id": eos}}
+
+
+def config_dict(preset: Preset) -> dict:
+    # a deep copy: transformers edits nested dicts (rope_scaling) of the kwargs it is given
+    return copy.deepcopy(dict(sorted({**preset.config, **token_ids(preset)["config"]}.items())))
+
+
+def hf_config(preset: Preset | str):
+    """The transformers config object of a preset (no files written)."""
+    from transformers import AutoConfig
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    cfg = config_dict(preset)
+    return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+
+
+def parameter_shapes(preset: Preset | str) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of the checkpoint: the parameters of kvray's model for the config,
+    built on the meta device (no memory, no transformers import). Its names are transformers'
+    names (tests check this for every preset); a tied lm_head.weight is left out, as
+    transformers' save_pretrained does."""
+    from kvray.replica.models.decoder import MODEL_REGISTRY
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    cfg = types.SimpleNamespace(**config_dict(preset))
+    model = MODEL_REGISTRY[cfg.architectures[0]](cfg, dtype=preset.dtype, device=torch.device("meta"))
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def _tensor_seed(preset: Preset, name: str) -> int:
+    digest = hashlib.sha256(f"kvray-preset:{preset.seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def make_tensor(preset: Preset, name: str, shape: tuple[int, ...], chunk: int = 1 << 22) -> torch.Tensor:
+    """The deterministic value of one tensor, drawn in float32 chunks and stored in the preset dtype.
+    The values depend only on the preset seed and the name (any chunk size that is a multiple of
+    16 draws the same numbers), so tensors can be generated in any order, in parallel."""
+    gen = torch.Generator().manual_seed(_tensor_seed(preset, name))
+    out = torch.empty(shape, dtype=preset.dtype)
+    flat = out.view(-1)
+    if name.endswith("norm.weight"):
+        scale, offset = 0.1, 1.0
+    elif len(shape) == 1:
+        scale, offset = 0.1, 0.0
+    else:
+        scale, offset = 0.02, 0.0
+    for start in range(0, flat.numel(), chunk):
+        n = min(chunk, flat.numel() - start)
+        flat[start:start + n] = torch.randn(n, generator=gen).mul_(scale).add_(offset)
+    return out
+
+
+def _plan_shards(preset: Preset, shapes: dict[str, tuple[int, ...]]) -> list[list[str]]:
+    itemsize = torch.empty((), dtype=preset.dtype).element_size()
+    shards, current, size = [], [], 0
+    for name in sorted(shapes):
+        nbytes = itemsize * int(torch.Size(shapes[name]).numel())
+        if current and preset.max_shard_size is not None and size + nbytes > preset.max_shard_size:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    shards.append(current)
+    return shards
+
+
+def _generate(preset: Preset, names: list[str], shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    # one generator per tensor, so threads (torch releases the GIL) cannot change the values
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        values = list(pool.map(lambda n: make_tensor(preset, n, shapes[n]), names))
+    return dict(zip(names, values))
+
+
+def _write_weights(preset: Preset, out_dir: Path) -> None:
+    from safetensors.torch import save_file
+    shapes = parameter_shapes(preset)
+    shards = _plan_shards(preset, shapes)
+    if len(shards) == 1:
+        save_file(_generate(preset, shards[0], shapes), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for i, names in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = _generate(preset, names, shapes)
+        save_file(tensors, str(out_dir / file), metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update({name: file for name in names})
+        del tensors
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    _write_json(out_dir / "model.safetensors.index.json", index)
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def make_checkpoint(preset: Preset | str, out_dir: str | os.PathLike) -> Path:
+    """Write the preset's checkpoint into ``out_dir`` (created if needed) and return it."""
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(out_dir / "config.json", config_dict(preset))
+    _write_json(out_dir / "generation_config.json", token_ids(preset)["generation"])
+    write_tokenizer(preset.tokenizer, out_dir, model_max_length=preset.config["max_position_embeddings"])
+    _write_weights(preset, out_dir)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------- cache
+
+def cache_root() -> Path:
+    root = os.environ.get("KVRAY_CACHE_DIR")
+    return Path(root).expanduser() / "presets" if root else Path.home() / ".cache" / "kvray" / "presets"
+
+
+def preset_cache_dir(name: str) -> Path:
+    preset = get_preset(name)
+    return cache_root() / f"{preset.name}-{preset.version()}"
+
+
+def ensure_preset(name: str) -> Path:
+    """The cache directory of preset ``name``, generating it first if needed (atomically)."""
+    final = preset_cache_dir(name)
+    if (final / "config.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        make_checkpoint(name, tmp)
+        os.chmod(tmp, 0o755)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "config.json").is_file():  # not a lost race: a real failure
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final

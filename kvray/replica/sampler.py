@@ -1,0 +1,94 @@
+"""Batched token sampling: greedy, temperature, top-k, top-p, per-request seeds, logprobs.
+
+All rows are sampled in one pass on the logits' device. Random rows use the exponential-race
+trick (argmax of p / E with E ~ Exp(1) is a draw from p); a request with a seed draws its
+noise from its own generator, so its output does not depend on what else is in the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvray.replica.sequence import Sequence
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[float] | None = None                 # per row (None if no row asked)
+    top_logprobs: list[dict[int, float] | None] | None = None
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int = 0):
+        self.device = device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def _seq_generator(self, seq: Sequence) -> torch.Generator:
+        if seq.generator is None:
+            g = torch.Generator(device=self.device)
+            g.manual_seed(seq.params.seed)
+            seq.generator = g
+        return seq.generator
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
+        """``logits`` [N, V] float32, one row per sequence in ``seqs``."""
+        params = [s.params for s in seqs]
+        n = len(seqs)
+        if all(p.greedy for p in params):
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = self._sample(logits, seqs)
+        want_lp = [p.logprobs is not None for p in params]
+        if not any(want_lp):
+            return SampleResult(tokens.tolist())
+        logp = torch.log_softmax(logits, dim=-1)
+        chosen = logp.gather(1, tokens[:, None]).squeeze(1)
+        k = max((p.logprobs or 0) for p in params)
+        if k > 0:
+            top_v, top_i = logp.topk(k, dim=-1)
+            top_v, top_i = top_v.tolist(), top_i.tolist()
+        token_list, chosen_list = tokens.tolist(), chosen.tolist()
+        lps: list[float] = []
+        tops: list[dict[int, float] | None] = []
+        for r in range(n):
+            lps.append(chosen_list[r])
+            kr = params[r].logprobs or 0
+            tops.append({top_i[r][j]: top_v[r][j] for j in range(kr)} if kr else None)
+        return SampleResult(token_list, lps, tops)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        params = [s.params for s in seqs]
+        dev = logits.device
+        greedy = torch.tensor([p.greedy for p in params], device=dev)
+        temp = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=dev, dtype=torch.float32)
+        x = logits / temp[:, None]
+        vocab = x.shape[-1]
+        top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
+        top_p = [p.top_p for p in params]
+        if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
+            x = self._truncate(x, torch.tensor(top_k, device=dev), torch.tensor(top_p, device=dev, dtype=torch.float32))
+        probs = torch.softmax(x, dim=-1)
+        noise = torch.empty_like(probs)
+        seeded = [i for i, p in enumerate(params) if p.seed is not None]
+        if len(seeded) < len(params):
+            noise.exponential_(generator=self.generator)
+        for i in seeded:
+            noise[i].exponential_(generator=self._seq_generator(seqs[i]))
+        sampled = (probs / noise).argmax(dim=-1)
+        return torch.where(greedy, logits.argmax(dim=-1), sampled)
+
+    @staticmethod
+    def _truncate(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+        """Mask everything outside each row's top-k and top-p nucleus to -inf."""
+        sorted_x, order = x.sort(dim=-1, descending=True)
+        rank = torch.arange(x.shape[-1], device=x.device)[None, :]
+        mask = rank >= top_k[:, None]
+        probs = torch.softmax(sorted_x.masked_fill(mask, float("-inf")), dim=-1)
+        # keep a token if the mass strictly before it is < top_p (the first token always stays)
+        mass_before = probs.cumsum(dim=-1) - probs
+        mask |= mass_before >= top_p[:, None]
+        sorted_x = sorted_x.masked_fill(mask, float("-inf"))
+        return torch.empty_like(x).scatter_(1, order, sorted_x)

@@ -1,0 +1,136 @@
+"""The ``Router`` deployment: kvray's HTTP ingress (FastAPI through ``serve.ingress``).
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
+``GET /health``, ``GET /metrics`` (Prometheus) and ``GET /v1/kvray/replicas`` (the router's
+view of each LLMReplica: latest stats and load estimate, for operators and tests).
+
+The Router holds a handle to LLMReplica; that handle's request router is the kvray plug-in
+(``kvray.router.serve_router``), which picks a replica per request from the ``hint`` the
+Router passes. The tokenizer comes from a replica (``model_info``), so the Router never loads
+or downloads the model itself.
+"""
+
+import asyncio
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+from kvray.platform.config import AppArgs, parse_args
+from kvray.platform.metrics import ServingMetrics
+from kvray.platform.protocol import error_body, models_list
+from kvray.router import registry
+from kvray.router.openai_serving import ModelInfo, OpenAIServing
+
+logger = logging.getLogger(__name__)
+
+fastapi_app = FastAPI(title="kvray", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@fastapi_app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    msg = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    if exc.status_code == 404:
+        msg = f"no route {request.method} {request.url.path}"
+    return JSONResponse(error_body(msg, "invalid_request_error"), status_code=exc.status_code)
+
+
+@fastapi_app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError):
+    return JSONResponse(error_body(f"invalid request: {exc.errors()[:1]}"), status_code=400)
+
+
+@fastapi_app.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception):
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
+
+
+@serve.ingress(fastapi_app)
+class Router:
+    def __init__(self, llm: DeploymentHandle, args: dict):
+        self.args: AppArgs = parse_args(args)
+        self._llm = llm
+        self._stream = llm.options(stream=True)
+        app_name = serve.get_replica_context().app_name
+        self._book = registry.get_book(app_name, llm.deployment_name)
+        self._policy_key = (app_name, llm.deployment_name)
+        self.metrics = ServingMetrics(self.args.served_model_name, self._book.snapshot)
+        self.serving: OpenAIServing | None = None
+        self._ready_lock: asyncio.Lock | None = None
+        self._started = time.time()
+
+    # ---- startup -------------------------------------------------------------------------------
+    async def _ensure_ready(self, timeout_s: float | None = None) -> OpenAIServing:
+        if self.serving is not None:
+            return self.serving
+        if self._ready_lock is None:
+            self._ready_lock = asyncio.Lock()
+        async with self._ready_lock:
+            if self.serving is None:
+                call = self._llm.model_info.remote()
+                info = await (asyncio.wait_for(call, timeout_s) if timeout_s else call)
+                a = self.args
+                names = [a.served_model_name] + ([a.model] if a.model != a.served_model_name else [])
+                self.serving = OpenAIServing(
+                    info=ModelInfo(info["tokenizer"], info["max_model_len"], info["block_size"], info["vocab_size"]),
+                    model_names=names, slo_classes=a.slo_targets(), default_slo_class=a.default_slo_class,
+                    decode_estimate_cap=a.router.decode_estimate_cap, submit=self._submit, metrics=self.metrics,
+                    admit=self._admit)
+        return self.serving
+
+    def _submit(self, request_id, prompt_token_ids, params, hint):
+        return self._stream.generate.remote(request_id, prompt_token_ids, params, hint=hint)
+
+    def _admit(self, hint):
+        policy = registry.get_policy(*self._policy_key)
+        if policy is None:  # the plug-in has not routed anything yet: nothing to judge on
+            return True, None
+        return policy.admit(hint, self._book.views(self._book.replica_ids(), hint))
+
+    async def _serve(self, kind: str, request: Request) -> Response:
+        try:
+            serving = await self._ensure_ready()
+        except Exception as e:
+            logger.exception("model info unavailable")
+            return JSONResponse(error_body(f"the model is not ready: {type(e).__name__}", "service_unavailable"),
+                                status_code=503)
+        body = await request.body()
+        return await serving.handle(kind, body, request.headers)
+
+    # ---- routes --------------------------------------------------------------------------------
+    @fastapi_app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._serve("completions", request)
+
+    @fastapi_app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._serve("chat", request)
+
+    @fastapi_app.get("/v1/models")
+    async def models(self) -> Response:
+        a = self.args
+        names = [a.served_model_name] + ([a.model] if a.model != a.served_model_name else [])
+        return JSONResponse(models_list(names[:1], int(self._started)))
+
+    @fastapi_app.get("/health")
+    async def health(self) -> Response:
+        try:
+            await self._ensure_ready(timeout_s=5.0)
+        except Exception as e:
+            return JSONResponse(error_body(f"not ready: {type(e).__name__}", "service_unavailable"), status_code=503)
+        return JSONResponse({"status": "ok", "model": self.args.served_model_name})
+
+    @fastapi_app.get("/metrics")
+    async def metrics_endpoint(self) -> Response:
+        data, ctype = self.metrics.render()
+        return Response(data, media_type=ctype)
+
+    @fastapi_app.get("/v1/kvray/replicas")
+    async def replicas(self) -> Response:
+        return JSONResponse({"time": time.time(), "replicas": self._book.snapshot()})

@@ -1,0 +1,75 @@
+"""The Ray Serve ``RequestRouter`` plug-in: routes ``LLMReplica`` calls with a kvray policy.
+
+Configured on the LLMReplica deployment (``build_app`` sets it as a default)::
+
+    request_router_config:
+      request_router_class: kvray.router.serve_router:KVRayRequestRouter
+      request_router_kwargs: {policy: least_load, policy_options: {}}
+      request_routing_stats_period_s: 0.5
+
+It lives in each process that holds a handle to LLMReplica (the Router ingress). Serve calls:
+
+* ``update_replicas`` on every controller broadcast of the replica set; the broadcast carries
+  each replica's latest ``record_routing_stats()`` dict, which goes into the shared LoadBook.
+* ``choose_replicas`` per request: the policy ranks the replicas from the LoadBook's view
+  and the request's ``RoutingHint`` (the ``hint=`` keyword of the handle call); each rank is
+  one replica, so Serve tries them in the policy's order (a replica at its
+  ``max_ongoing_requests`` is skipped).
+* ``on_request_routed`` / ``on_request_completed``: the LoadBook counts the dispatch and the
+  completion at once, so routing stays fresh between stats polls.
+
+Only this module (and the ingress) import Ray; the policy and the book are plain Python.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
+
+from kvray.router import registry
+from kvray.router.hints import hint_from_call
+
+PLUGIN_PATH = "kvray.router.serve_router:KVRayRequestRouter"
+
+
+class KVRayRequestRouter(RequestRouter):
+    _kvray_book = None
+    _kvray_policy = None
+
+    def initialize_state(self, policy: str = "least_load", policy_options: Optional[dict] = None, **_ignored):
+        app, dep = self._deployment_id.app_name, self._deployment_id.name
+        self._kvray_book = registry.get_book(app, dep)
+        self._kvray_policy = registry.set_policy(app, dep, policy, policy_options)
+
+    def _book(self):
+        if self._kvray_book is None:  # initialize_state not called: defaults
+            self.initialize_state()
+        return self._kvray_book
+
+    def update_replicas(self, replicas: List[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        self._book().sync({r.replica_id.unique_id: (r.routing_stats or None) for r in replicas})
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: List[RunningReplica],
+        pending_request: Optional[PendingRequest] = None,
+    ) -> List[List[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        if pending_request is None:
+            return [candidate_replicas]
+        book = self._book()
+        hint = hint_from_call(pending_request.args, pending_request.kwargs)
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        order = self._kvray_policy.rank(hint, book.views(list(by_id), hint))
+        ranks = [[by_id[rid]] for rid in order if rid in by_id]
+        return ranks or [candidate_replicas]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
+                          result: ReplicaResult) -> None:
+        hint = hint_from_call(pending_request.args, pending_request.kwargs)
+        self._book().on_dispatch(pending_request.metadata.internal_request_id, replica_id.unique_id, hint)
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self._book().on_complete(internal_request_id)

@@ -1,0 +1,101 @@
+"""Router-side text for a token stream: incremental detokenization, stop strings, logprobs (pure).
+
+Replicas stream token ids; the router turns them into text. Stop strings are cut the same way
+the engine cuts them (the engine stops generating there; the router removes the stop string
+and whatever followed it in the last token), and while a request runs, the last
+``len(longest stop) - 1`` characters are held back so a stop string split across chunks is
+never sent.
+"""
+from __future__ import annotations
+
+from kvray.replica.detokenizer import IncrementalDetokenizer
+
+
+class TextStream:
+    def __init__(self, tokenizer, prompt_token_ids: list[int], stop_strings: list[str] | None = None):
+        self._detok = IncrementalDetokenizer(tokenizer, prompt_token_ids)
+        self._stops = [s for s in (stop_strings or []) if s]
+        self._longest = max((len(s) for s in self._stops), default=0)
+        self.text = ""
+        self.sent = 0  # characters of ``text`` already returned
+        self.stop_string: str | None = None  # set once a stop string ended the text
+
+    def add(self, token_ids: list[int], finished: bool) -> str:
+        """Add generated tokens; return the text that may be sent now."""
+        if self.stop_string is None:
+            before = len(self.text)
+            if token_ids:
+                self._detok.add(token_ids)
+            if finished:
+                self._detok.flush()
+            self.text = self._detok.text
+            if self._stops and len(self.text) > before:
+                self._cut_at_stop(before)
+        if self.stop_string is not None or finished:
+            end = len(self.text)
+        else:
+            end = max(self.sent, len(self.text) - max(0, self._longest - 1))
+        out = self.text[self.sent:end]
+        self.sent = end
+        return out
+
+    def _cut_at_stop(self, before: int) -> None:
+        start = max(0, before - self._longest + 1)
+        best = None
+        for s in self._stops:
+            i = self.text.find(s, start)
+            if i != -1 and (best is None or i < best[0]):
+                best = (i, s)
+        if best is not None:
+            self.text = self.text[:best[0]]
+            self.stop_string = best[1]
+            self.sent = min(self.sent, len(self.text))
+
+
+class TokenStrings:
+    """Token id -> its text, cached (for logprobs)."""
+
+    def __init__(self, tokenizer, max_entries: int = 200_000):
+        self._tok = tokenizer
+        self._cache: dict[int, str] = {}
+        self._max = max_entries
+
+    def __call__(self, token_id: int) -> str:
+        s = self._cache.get(token_id)
+        if s is None:
+            try:
+                s = self._tok.decode([token_id])
+            except Exception:  # an id past the tokenizer (padded vocabulary)
+                s = ""
+            if len(self._cache) < self._max:
+                self._cache[token_id] = s
+        return s
+
+
+def completion_logprobs(strings: TokenStrings, token_ids: list[int], logprobs: list[float],
+                        tops: list[dict[int, float] | None] | None, text_offset: int) -> tuple[dict, int]:
+    """The legacy completions ``logprobs`` object for these tokens, and the next text offset."""
+    tokens = [strings(t) for t in token_ids]
+    offsets = []
+    for s in tokens:
+        offsets.append(text_offset)
+        text_offset += len(s)
+    top = None
+    if tops is not None:
+        top = [{strings(t): lp for t, lp in (d or {}).items()} for d in tops]
+    return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": top,
+            "text_offset": offsets}, text_offset
+
+
+def chat_logprobs(strings: TokenStrings, token_ids: list[int], logprobs: list[float],
+                  tops: list[dict[int, float] | None] | None) -> dict:
+    content = []
+    for i, (t, lp) in enumerate(zip(token_ids, logprobs)):
+        s = strings(t)
+        alts = []
+        if tops is not None and i < len(tops) and tops[i]:
+            for at, alp in tops[i].items():
+                a = strings(at)
+                alts.append({"token": a, "logprob": alp, "bytes": list(a.encode("utf-8"))})
+        content.append({"token": s, "logprob": lp, "bytes": list(s.encode("utf-8")), "top_logprobs": alts})
+    return {"content": content}

@@ -1,0 +1,121 @@
+"""The async engine: streaming, abort, stats, health and shutdown."""
+import asyncio
+
+import pytest
+
+from kvray import LLM, SamplingParams
+from kvray.replica.async_engine import AsyncLLMEngine
+from kvray.replica.config import EngineConfig
+from tests.conftest import random_prompts
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = AsyncLLMEngine(EngineConfig(model="kvray:tiny-qwen3", max_model_len=256, max_num_seqs=16))
+    yield eng
+    if eng.is_alive():
+        asyncio.run(eng.shutdown(timeout_s=1))
+
+
+def test_streams_match_offline_generate(engine):
+    prompts = random_prompts(engine.engine.vocab_size, [3, 17, 40, 90], seed=21)
+    params = SamplingParams(temperature=0.0, max_tokens=25, ignore_eos=True)
+    offline = LLM("kvray:tiny-qwen3", max_model_len=256).generate(prompts, params, use_tqdm=False)
+
+    async def one(i, p):
+        outs = [o async for o in engine.generate(f"s{i}", p, params)]
+        return outs
+
+    async def main():
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+    results = asyncio.run(main())
+    for outs, ref in zip(results, offline):
+        assert len(outs) >= 2  # streamed, not one blob
+        assert sum(len(o.new_token_ids) for o in outs) == 25
+        assert outs[-1].token_ids == ref.token_ids
+        assert "".join(o.new_text for o in outs) == outs[-1].text == ref.text
+        assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+        assert outs[-1].metrics.first_token_time is not None
+
+
+def test_abort_frees_blocks_and_stats(engine):
+    prompt = random_prompts(engine.engine.vocab_size, [60], seed=22)[0]
+    total = engine.stats()["num_total_blocks"]
+
+    async def main():
+        gen = engine.generate("to-abort", prompt, SamplingParams(max_tokens=200, ignore_eos=True))
+        got = 0
+        async for _ in gen:
+            got += 1
+            if got == 3:
+                stats = engine.stats()
+                break
+        await gen.aclose()  # the consumer walked away: the engine must abort the request
+        for _ in range(100):
+            if engine.stats()["num_free_blocks"] == total and engine.stats()["num_running"] == 0:
+                break
+            await asyncio.sleep(0.02)
+        return stats
+
+    during = asyncio.run(main())
+    assert during["num_running"] == 1 and during["num_free_blocks"] < total
+    assert during["tokens_in_flight"] >= 60 and during["step_times"]
+    after = engine.stats()
+    assert after["num_free_blocks"] == total and after["num_running"] == 0 and after["num_waiting"] == 0
+
+
+def test_explicit_abort_ends_stream_with_abort_reason(engine):
+    prompt = random_prompts(engine.engine.vocab_size, [10], seed=23)[0]
+
+    async def main():
+        outs = []
+        async for o in engine.generate("explicit", prompt, SamplingParams(max_tokens=500, ignore_eos=True)):
+            outs.append(o)
+            if len(outs) == 2:
+                engine.abort("explicit")
+        return outs
+
+    outs = asyncio.run(main())
+    assert outs[-1].finished and outs[-1].finish_reason == "abort"
+    assert len(outs[-1].token_ids) < 500
+
+
+def test_graceful_shutdown_finishes_in_flight_then_health_fails_when_loop_dies():
+    eng = AsyncLLMEngine(EngineConfig(model="kvray:tiny-qwen3", max_model_len=128))
+    prompt = [5, 6, 7]
+
+    async def main():
+        task = asyncio.create_task(
+            _last(eng.generate("g", prompt, SamplingParams(max_tokens=30, ignore_eos=True))))
+        await asyncio.sleep(0.01)
+        await eng.shutdown(timeout_s=30)
+        out = await task
+        with pytest.raises(RuntimeError, match="shutting down"):
+            await _last(eng.generate("late", prompt, SamplingParams(max_tokens=3)))
+        return out
+
+    out = asyncio.run(main())
+    assert out.finish_reason == "length" and len(out.token_ids) == 30
+
+    broken = AsyncLLMEngine(EngineConfig(model="kvray:tiny-qwen3", max_model_len=128))
+
+    def boom():
+        raise RuntimeError("simulated GPU fault")
+
+    broken.engine.step = boom
+
+    async def crash():
+        with pytest.raises(RuntimeError, match="engine loop died"):
+            await _last(broken.generate("x", prompt, SamplingParams(max_tokens=3)))
+
+    asyncio.run(crash())
+    with pytest.raises(RuntimeError, match="engine loop died"):
+        broken.check_health()
+
+
+async def _last(agen):
+    last = None
+    async for o in agen:
+        last = o
+    return last

@@ -1,0 +1,108 @@
+"""Bad input raises a clear ValueError, and requests already in flight are unaffected."""
+import asyncio
+import json
+import shutil
+
+import pytest
+
+from kvray import LLM, SamplingParams
+from kvray.replica.async_engine import AsyncLLMEngine
+from kvray.replica.config import EngineConfig
+from kvray.replica.models.loader import resolve_model
+from tests.conftest import random_prompts
+
+BAD_PARAMS = [
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(max_tokens=-3), "max_tokens"),
+    (dict(temperature=-0.5), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=0), "top_k"),
+]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = AsyncLLMEngine(EngineConfig(model="kvray:tiny-qwen3", max_model_len=128))
+    yield eng
+    asyncio.run(eng.shutdown(timeout_s=1))
+
+
+async def _collect(engine, rid, prompt, params):
+    last = None
+    async for out in engine.generate(rid, prompt, params):
+        last = out
+    return last
+
+
+def test_bad_requests_fail_cleanly_while_a_stream_runs(engine):
+    vocab = engine.engine.vocab_size
+    good = random_prompts(vocab, [20], seed=1)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+
+    async def main():
+        reference = await _collect(engine, "ref", good, params)
+        healthy = asyncio.create_task(_collect(engine, "healthy", good, params))
+        await asyncio.sleep(0)
+        errors = []
+        cases = [([], None, "empty"), (list(range(1, 129)), None, "context length"),
+                 ([vocab + 10], None, "vocabulary")]
+        cases += [(good, SamplingParams(**kw), name) for kw, name in BAD_PARAMS]
+        for i, (prompt, p, needle) in enumerate(cases):
+            with pytest.raises(ValueError, match=needle):
+                async for _ in engine.generate(f"bad-{i}", prompt, p or params):
+                    pass
+            errors.append(needle)
+        out = await healthy
+        return reference, out, errors
+
+    reference, out, errors = asyncio.run(main())
+    assert len(errors) == 3 + len(BAD_PARAMS)
+    assert out.finished and out.finish_reason == "length"
+    assert out.token_ids == reference.token_ids
+    engine.check_health()
+
+
+def test_offline_generate_rejects_before_running_anything():
+    llm = LLM("kvray:tiny-qwen2", max_model_len=64)
+    with pytest.raises(ValueError, match="prompt 1: .*context length"):
+        llm.generate([[1, 2, 3], list(range(1, 80))], SamplingParams(max_tokens=4), use_tqdm=False)
+    assert not llm.engine.has_unfinished()
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([[]], SamplingParams(max_tokens=4), use_tqdm=False)
+    out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
+    assert len(out[0].token_ids) >= 1
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="tiny-gpt9"):
+        LLM("kvray:tiny-gpt9")
+
+
+def test_bad_engine_options():
+    with pytest.raises(ValueError, match="block_size"):
+        EngineConfig(model="kvray:tiny-qwen3", block_size=7)
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        EngineConfig(model="kvray:tiny-qwen3", gpu_memory_utilization=1.5)
+    with pytest.raises(TypeError):
+        EngineConfig(model="kvray:tiny-qwen3", max_num_seq=4)  # misspelt option
+
+
+def test_broken_checkpoint_directories(tmp_path):
+    src = resolve_model("kvray:tiny-llama")
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(src, no_weights)
+    for f in no_weights.glob("*.safetensors*"):
+        f.unlink()
+    with pytest.raises(ValueError, match="safetensors"):
+        LLM(str(no_weights))
+    unsupported = tmp_path / "unsupported"
+    shutil.copytree(src, unsupported)
+    cfg = json.loads((unsupported / "config.json").read_text())
+    cfg["architectures"] = ["MambaForCausalLM"]
+    cfg["model_type"] = "mamba"
+    (unsupported / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="MambaForCausalLM|mamba"):
+        LLM(str(unsupported))
+    with pytest.raises(ValueError, match="does not exist|not found|no such"):
+        LLM(str(tmp_path / "nowhere"))

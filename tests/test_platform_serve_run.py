@@ -1,0 +1,105 @@
+"""`serve run cluster-configs/local.yaml` as users run it: a subprocess, then HTTP calls.
+
+The config is used as is, except for the HTTP port (a free one, so the test never collides
+with another server on the machine). ``RAY_ADDRESS=local`` makes `serve run` start its own
+Ray instance instead of joining one that may be running here.
+"""
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+pytest.importorskip("ray")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeRun:
+    def __init__(self, cfg: dict, tmp_path: Path):
+        self.port = _free_port()
+        cfg["http_options"]["port"] = self.port
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        env = {**os.environ, "RAY_ADDRESS": "local", "RAY_DEDUP_LOGS": "0"}
+        self.proc = subprocess.Popen(["serve", "run", str(path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def healthy(self) -> bool:
+        try:
+            return requests.get(self.url + "/health", timeout=5).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)  # `serve run` shuts Serve and its Ray down on Ctrl-C
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._reader.join(5)
+
+
+def _local_config() -> dict:
+    return yaml.safe_load((ROOT / "cluster-configs" / "local.yaml").read_text())
+
+
+def test_serve_run_local_yaml(tmp_path):
+    run = ServeRun(_local_config(), tmp_path)
+    try:
+        deadline = time.time() + 240
+        while not run.healthy():
+            assert run.proc.poll() is None, run.output[-4000:]
+            assert time.time() < deadline, run.output[-4000:]
+            time.sleep(1)
+        r = requests.post(run.url + "/v1/completions", json={"model": "tiny-qwen3", "prompt": "Hello", "max_tokens": 5})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 5
+        r = requests.post(run.url + "/v1/chat/completions", json={
+            "model": "tiny-qwen3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True})
+        assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+        assert requests.get(run.url + "/v1/models").json()["data"][0]["id"] == "tiny-qwen3"
+        replicas = requests.get(run.url + "/v1/kvray/replicas").json()["replicas"]
+        assert len(replicas) == 2  # local.yaml asks for 2 LLMReplica replicas
+    finally:
+        run.stop()
+
+
+def test_serve_run_rejects_an_unknown_arg(tmp_path):
+    cfg = _local_config()
+    cfg["applications"][0]["args"]["bogus_key"] = 1
+    run = ServeRun(cfg, tmp_path)
+    try:
+        deadline = time.time() + 120
+        while "args.bogus_key" not in run.output:
+            assert time.time() < deadline, run.output[-4000:]
+            time.sleep(0.5)
+        assert "unknown field" in run.output
+        assert not run.healthy()
+    finally:
+        run.stop()
