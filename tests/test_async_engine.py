@@ -119,3 +119,20 @@ async def _last(agen):
     async for o in agen:
         last = o
     return last
+
+
+def test_streamed_text_never_shows_part_of_a_stop_string(engine):
+    prompt = random_prompts(engine.engine.vocab_size, [12], seed=24)[0]
+    base = LLM("kvray:tiny-qwen3", max_model_len=256).generate(
+        [prompt], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True), use_tqdm=False)[0]
+    stop = base.text[10:16]
+    assert len(stop) == 6
+
+    async def main():
+        return [o async for o in engine.generate(
+            "stop", prompt, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, stop=[stop]))]
+
+    outs = asyncio.run(main())
+    streamed = "".join(o.new_text for o in outs)
+    assert streamed == outs[-1].text == base.text[:base.text.index(stop)]
+    assert outs[-1].finish_reason == "stop" and outs[-1].stop_reason == stop

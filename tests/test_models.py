@@ -142,8 +142,12 @@ def test_bf16_load_converts_dtype(tiny_dirs, hf_models):
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     ids = random_ids(20, 1024, 5)
     (ours,) = PagedRunner(model).step([(0, ids, 0)])
-    ref = hf_logits(hf_models["tiny-qwen2"], ids)
-    assert (ours - ref).abs().max() < 0.05
+    import copy
+    hf_bf16 = copy.deepcopy(hf_models["tiny-qwen2"]).to(torch.bfloat16)
+    ref = hf_logits(hf_bf16, ids).float()
+    # bf16 on both sides; our attention accumulates in float32 where transformers stays in bf16,
+    # so ~1% rounding differences are expected; a bad conversion or load gives O(1) errors
+    assert ((ours - ref).norm() / ref.norm()).item() < 3e-2
 
 
 def test_resolve_dtype():

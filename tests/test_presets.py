@@ -79,7 +79,8 @@ def test_checkpoint_layout_and_weight_init(tmp_path):
     assert "model.layers.0.self_attn.o_proj.bias" not in t
     norm = t["model.layers.0.input_layernorm.weight"]
     assert 0.05 < norm.std() < 0.2 and abs(norm.mean() - 1) < 0.05
-    assert abs(t["model.layers.0.mlp.up_proj.weight"].std() - 0.02) < 0.002
+    std = json.loads((d / "config.json").read_text())["initializer_range"]  # matrices are N(0, range^2)
+    assert abs(t["model.layers.0.mlp.up_proj.weight"].std() - std) < 0.1 * std
     assert t["model.layers.0.self_attn.k_proj.bias"].abs().max() > 0.05
     # the transformers model class loads it with no missing or unexpected keys
     from transformers import AutoModelForCausalLM

@@ -114,9 +114,13 @@ class Router:
 
     @fastapi_app.get("/v1/models")
     async def models(self) -> Response:
-        a = self.args
-        names = [a.served_model_name] + ([a.model] if a.model != a.served_model_name else [])
-        return JSONResponse(models_list(names[:1], int(self._started)))
+        body = models_list([self.args.served_model_name], int(self._started))
+        try:  # like vLLM, say how long a context is; kvray also gives the vocabulary size
+            info = (await self._ensure_ready(timeout_s=5.0)).info
+            body["data"][0].update(max_model_len=info.max_model_len, vocab_size=info.vocab_size)
+        except Exception:
+            pass
+        return JSONResponse(body)
 
     @fastapi_app.get("/health")
     async def health(self) -> Response:

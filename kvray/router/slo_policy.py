@@ -107,7 +107,7 @@ class _Estimate:
 class SLOAwarePolicy:
     def __init__(self, mode: str = "pack", *, ttft_margin: float = 0.85, tpot_margin: float = 0.95,
                  min_prefix_blocks: int = 1, recheck_interval_s: float = 0.05, min_prefill_tokens: int = 128,
-                 pack_wait_s: float = 0.1):
+                 pack_wait_s: float = 0.1, class_affinity: bool = True):
         if mode not in ("pack", "spread"):
             raise ValueError("mode must be 'pack' or 'spread'")
         self.mode = mode
@@ -117,6 +117,7 @@ class SLOAwarePolicy:
         self.recheck_interval_s = recheck_interval_s
         self.min_prefill_tokens = min_prefill_tokens
         self.pack_wait_s = pack_wait_s
+        self.class_affinity = class_affinity
 
     # ---- predictions -----------------------------------------------------------------------
     def estimate(self, req: RouteRequest, v: ReplicaView, now: float) -> _Estimate:
@@ -169,15 +170,47 @@ class SLOAwarePolicy:
             best_hit = max(e.hit_blocks for e in feasible)
             if best_hit >= self.min_prefix_blocks:
                 feasible = [e for e in feasible if e.hit_blocks == best_hit]
-            if self.mode == "pack":
-                # Pack onto the busiest replica where the request starts at once; when every
-                # feasible replica has a queue, take the shortest (never leave one idle).
-                ready = [e for e in feasible if e.ttft_s <= e.idle_ttft_s + self.pack_wait_s]
-                if ready:
-                    return self._dispatch(max(ready, key=lambda e: (e.view.outstanding_tokens, -e.ttft_s)), "packed")
-            e = min(feasible, key=lambda e: (e.ttft_s, e.view.outstanding_tokens))
-            return self._dispatch(e, "least predicted TTFT")
+            return self._dispatch(*self._pick(req, feasible))
         return self._infeasible(req, ests, now)
+
+    def _pick(self, req: RouteRequest, feasible: list[_Estimate]) -> tuple[_Estimate, str]:
+        """Among feasible replicas: "home" ones first (running the request's TPOT class, or no
+        TPOT-bound work), then "guests" (a tighter class runs there: fine for this request),
+        then "intruder" ones (only looser classes run there: this request would cap their step
+        size for its whole decode). Within a tier: pack onto the busiest replica where the
+        request starts at once; when none is ready, the least predicted TTFT (work-conserving).
+        A ready guest beats a home replica with a queue. ``class_affinity=False``: one tier."""
+        ready = lambda es: [e for e in es if e.ttft_s <= e.idle_ttft_s + self.pack_wait_s]  # noqa: E731
+        busiest = lambda es: max(es, key=lambda e: (e.view.outstanding_tokens, -e.ttft_s))  # noqa: E731
+        quickest = lambda es: min(es, key=lambda e: (e.ttft_s, e.view.outstanding_tokens))  # noqa: E731
+        if self.mode == "spread":
+            return quickest(feasible), "spread: least predicted TTFT"
+        if not self.class_affinity:
+            tiers = [feasible]
+        else:
+            groups = [self._group(req, e) for e in feasible]
+            tiers = [[e for e, g in zip(feasible, groups) if g in gs] for gs in ((0, 1), (2,), (3,))]
+            tiers = [t for t in tiers if t]
+        first = tiers[0]
+        r = ready(first)
+        if r:
+            return busiest(r), "packed"
+        for t in tiers[1:]:
+            r = ready(t)
+            if r:
+                return busiest(r), "packed (other class)"
+        return quickest(first), "least predicted TTFT"
+
+    @staticmethod
+    def _group(req: RouteRequest, e: _Estimate) -> int:
+        """0: the replica already runs this TPOT class; 1: it runs nothing with a target;
+        2: it runs a tighter class; 3: it runs only looser classes (this request would cap them)."""
+        own, there = req.slo.tpot_s, e.view.min_tpot_s()
+        if there is None or own is None:
+            return 1
+        if abs(there - own) < 1e-9:
+            return 0
+        return 2 if there < own else 3
 
     def _dispatch(self, e: _Estimate, reason: str) -> Decision:
         return Decision(DISPATCH, e.view.replica_id, cached_tokens=e.cached_tokens, predicted_ttft_s=e.ttft_s,

@@ -57,7 +57,7 @@ def _tiny(arch: str, model_type: str, **overrides) -> dict:
     cfg = {"architectures": [arch], "model_type": model_type, "hidden_size": 64, "intermediate_size": 192,
            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
            "vocab_size": 1024, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "hidden_act": "silu",
-           "attention_dropout": 0.0, "initializer_range": 0.02, "torch_dtype": "float32", "use_cache": True}
+           "attention_dropout": 0.0, "initializer_range": 0.2, "torch_dtype": "float32", "use_cache": True}
     cfg.update(overrides)
     return cfg
 
@@ -165,7 +165,7 @@ def make_tensor(preset: Preset, name: str, shape: tuple[int, ...], chunk: int = 
     elif len(shape) == 1:
         scale, offset = 0.1, 0.0
     else:
-        scale, offset = 0.02, 0.0
+        scale, offset = float(preset.config.get("initializer_range", 0.02)), 0.0
     for start in range(0, flat.numel(), chunk):
         n = min(chunk, flat.numel() - start)
         flat[start:start + n] = torch.randn(n, generator=gen).mul_(scale).add_(offset)
