@@ -35,9 +35,9 @@ H, KVH, D, PAGE, DT = 16, 8, 128, 16, torch.bfloat16
 SCALE = 1.0 / math.sqrt(D)
 DECODE_BATCHES, DECODE_CTX = (1, 16, 64, 256), (512, 2048, 8192)
 PREFILL = ((1, 512), (1, 2048), (1, 4096), (1, 8192), (2, 4096), (4, 2048), (8, 512), (8, 1024), (8, 4096))
-SWEEP_DECODE = ((64, 2048), (64, 8192), (16, 2048))
-SWEEP_SPLIT = ((1, 8192, (16, 32, 64)), (1, 2048, (4, 8, 16)), (16, 2048, (1, 2, 4, 8)), (16, 8192, (1, 2, 4)))
-SWEEP_PREFILL = ((1, 4096), (8, 4096))
+SWEEP_DECODE = ((1, 8192, (16, 32), ((128, 4, 1), (64, 2, 1))), (16, 512, (2, 4), ((128, 4, 1), (64, 2, 2))),
+                (16, 2048, (4,), ((64, 2, 2), (128, 4, 1))))
+SWEEP_PREFILL = ()
 L2_BYTES = 50 * 2 ** 20
 ATTN = K.triton_impl(False).attention
 DEV = "cuda"
@@ -126,6 +126,7 @@ def graph_ms(calls) -> float:
 
 def cpu_us(fn, n=200) -> float:
     """Host time per call when nothing waits on the GPU (launch-bound if above the GPU time)."""
+    n = n if not DRY else 2
     fn()
     sync()
     t = time.perf_counter()
@@ -253,16 +254,13 @@ def sweep(log) -> list:
             rows.append(dict(tag=tag, cfg=cfg, ms=ms))
             log(f"  {tag:>14} {json.dumps(cfg)}: {ms * 1e3:9.1f} us")
 
-    dec = [dict(block_n=bn, num_warps=w, num_stages=st, num_splits=1)
-           for bn, w, st in ((64, 2, 3), (64, 2, 2), (64, 2, 4), (128, 2, 3), (128, 2, 2), (32, 2, 3),
-                             (64, 1, 3), (64, 4, 3), (128, 4, 3))]
-    for n, s in SWEEP_DECODE:
-        run_cfgs(f"dec b{n} c{s}", n, s, 1, dec, True)
-    for n, s, splits in SWEEP_SPLIT:
-        run_cfgs(f"dec b{n} c{s}", n, s, 1, [dict(num_splits=sp, block_n=bn, num_warps=2, num_stages=3)
-                                              for sp in splits for bn in (32, 64)], True)
+    def dcfg(splits, triples):
+        return [dict(num_splits=sp, block_n=bn, num_warps=w, num_stages=st) for sp in splits for bn, w, st in triples]
+
+    for n, s, splits, triples in SWEEP_DECODE:
+        run_cfgs(f"dec b{n} c{s}", n, s, 1, dcfg(splits, triples), True)
     pre = [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st, num_splits=1)
-           for bm, bn, w, st in ((128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4), (128, 128, 8, 2))]
+           for bm, bn, w, st in ((128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3))]
     for n, s in SWEEP_PREFILL:
         run_cfgs(f"pre {n}x{s}", n, s, s, pre, False)
     return rows
@@ -329,11 +327,11 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
     args = ap.parse_args()
     cmd = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
-    global DEV, DRY, ATTN, DECODE_BATCHES, DECODE_CTX, PREFILL, DT, SWEEP_DECODE, SWEEP_SPLIT, SWEEP_PREFILL, L2_BYTES
+    global DEV, DRY, ATTN, DECODE_BATCHES, DECODE_CTX, PREFILL, DT, SWEEP_DECODE, SWEEP_PREFILL, L2_BYTES
     if args.dry_run:
         DEV, DRY, ATTN, DT = "cpu", True, K.triton_impl(True).attention, torch.float32
         DECODE_BATCHES, DECODE_CTX, PREFILL = (1, 2), (512, 1024), ((1, 64), (2, 128))
-        SWEEP_DECODE, SWEEP_SPLIT, SWEEP_PREFILL = ((2, 256),), ((1, 1024, (2, 4)),), ((1, 128),)
+        SWEEP_DECODE, SWEEP_PREFILL = ((1, 1024, (2, 4), ((64, 2, 1), (32, 2, 2))),), ((1, 128),)
         os.environ["TRITON_INTERPRET"] = "1"
         args.no_append = True
     elif not torch.cuda.is_available():

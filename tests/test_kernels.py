@@ -155,7 +155,7 @@ def test_pick_config_from_host_ints():
     one = attn.pick_config(1, 1, 8, 2, 128, 1, 8192, 132)
     assert one["num_splits"] > 8
     pre = attn.pick_config(4096, 1, 8, 2, 128, None, 4096, 132)
-    assert pre["block_m"] == 128 and pre["num_splits"] == 1
+    assert pre["block_m"] >= 64 and pre["block_q"] * 2 <= pre["block_m"] and pre["num_splits"] == 1
 
 
 # ---------------------------------------------------------------- write_kv_cache

@@ -62,7 +62,7 @@ def test_empirical_distribution_matches_truncated_softmax(temperature, top_k, to
     n = 40000
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     seqs = [Sequence(str(i), [1], params, 16) for i in range(n)]
-    draws = torch.tensor(Sampler(torch.device("cpu"), seed=1)(logits.expand(n, -1).clone(), seqs).token_ids)
+    draws = torch.tensor(Sampler(torch.device("cpu"), seed=1)(logits.expand(n, -1).clone(), seqs).resolve().token_ids)
     counts = torch.bincount(draws, minlength=10).double() / n
     expected = _truncated_softmax(logits.double(), temperature, top_k if top_k > 0 else 10, top_p)
     # Tokens outside the truncation are never drawn; the rest match within 4 standard errors.

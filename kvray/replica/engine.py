@@ -147,8 +147,10 @@ class LLMEngine:
         if not out.scheduled:
             return []
         t0 = time.monotonic()
-        sample_seqs, result = self.runner.execute(out.scheduled)
-        self.scheduler.update_after_step(out)
+        sample_seqs, result = self.runner.execute(out.scheduled)  # launched, not awaited
+        self.scheduler.update_after_step(out)  # overlaps the GPU
+        if result is not None:
+            result.resolve()  # the step's one host-device sync
         now = time.monotonic()
         for i, seq in enumerate(sample_seqs):
             self._append_token(seq, result, i, now)

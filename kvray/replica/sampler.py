@@ -15,9 +15,27 @@ from kvray.replica.sequence import Sequence
 
 @dataclass
 class SampleResult:
-    token_ids: list[int]
-    logprobs: list[float] | None = None                 # per row (None if no row asked)
+    """Sampled tokens (and log-probs) per row. Fields may hold device tensors until
+    ``resolve()`` reads them back: that read is the step's one host-device sync, so the engine
+    does its other bookkeeping first."""
+
+    token_ids: list[int] | torch.Tensor
+    logprobs: list[float] | torch.Tensor | None = None
     top_logprobs: list[dict[int, float] | None] | None = None
+    _top: tuple | None = None  # (values, indices, per-row k) on the device, until resolved
+
+    def resolve(self) -> "SampleResult":
+        if isinstance(self.token_ids, torch.Tensor):
+            self.token_ids = self.token_ids.tolist()
+        if isinstance(self.logprobs, torch.Tensor):
+            self.logprobs = self.logprobs.tolist()
+        if self._top is not None:
+            values, indices, ks = self._top
+            values, indices = values.tolist(), indices.tolist()
+            self.top_logprobs = [{indices[r][j]: values[r][j] for j in range(k)} if k else None
+                                 for r, k in enumerate(ks)]
+            self._top = None
+        return self
 
 
 class Sampler:
@@ -41,23 +59,16 @@ class Sampler:
             tokens = logits.argmax(dim=-1)
         else:
             tokens = self._sample(logits, seqs)
-        want_lp = [p.logprobs is not None for p in params]
-        if not any(want_lp):
-            return SampleResult(tokens.tolist())
+        if not any(p.logprobs is not None for p in params):
+            return SampleResult(tokens)
         logp = torch.log_softmax(logits, dim=-1)
         chosen = logp.gather(1, tokens[:, None]).squeeze(1)
-        k = max((p.logprobs or 0) for p in params)
-        if k > 0:
-            top_v, top_i = logp.topk(k, dim=-1)
-            top_v, top_i = top_v.tolist(), top_i.tolist()
-        token_list, chosen_list = tokens.tolist(), chosen.tolist()
-        lps: list[float] = []
-        tops: list[dict[int, float] | None] = []
-        for r in range(n):
-            lps.append(chosen_list[r])
-            kr = params[r].logprobs or 0
-            tops.append({top_i[r][j]: top_v[r][j] for j in range(kr)} if kr else None)
-        return SampleResult(token_list, lps, tops)
+        ks = [p.logprobs or 0 for p in params]
+        top = None
+        if max(ks) > 0:
+            top_v, top_i = logp.topk(max(ks), dim=-1)
+            top = (top_v, top_i, ks)
+        return SampleResult(tokens, chosen, _top=top)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         params = [s.params for s in seqs]

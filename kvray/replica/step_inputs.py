@@ -51,14 +51,16 @@ class StepInputBuilder:
 
     def build(self, scheduled: list[tuple[Sequence, int]]) -> StepInputs:
         bs = self.block_size
-        tok, seqa, tables = self.n_tok, self.n_seq, self.n_tables
-        t = 0
+        tables = self.n_tables
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        qsl = [0]
+        lens: list[int] = []
         sample_rows: list[int] = []
         sample_seqs: list[Sequence] = []
-        max_blocks = 0
-        max_q = 0
-        decode = True
-        seqa[0, 0] = 0
+        max_blocks = max_q = 0
+        t = 0
         for i, (seq, n) in enumerate(scheduled):
             start = seq.num_computed_tokens
             end = start + n
@@ -68,34 +70,39 @@ class StepInputBuilder:
             if nb > max_blocks:
                 max_blocks = nb
             if n == 1:
-                tok[0, t] = seq.token_ids[start]
-                tok[1, t] = start
-                tok[2, t] = table[start // bs] * bs + start % bs
+                ids.append(seq.token_ids[start])
+                pos.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
             else:
-                decode = False
-                pos = np.arange(start, end)
-                tok[0, t:t + n] = seq.token_ids[start:end]
-                tok[1, t:t + n] = pos
-                tok[2, t:t + n] = tables[i, pos // bs].astype(np.int64) * bs + pos % bs
+                p = np.arange(start, end)
+                ids.extend(seq.token_ids[start:end])
+                pos.extend(range(start, end))
+                slots.extend((tables[i, p // bs].astype(np.int64) * bs + p % bs).tolist())
             if n > max_q:
                 max_q = n
             t += n
-            seqa[0, i + 1] = t
-            seqa[1, i] = end
+            qsl.append(t)
+            lens.append(end)
             if end == seq.num_tokens:
                 sample_rows.append(t - 1)
                 sample_seqs.append(seq)
         b = len(scheduled)
-        if self.on_cpu:  # no device copies: slice the host buffers (cloned: the next step reuses them)
+        tok, seqa = self.n_tok, self.n_seq
+        tok[0, :t] = ids
+        tok[1, :t] = pos
+        tok[2, :t] = slots
+        seqa[0, :b + 1] = qsl
+        seqa[1, :b] = lens
+        if self.on_cpu:  # no device copies: slices of the host buffers (cloned: the next step reuses them)
             d_tok, d_seq, d_tables = self.h_tok[:, :t].clone(), self.h_seq.clone(), self.h_tables[:b, :max_blocks].clone()
         else:
             self.d_tok[:, :t].copy_(self.h_tok[:, :t], non_blocking=True)
-            self.d_seq.copy_(self.h_seq, non_blocking=True)
+            self.d_seq[:, :b + 1].copy_(self.h_seq[:, :b + 1], non_blocking=True)
             self.d_tables[:b, :max_blocks].copy_(self.h_tables[:b, :max_blocks], non_blocking=True)
             d_tok, d_seq, d_tables = self.d_tok[:, :t], self.d_seq, self.d_tables[:b, :max_blocks]
         ctx = ForwardContext(slot_mapping=d_tok[2], block_tables=d_tables, query_start_loc=d_seq[0, :b + 1],
-                             seq_lens=d_seq[1, :b], max_query_len=max_q, max_seq_len=int(seqa[1, :b].max()))
-        return StepInputs(d_tok[0], d_tok[1], ctx, t, sample_rows, sample_seqs, decode)
+                             seq_lens=d_seq[1, :b], max_query_len=max_q, max_seq_len=max(lens))
+        return StepInputs(d_tok[0], d_tok[1], ctx, t, sample_rows, sample_seqs, max_q == 1)
 
 
 def _np_table(seq: Sequence) -> np.ndarray:

@@ -204,7 +204,8 @@ class Attention(nn.Module):
         ctx = get_forward_context()
         kernels.write_kv_cache(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
         o = kernels.paged_attention(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.query_start_loc,
-                                    ctx.seq_lens, self.scaling)
+                                    ctx.seq_lens, self.scaling, max_seq_len=ctx.max_seq_len or None,
+                                    max_query_len=ctx.max_query_len or None)
         return self.o_proj(o.reshape(-1, self.num_heads * self.head_dim))
 
     def extra_repr(self) -> str:

@@ -1,0 +1,61 @@
+"""Where a decode step's time goes: torch profiler over steady-state decode steps.
+
+  python benchmarks/profile_step.py [--preset qwen3-0.6b] [--batch 256] [--context 1024] [--enforce-eager]
+Prints the top CUDA kernels by total time and the step's wall time vs its GPU time.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from kvray import LLM, SamplingParams  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="qwen3-0.6b")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--enforce-eager", action="store_true")
+    args = ap.parse_args()
+    llm = LLM(f"kvray:{args.preset}", gpu_memory_utilization=0.9, enforce_eager=args.enforce_eager)
+    eng = llm.engine
+    rng = random.Random(0)
+    p = SamplingParams(temperature=0.0, max_tokens=10_000, ignore_eos=True)
+    for i in range(args.batch):
+        eng.add_sequence(eng.make_sequence(f"p{i}", [rng.randrange(1000) for _ in range(args.context)], p))
+    while any(s.is_prefill for s in eng.scheduler.running) or eng.scheduler.num_waiting:
+        eng.step()
+    for _ in range(5):
+        eng.step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        eng.step()
+    wall = (time.perf_counter() - t0) / args.steps
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            eng.step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_total = sum(e.self_device_time_total for e in events) / args.steps / 1e3
+    print(f"{args.preset} decode batch {args.batch} context ~{args.context}: wall {wall * 1e3:.3f} ms/step, "
+          f"GPU busy {gpu_total:.3f} ms/step ({'eager' if args.enforce_eager else 'CUDA graphs'})")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:15]:
+        print(f"  {e.self_device_time_total / args.steps / 1e3:8.3f} ms  x{e.count // args.steps:<4d} {e.key[:90]}")
+    prof_cpu = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
+    print("top CPU (self) per step:")
+    for e in prof_cpu:
+        print(f"  {e.self_cpu_time_total / args.steps / 1e3:8.3f} ms  {e.key[:90]}")
+
+
+if __name__ == "__main__":
+    main()
