@@ -275,6 +275,7 @@ def test_bad_input_errors_while_a_stream_runs(base):
 
 # ---- client disconnect ------------------------------------------------------------------------
 def test_dropped_streams_free_every_kv_block(base):
+    """16 SSE streams dropped after 3 chunks and 4 non-streaming requests timed out by the client."""
     aborted_before = _metric(base, "kvray_requests_total", status="499")
     engine_aborts_before = sum(r["stats"]["num_aborted_total"] for r in _replicas(base).values())
 
@@ -290,15 +291,23 @@ def test_dropped_streams_free_every_kv_block(base):
         resp.close()  # drop the connection mid-stream
         return n
 
+    async def give_up(session, i):  # a non-streaming request whose client times out
+        body = {"model": NAME, "prompt": f"request {i} will time out", "max_tokens": 480, "ignore_eos": True}
+        with pytest.raises(asyncio.TimeoutError):
+            await session.post(base + "/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=0.5))
+        return 3
+
     async def main():
-        sessions = [aiohttp.ClientSession() for _ in range(16)]
+        sessions = [aiohttp.ClientSession() for _ in range(20)]
         try:
-            return await asyncio.gather(*(drop(s, i) for i, s in enumerate(sessions)))
+            return await asyncio.gather(*(drop(s, i) for i, s in enumerate(sessions[:16])),
+                                        *(give_up(s, i) for i, s in enumerate(sessions[16:])))
         finally:
             for s in sessions:
                 await s.close()
 
-    assert all(n == 3 for n in asyncio.run(main()))
+    counts = asyncio.run(main())
+    assert all(n == 3 for n in counts), counts
     t_drop = time.time()
     deadline = t_drop + 30
     while True:
@@ -311,11 +320,11 @@ def test_dropped_streams_free_every_kv_block(base):
             break
         assert time.time() < deadline, f"KV blocks not freed after the disconnects: {stats}"
         time.sleep(0.25)
-    # every dropped stream was aborted in a replica (not run to its 480 tokens)
-    assert sum(s["num_aborted_total"] for s in stats) == engine_aborts_before + 16
+    # every dropped request was aborted in a replica (not run to its 480 tokens)
+    assert sum(s["num_aborted_total"] for s in stats) == engine_aborts_before + 20
     deadline = time.time() + 10
-    while _metric(base, "kvray_requests_total", status="499") < aborted_before + 16:
-        assert time.time() < deadline, "the router did not record the 16 disconnects"
+    while _metric(base, "kvray_requests_total", status="499") < aborted_before + 20:
+        assert time.time() < deadline, "the router did not record the 20 disconnects"
         time.sleep(0.2)
 
 

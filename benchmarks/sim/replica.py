@@ -77,15 +77,19 @@ class SimReplica:
         firsts: list[Sequence] = []
         done: list[Sequence] = []
         max_len = self.cfg.max_model_len
+        running = SequenceStatus.RUNNING
+        target = self.target_len
         for seq, _ in out.scheduled:
-            if seq.status is not SequenceStatus.RUNNING or seq.num_computed_tokens != seq.num_tokens:
+            toks = seq.token_ids
+            if seq.num_computed_tokens != len(toks) or seq.status is not running:
                 continue
-            seq.token_ids.append(0)
-            if seq.metrics.first_token_time is None:
-                seq.metrics.first_token_time = now
+            toks.append(0)
+            m = seq.metrics
+            if m.first_token_time is None:
+                m.first_token_time = now
                 firsts.append(seq)
-            n_out = seq.num_output_tokens
-            if n_out >= self.target_len[seq.request_id] or n_out >= seq.params.max_tokens or seq.num_tokens >= max_len:
+            n_out = len(toks) - seq.num_prompt_tokens
+            if n_out >= target[seq.request_id] or n_out >= seq.params.max_tokens or len(toks) >= max_len:
                 seq.metrics.finished_time = now
                 self.sched.finish(seq, "length")
                 del self.target_len[seq.request_id]

@@ -1,14 +1,25 @@
 """``LLMReplica``: one kvray engine per Serve replica (one per GPU).
 
-* ``generate`` streams token batches (a streaming DeploymentHandle call from the Router): each
-  item is a small dict ``{"ids", "lp", "top", "finish", "stop_reason", "cached"}``, or
-  ``{"error", "status"}`` as the only item when the engine refuses the request.
-* ``record_routing_stats`` is polled by the Serve controller and broadcast to the routers:
-  the engine's stats plus the replica's outstanding-token count and a wall-clock ``time``.
-* ``check_health`` raises once the engine loop died, so Serve replaces the replica.
-* Shutdown: Serve first drains in-flight calls (up to the deployment's
-  ``graceful_shutdown_timeout_s``); ``__del__`` then stops the engine, letting what is left
-  finish for up to ``graceful_shutdown_timeout_s`` of the app args before aborting it.
+Token streaming. Each request is one streaming handle call, ``generate``, that stays open
+while the request runs (so Serve's ongoing-request count, ``max_ongoing_requests``,
+autoscaling and cancellation all see real requests). Its tokens travel one of two ways:
+
+* ``channel=None``: in that call's own stream, one item per engine step;
+* ``channel=<id>`` (what the Router uses): through the caller's token channel, one streaming
+  ``channel(id)`` call per (Router process, replica) that carries every request's new tokens
+  of an engine step in one item. Ray Serve's cost per streamed item is far larger than the
+  per-token work, so at hundreds of streams this is what keeps the Router and the replica's
+  event loop from becoming the bottleneck. The request's own stream then carries only
+  ``{"replica": id}`` at the start and ``{"error", "status"}`` if the engine refuses it.
+
+A batch is ``{"ids", "lp", "top", "finish", "stop_reason", "cached"}``.
+
+Also: ``record_routing_stats`` (polled by the Serve controller and broadcast to the routers:
+the engine's stats plus the outstanding-token count and a wall-clock ``time``),
+``check_health`` (raises once the engine loop died, so Serve replaces the replica) and
+graceful shutdown (Serve drains in-flight calls for the deployment's
+``graceful_shutdown_timeout_s``; ``__del__`` then lets what is left finish for up to the
+app's ``graceful_shutdown_timeout_s`` before aborting it).
 """
 from __future__ import annotations
 
@@ -17,9 +28,13 @@ import logging
 import time
 
 from kvray.replica.sampling_params import SamplingParams
+from kvray.router.channels import merge_batches as _merge
 from kvray.router.hints import RoutingHint
 
 logger = logging.getLogger(__name__)
+
+CHANNEL_IDLE_CLOSE_S = 5.0  # a channel with no requests closes (so a draining replica can finish)
+ORPHAN_TIMEOUT_S = 60.0  # requests whose channel never (re)connects are aborted after this
 
 
 class _Active:
@@ -35,6 +50,23 @@ class _Active:
         return (0 if self.started else self.prompt) + max(0, self.decode_budget - self.generated)
 
 
+class _Outbox:
+    """Batches waiting for one caller's channel."""
+
+    def __init__(self):
+        self.items: list = []
+        self.event = asyncio.Event()
+        self.readers = 0
+        self.requests = 0
+        self.last_read = time.monotonic()
+
+    def push(self, request_id: str, batch: dict) -> None:
+        if not self.readers and time.monotonic() - self.last_read > ORPHAN_TIMEOUT_S:
+            raise RuntimeError("no token channel has read this request's output for too long")
+        self.items.append((request_id, batch))
+        self.event.set()
+
+
 class LLMReplica:
     def __init__(self, model: str, engine_options: dict | None = None, shutdown_timeout_s: float = 30.0,
                  stream_interval_ms: float = 0.0):
@@ -45,8 +77,9 @@ class LLMReplica:
         self._shutdown_timeout_s = shutdown_timeout_s
         self._interval_s = max(0.0, stream_interval_ms) / 1000.0
         self._active: dict[str, _Active] = {}
+        self._outboxes: dict[str, _Outbox] = {}
         self._num_requests = 0
-        self._num_aborted = 0  # streams that ended before the engine finished them (caller gone)
+        self._num_aborted = 0  # requests that ended before the engine finished them (caller gone)
         try:
             from ray import serve
             self._replica_id = serve.get_replica_context().replica_id.unique_id
@@ -61,8 +94,30 @@ class LLMReplica:
                 "vocab_size": getattr(self.engine.engine, "vocab_size", len(tok)),
                 "replica_id": self._replica_id}
 
+    # ---- requests ------------------------------------------------------------------------------
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       hint: RoutingHint | None = None):
+                       hint: RoutingHint | None = None, channel: str | None = None):
+        box = None
+        if channel is not None:
+            box = self._outboxes.get(channel)
+            if box is None:
+                box = self._outboxes[channel] = _Outbox()
+            box.requests += 1
+            yield {"replica": self._replica_id}
+        batches = self._batches(request_id, prompt_token_ids, params, hint)
+        try:
+            async for batch in batches:
+                if box is None or "error" in batch:
+                    yield batch
+                else:
+                    box.push(request_id, batch)
+        finally:
+            await batches.aclose()  # aborts the request unless it finished
+            if box is not None:
+                box.requests -= 1
+                box.event.set()  # let an idle channel notice
+
+    async def _batches(self, request_id, prompt_token_ids, params, hint):
         budget = hint.decode_estimate if hint is not None else params.max_tokens
         active = _Active(len(prompt_token_ids), budget)
         self._active[request_id] = active
@@ -90,11 +145,11 @@ class LLMReplica:
                 if pending is not None:
                     batch = _merge(pending, batch)
                     pending = None
-                now = time.monotonic()
                 if out.finished:
                     finished = True
                     yield batch
                     return
+                now = time.monotonic()
                 if self._interval_s and last_yield and now - last_yield < self._interval_s:
                     pending = batch
                 else:
@@ -112,6 +167,40 @@ class LLMReplica:
                 except Exception:  # pragma: no cover
                     pass
 
+    async def channel(self, channel: str, hint: RoutingHint | None = None):
+        """One caller's token channel: yields lists of ``(request_id, batch)``, one list per wake-up.
+
+        Ends by itself after ``CHANNEL_IDLE_CLOSE_S`` without requests of this caller (the
+        caller reopens it on demand), so a draining replica is not held open by it.
+        """
+        box = self._outboxes.get(channel)
+        if box is None:
+            box = self._outboxes[channel] = _Outbox()
+        box.readers += 1
+        try:
+            yield {"hello": self._replica_id}
+            while True:
+                if not box.items:
+                    if box.requests == 0:
+                        try:
+                            await asyncio.wait_for(box.event.wait(), CHANNEL_IDLE_CLOSE_S)
+                        except asyncio.TimeoutError:
+                            if box.requests == 0 and not box.items:
+                                return
+                    else:
+                        await box.event.wait()
+                box.event.clear()
+                if box.items:
+                    items, box.items = box.items, []
+                    box.last_read = time.monotonic()
+                    yield items
+        finally:
+            box.readers -= 1
+            box.last_read = time.monotonic()
+            if box.readers == 0 and box.requests == 0 and not box.items:
+                self._outboxes.pop(channel, None)
+
+    # ---- stats, health, shutdown ---------------------------------------------------------------
     def record_routing_stats(self) -> dict:
         stats = self.engine.stats()
         stats["time"] = time.time()
@@ -119,6 +208,7 @@ class LLMReplica:
         stats["num_active_requests"] = len(self._active)
         stats["num_requests_total"] = self._num_requests
         stats["num_aborted_total"] = self._num_aborted
+        stats["num_channels"] = sum(1 for b in self._outboxes.values() if b.readers)
         stats["healthy"] = self.engine.is_alive()
         stats["max_model_len"] = self.engine.max_model_len
         stats["replica_id"] = self._replica_id
@@ -150,11 +240,3 @@ def _batch(out) -> dict:
             "stop_reason": out.stop_reason if out.finished else None, "cached": out.num_cached_tokens}
 
 
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(b)
-    out["ids"] = a["ids"] + b["ids"]
-    if a["lp"] is not None and b["lp"] is not None:
-        out["lp"] = a["lp"] + b["lp"]
-    if a["top"] is not None and b["top"] is not None:
-        out["top"] = a["top"] + b["top"]
-    return out

@@ -110,18 +110,21 @@ class DeadlinePolicy(SchedulingPolicy):
         limit = math.inf
         num_decodes = 0
         context = 0
+        horizon = self.bank_horizon
         for s in running:
-            n_out = s.num_output_tokens
-            if n_out == 0 or s.is_prefill:
-                continue
+            n_tok = len(s.token_ids)
+            n_out = n_tok - s.num_prompt_tokens
+            if n_out <= 0 or n_tok - s.num_computed_tokens > 1:
+                continue  # still prefilling (or recomputing)
             num_decodes += 1
-            context += s.num_tokens
-            tpot_ms = s.params.tpot_ms
+            context += n_tok
+            p = s.params
+            tpot_ms = p.tpot_ms
             t1 = s.metrics.first_token_time
             if not tpot_ms or t1 is None:
                 continue
             target = tpot_ms / 1000.0
-            left = max(1, min(self.bank_horizon, s.params.max_tokens - n_out))
+            left = max(1, min(horizon, p.max_tokens - n_out))
             bank = target * (n_out - 1) - (now - t1)
             allowed = target + bank / left
             if allowed < limit:

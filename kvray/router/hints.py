@@ -23,6 +23,9 @@ class RoutingHint:
     tpot_ms: float | None = None
     priority: float = 1.0
     arrival_time: float = 0.0  # wall clock (time.time()) when the router received the request
+    # Route to exactly this replica (unique id) and leave it out of the load accounting: the
+    # router's per-replica token channels use it. None: the policy chooses.
+    pin_replica: str | None = None
 
     def cost(self, cached_blocks: int = 0) -> int:
         """Outstanding tokens this request adds to a replica where ``cached_blocks`` prefix blocks hit."""

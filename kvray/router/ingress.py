@@ -25,6 +25,8 @@ from kvray.platform.config import AppArgs, parse_args
 from kvray.platform.metrics import ServingMetrics
 from kvray.platform.protocol import error_body, models_list
 from kvray.router import registry
+from kvray.router.channels import ChannelRequestStream, DirectRequestStream, TokenChannels
+from kvray.router.hints import RoutingHint
 from kvray.router.openai_serving import ModelInfo, OpenAIServing
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,7 @@ class Router:
         self._policy_key = (app_name, llm.deployment_name)
         self.metrics = ServingMetrics(self.args.served_model_name, self._book.snapshot)
         self.serving: OpenAIServing | None = None
+        self._channels: TokenChannels | None = None
         self._ready_lock: asyncio.Lock | None = None
         self._started = time.time()
 
@@ -85,7 +88,17 @@ class Router:
         return self.serving
 
     def _submit(self, request_id, prompt_token_ids, params, hint):
-        return self._stream.generate.remote(request_id, prompt_token_ids, params, hint=hint)
+        if not self.args.router.token_channels:
+            return DirectRequestStream(self._stream.generate.remote(request_id, prompt_token_ids, params, hint=hint))
+        if self._channels is None:
+            self._channels = TokenChannels(self._open_channel)
+        call = self._stream.generate.remote(request_id, prompt_token_ids, params, hint=hint,
+                                            channel=self._channels.channel_id)
+        return ChannelRequestStream(self._channels, request_id, call)
+
+    def _open_channel(self, replica_id: str, channel_id: str):
+        pin = RoutingHint(request_id=channel_id, num_prompt_tokens=0, decode_estimate=0, pin_replica=replica_id)
+        return self._stream.channel.remote(channel_id, hint=pin)
 
     def _admit(self, hint):
         policy = registry.get_policy(*self._policy_key)

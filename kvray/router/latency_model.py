@@ -122,7 +122,6 @@ class StepTimeModel:
         self.fixed = fixed
         self._ata = [[0.0] * 4 for _ in range(4)]
         self._aty = [0.0] * 4
-        self._wsum = 0.0
         self.num_samples = 0
         self._last_t_end = -math.inf
         self._coeffs: StepCoeffs | None = prior
@@ -143,7 +142,6 @@ class StepTimeModel:
             for j in range(4):
                 row[j] = lam * row[j] + wzi * z[j]
             aty[i] = lam * aty[i] + wzi * duration_s
-        self._wsum = lam * self._wsum + weight
         self.num_samples += 1
         self._coeffs = None
 
@@ -281,7 +279,7 @@ class ReplicaView:
       ``on_complete(request_id, now, num_output_tokens)`` when it ends (any reason).
     * Estimates (``num_requests``, ``queued_prefill_tokens``, ``num_decoding``,
       ``context_tokens``, ``free_blocks``, ``min_tpot_s()``, ``prefill_ahead_of()``,
-      ``prefill_rate()``, ``prefix_hit_blocks()``) combine the snapshot with those deltas and
+      ``prefill_rates()``, ``prefix_hit_blocks()``) combine the snapshot with those deltas and
       the router's own in-flight requests; each costs O(classes), not O(requests).
     """
 
@@ -306,11 +304,10 @@ class ReplicaView:
     def update_stats(self, stats: dict, taken_at: float) -> None:
         self.stats = stats
         self.stats_time = taken_at
-        ev, delta = self._events, self._delta
+        ev = self._events
         while ev and ev[0][0] <= taken_at:
             _, *d = ev.popleft()
-            for i in range(4):
-                delta[i] -= d[i]
+            self._delta[:] = [x - y for x, y in zip(self._delta, d)]
         self.max_num_batched_tokens = int(stats.get("max_num_batched_tokens", self.max_num_batched_tokens))
         self.scheduler = str(stats.get("scheduling_policy", self.scheduler))
         total = stats.get("num_total_blocks")
@@ -319,13 +316,9 @@ class ReplicaView:
         if stats.get("step_times"):
             self.model.observe_records(stats["step_times"])
 
-    def _event(self, now: float, d_req: int, d_prefill: int, d_dec: int, d_tok: int) -> None:
-        self._events.append((now, d_req, d_prefill, d_dec, d_tok))
-        delta = self._delta
-        delta[0] += d_req
-        delta[1] += d_prefill
-        delta[2] += d_dec
-        delta[3] += d_tok
+    def _event(self, now: float, *d: int) -> None:  # d = (requests, prefill tokens, decoding, tokens)
+        self._events.append((now, *d))
+        self._delta[:] = [x + y for x, y in zip(self._delta, d)]
 
     def on_dispatch(self, request_id: str, prompt_tokens: int, max_tokens: int, block_hashes=(), now: float = 0.0,
                     *, cached_tokens: int = 0, deadline: float | None = None, tpot_s: float | None = None,
@@ -365,10 +358,8 @@ class ReplicaView:
         if r is None:
             return
         if r.tpot_s:
-            n = self._tpots[r.tpot_s] - 1
-            if n:
-                self._tpots[r.tpot_s] = n
-            else:
+            self._tpots[r.tpot_s] -= 1
+            if not self._tpots[r.tpot_s]:
                 del self._tpots[r.tpot_s]
         if r.first_token_at is None:  # ended before its first token (abort/error)
             self._pending[r.priority].remove(r)
@@ -421,13 +412,17 @@ class ReplicaView:
         vals = list(self._tpots) + ([hint / 1000.0] if hint else [])
         return min(vals) if vals else None
 
-    def prefill_rate(self, now: float, above: float | None = None) -> float:
-        """Prompt tokens per second recently sent here (only by classes with priority above
-        ``above`` when given: those a deadline-ordered replica serves first even when they
-        arrive later)."""
+    def prefill_rates(self, now: float, priority: float) -> tuple[float, float]:
+        """Prompt tokens per second recently sent here: (by every class, by classes above
+        ``priority`` -- which a deadline-ordered replica serves first even when they arrive later)."""
         w = self.rate_window_s
-        return sum(r * math.exp(-max(0.0, now - t) / w) for p, (r, t) in self._rates.items()
-                   if above is None or p > above)
+        total = above = 0.0
+        for p, (r, t) in self._rates.items():
+            x = r * math.exp(-(now - t) / w) if now > t else r
+            total += x
+            if p > priority:
+                above += x
+        return total, above
 
     def prefill_ahead_of(self, deadline: float | None, priority: float, now: float) -> int:
         """Queued prompt tokens the replica would process before a new request with this TTFT

@@ -26,7 +26,7 @@ from kvray.replica.block_hash import prefix_block_hashes
 from kvray.replica.sampling_params import SamplingParams
 from kvray.router.hints import RoutingHint
 from kvray.router.slo import SLOError, SLOTarget, resolve_slo
-from kvray.router.text_stream import TextStream, TokenStrings, chat_logprobs, completion_logprobs
+from kvray.router.text_stream import FastDecoder, TextStream, TokenStrings, chat_logprobs, completion_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class _Run:
 
     def __init__(self, p: _Prepared, serving: "OpenAIServing"):
         self.p = p
-        self.text = TextStream(serving.info.tokenizer, p.prompt_ids, p.params.stop_strings)
+        self.text = TextStream(serving.decoder, p.prompt_ids, p.params.stop_strings)
         self.strings = serving.strings
         self.num_generated = 0
         self.cached = 0
@@ -121,7 +121,7 @@ class _Run:
 class OpenAIServing:
     def __init__(self, *, info: ModelInfo, model_names: list[str], slo_classes: dict[str, SLOTarget],
                  default_slo_class: str, decode_estimate_cap: int,
-                 submit: Callable[[str, list[int], SamplingParams, RoutingHint], Any],
+                 submit: Callable[[str, list[int], SamplingParams, RoutingHint], Any],  # -> a RequestStream
                  metrics: ServingMetrics, admit: Callable[[RoutingHint], tuple[bool, float | None]] | None = None):
         self.info = info
         self.model_names = model_names
@@ -131,7 +131,8 @@ class OpenAIServing:
         self.submit = submit
         self.metrics = metrics
         self.admit = admit
-        self.strings = TokenStrings(info.tokenizer)
+        self.decoder = FastDecoder.wrap(info.tokenizer)
+        self.strings = TokenStrings(self.decoder)
 
     # ---- entry point -------------------------------------------------------------------------
     async def handle(self, kind: str, body: bytes, headers) -> Response:
@@ -150,17 +151,18 @@ class OpenAIServing:
             first = await stream.__anext__()
             first_out = run.add(first)
         except APIError as e:
-            self._cancel(stream)
+            stream.close(abort=True)
             self.metrics.request_done(endpoint=kind, status=e.status, slo_class=slo_label)
             return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
         except StopAsyncIteration:
+            stream.close(abort=True)
             return self._fail(kind, slo_label, APIError(500, "the replica ended the stream without output"))
         except asyncio.CancelledError:
-            self._cancel(stream)
+            stream.close(abort=True)
             self.metrics.request_done(endpoint=kind, status=499, slo_class=slo_label)
             raise
         except Exception as e:  # replica died, engine error...
-            self._cancel(stream)
+            stream.close(abort=True)
             logger.exception("request %s failed", p.rid)
             return self._fail(kind, slo_label, APIError(503, f"the model replica failed: {type(e).__name__}"))
         if p.req.stream:
@@ -171,13 +173,6 @@ class OpenAIServing:
     def _fail(self, kind: str, slo_label: str, e: APIError) -> Response:
         self.metrics.request_done(endpoint=kind, status=e.status, slo_class=slo_label)
         return JSONResponse(e.body(), status_code=e.status)
-
-    @staticmethod
-    def _cancel(stream) -> None:
-        try:
-            stream.cancel()
-        except Exception:  # pragma: no cover
-            pass
 
     # ---- request preparation -----------------------------------------------------------------
     def _prepare(self, kind: str, body: bytes, headers, t0: float) -> _Prepared:
@@ -299,23 +294,22 @@ class OpenAIServing:
                 if lp is not None:
                     lps.append(lp)
         except asyncio.CancelledError:
-            self._cancel(stream)
+            stream.close(abort=True)
             self._done(run, 499)
             raise
         except StopAsyncIteration:
             run.finish_reason = run.finish_reason or "abort"
         except APIError as e:
-            self._cancel(stream)
+            stream.close(abort=True)
             self._done(run, e.status)
             return JSONResponse(e.body(), status_code=e.status)
         except Exception as e:
-            self._cancel(stream)
+            stream.close(abort=True)
             logger.exception("request %s failed", p.rid)
             self._done(run, 503)
             err = APIError(503, f"the model replica failed: {type(e).__name__}")
             return JSONResponse(err.body(), status_code=503)
-        if not run.engine_finished:
-            self._cancel(stream)  # the router saw a stop string first: stop the engine too
+        stream.close(abort=not run.engine_finished)  # not finished: a stop string seen here first
         logprobs = _merge_logprobs(p.kind, lps) if p.params.logprobs is not None else None
         created = int(time.time())
         name = p.req.model or self.model_names[0]
@@ -372,8 +366,8 @@ class OpenAIServing:
             yield _sse(APIError(503, f"the model replica failed: {type(e).__name__}").body())
             yield _DONE
         finally:
-            if not run.engine_finished:  # client gone, error, or a stop string seen first here
-                self._cancel(stream)
+            # not finished there: the client is gone, an error, or a stop string seen here first
+            stream.close(abort=not run.engine_finished)
             self._done(run, status)
 
 

@@ -59,9 +59,14 @@ class KVRayRequestRouter(RequestRouter):
             return []
         if pending_request is None:
             return [candidate_replicas]
+        # every rank names all live replicas: when none accepts, wait (backoff) before asking again
+        pending_request.routing_context.should_backoff = True
         book = self._book()
         hint = hint_from_call(pending_request.args, pending_request.kwargs)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        if hint is not None and hint.pin_replica is not None:
+            r = by_id.get(hint.pin_replica)
+            return [[r]] if r is not None else []
         order = self._kvray_policy.rank(hint, book.views(list(by_id), hint))
         ranks = [[by_id[rid]] for rid in order if rid in by_id]
         return ranks or [candidate_replicas]
@@ -69,6 +74,8 @@ class KVRayRequestRouter(RequestRouter):
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: ReplicaResult) -> None:
         hint = hint_from_call(pending_request.args, pending_request.kwargs)
+        if hint is not None and hint.pin_replica is not None:
+            return  # a token channel, not a request: no load of its own
         self._book().on_dispatch(pending_request.metadata.internal_request_id, replica_id.unique_id, hint)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:

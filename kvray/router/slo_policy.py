@@ -101,13 +101,13 @@ class _Estimate:
     tpot_s: float
     tpot_ok: bool
     room: bool
-    idle_ttft_s: float
+    uncached: int
 
 
 class SLOAwarePolicy:
     def __init__(self, mode: str = "pack", *, ttft_margin: float = 0.85, tpot_margin: float = 0.95,
                  min_prefix_blocks: int = 1, recheck_interval_s: float = 0.05, min_prefill_tokens: int = 128,
-                 pack_wait_s: float = 0.1, class_affinity: bool = True):
+                 pack_wait_s: float = 0.1, max_candidates: int | None = 16):
         if mode not in ("pack", "spread"):
             raise ValueError("mode must be 'pack' or 'spread'")
         self.mode = mode
@@ -117,54 +117,79 @@ class SLOAwarePolicy:
         self.recheck_interval_s = recheck_interval_s
         self.min_prefill_tokens = min_prefill_tokens
         self.pack_wait_s = pack_wait_s
-        self.class_affinity = class_affinity
+        self.max_candidates = max_candidates
 
     # ---- predictions -----------------------------------------------------------------------
     def estimate(self, req: RouteRequest, v: ReplicaView, now: float) -> _Estimate:
-        bs = int(v.stats.get("block_size", 16))
+        stats = v.stats
+        bs = stats.get("block_size", 16)
         hit = min(v.prefix_hit_blocks(req.block_hashes), max(0, (req.prompt_tokens - 1) // bs))
         cached = hit * bs
         uncached = req.prompt_tokens - cached
-        model = v.model
+        m = v.model.coeffs
         decodes = v.num_decoding
         ctx = v.context_tokens
         fcfs = v.scheduler == "fcfs"
-        targets = [t for t in (v.min_tpot_s(), req.slo.tpot_s) if t]
-        tpot_target = min(targets) if targets else None
-        guard = tpot_target * self.tpot_margin if tpot_target and not fcfs else None
-        max_chunk = v.max_num_batched_tokens
-        chunk = tpot_safe_chunk(model, decodes + 1, ctx + req.prompt_tokens, guard, max_chunk, self.min_prefill_tokens)
-        per_tok = model.predict(decodes + chunk, ctx + chunk, decodes + 1) / chunk
+        own, there = req.slo.tpot_s, v.min_tpot_s()
+        target = own if there is None else (there if own is None else min(own, there))
+        guard = target * self.tpot_margin if target and not fcfs else None
+        chunk = tpot_safe_chunk(m, decodes + 1, ctx + req.prompt_tokens, guard, v.max_num_batched_tokens,
+                                self.min_prefill_tokens)
+        per_tok = m.predict(decodes + chunk, ctx + chunk, decodes + 1) / chunk
+        rate_all, rate_above = v.prefill_rates(now, req.slo.priority)
         # TTFT: the queued work ahead plus the own prompt, slowed down by the share of the
         # prefill capacity that later, higher-priority arrivals take (deadline replicas).
         ahead = v.prefill_ahead_of(req.deadline, req.slo.priority, now)
-        ttft = predict_ttft_s(model, ahead, uncached, decodes, ctx, chunk)
+        ttft = predict_ttft_s(m, ahead, uncached, decodes, ctx, chunk)
         if not fcfs:
-            rho_hp = min(0.8, v.prefill_rate(now, above=req.slo.priority) * per_tok)
-            ttft /= 1.0 - rho_hp
+            ttft /= 1.0 - min(0.8, rate_above * per_tok)
         # TPOT: a decode step with the request added, stretched by the replica's prefill share;
         # a deadline replica keeps each step within the guard as long as decodes alone fit.
-        decode = predict_tpot_s(model, decodes + 1, ctx + req.prompt_tokens, 0)
-        rho = min(0.95, (v.prefill_rate(now) + v.queued_prefill_tokens / max(1.0, v.rate_window_s)) * per_tok)
+        decode = predict_tpot_s(m, decodes + 1, ctx + req.prompt_tokens, 0)
+        rho = min(0.95, (rate_all + v.queued_prefill_tokens / v.rate_window_s) * per_tok)
         tpot = decode / (1.0 - rho)
         if guard is not None:
             tpot = min(tpot, max(decode, guard))
-        tpot_ok = tpot_target is None or tpot <= tpot_target
         room = v.num_requests < v.max_num_seqs
         free = v.free_blocks
         if free is not None:
             room = room and free >= -(-(uncached + req.max_tokens) // bs)
-        idle = predict_ttft_s(model, 0, uncached, 0, 0, max_chunk)
-        return _Estimate(v, hit, cached, ttft, tpot, tpot_ok, room, idle)
+        return _Estimate(v, hit, cached, ttft, tpot, target is None or tpot <= target, room, uncached)
 
     def _feasible(self, req: RouteRequest, e: _Estimate, now: float) -> bool:
         return e.tpot_ok and e.room and (now - req.arrival_time) + e.ttft_s <= self.ttft_margin * req.slo.ttft_s
+
+    @staticmethod
+    def _idle_ttft(e: _Estimate) -> float:
+        """The request's TTFT on this replica if it were idle (its own prefill only)."""
+        return predict_ttft_s(e.view.model.coeffs, 0, e.uncached, 0, 0, e.view.max_num_batched_tokens)
+
+    def _candidates(self, req: RouteRequest, replicas: list[ReplicaView]) -> list[ReplicaView]:
+        """At most ``max_candidates`` replicas to estimate in full, picked by cheap keys: the
+        shortest prefill queues (likely feasible), the longest prefix hits, the busiest
+        (packing targets). Keeps a decision O(max_candidates) predictions for large pools."""
+        n = self.max_candidates
+        if not n or len(replicas) <= n:
+            return replicas
+        by_queue = sorted(replicas, key=lambda v: v.queued_prefill_tokens)
+        picked = by_queue[:n // 2]
+        if req.block_hashes:
+            hits = sorted(((v.prefix_hit_blocks(req.block_hashes), i) for i, v in enumerate(replicas)), reverse=True)
+            picked += [replicas[i] for h, i in hits[:n // 4] if h > 0]
+        picked += sorted(replicas, key=lambda v: v.outstanding_tokens, reverse=True)[:n // 4]
+        out = list({id(v): v for v in picked}.values())
+        for v in by_queue[n // 2:]:
+            if len(out) >= n:
+                break
+            if all(v is not w for w in out):
+                out.append(v)
+        return out
 
     # ---- the choice ------------------------------------------------------------------------
     def choose(self, req: RouteRequest, replicas: list[ReplicaView], now: float) -> Decision:
         if not replicas:
             return Decision(REJECT, retry_after_s=min(1.0, req.slo.ttft_s), reason="no replicas")
-        ests = [self.estimate(req, v, now) for v in replicas]
+        ests = [self.estimate(req, v, now) for v in self._candidates(req, replicas)]
         feasible = [e for e in ests if self._feasible(req, e, now)]
         if feasible:
             best_hit = max(e.hit_blocks for e in feasible)
@@ -174,43 +199,15 @@ class SLOAwarePolicy:
         return self._infeasible(req, ests, now)
 
     def _pick(self, req: RouteRequest, feasible: list[_Estimate]) -> tuple[_Estimate, str]:
-        """Among feasible replicas: "home" ones first (running the request's TPOT class, or no
-        TPOT-bound work), then "guests" (a tighter class runs there: fine for this request),
-        then "intruder" ones (only looser classes run there: this request would cap their step
-        size for its whole decode). Within a tier: pack onto the busiest replica where the
-        request starts at once; when none is ready, the least predicted TTFT (work-conserving).
-        A ready guest beats a home replica with a queue. ``class_affinity=False``: one tier."""
-        ready = lambda es: [e for e in es if e.ttft_s <= e.idle_ttft_s + self.pack_wait_s]  # noqa: E731
-        busiest = lambda es: max(es, key=lambda e: (e.view.outstanding_tokens, -e.ttft_s))  # noqa: E731
-        quickest = lambda es: min(es, key=lambda e: (e.ttft_s, e.view.outstanding_tokens))  # noqa: E731
-        if self.mode == "spread":
-            return quickest(feasible), "spread: least predicted TTFT"
-        if not self.class_affinity:
-            tiers = [feasible]
-        else:
-            groups = [self._group(req, e) for e in feasible]
-            tiers = [[e for e, g in zip(feasible, groups) if g in gs] for gs in ((0, 1), (2,), (3,))]
-            tiers = [t for t in tiers if t]
-        first = tiers[0]
-        r = ready(first)
-        if r:
-            return busiest(r), "packed"
-        for t in tiers[1:]:
-            r = ready(t)
-            if r:
-                return busiest(r), "packed (other class)"
-        return quickest(first), "least predicted TTFT"
-
-    @staticmethod
-    def _group(req: RouteRequest, e: _Estimate) -> int:
-        """0: the replica already runs this TPOT class; 1: it runs nothing with a target;
-        2: it runs a tighter class; 3: it runs only looser classes (this request would cap them)."""
-        own, there = req.slo.tpot_s, e.view.min_tpot_s()
-        if there is None or own is None:
-            return 1
-        if abs(there - own) < 1e-9:
-            return 0
-        return 2 if there < own else 3
+        """``pack``: the busiest replica where the request starts at once (predicted TTFT within
+        ``pack_wait_s`` of an idle replica's), so idle replicas can be released; when none is
+        ready, the least predicted TTFT (never leave a replica idle while others queue).
+        ``spread``: always the least predicted TTFT."""
+        if self.mode == "pack":
+            ready = [e for e in feasible if e.ttft_s <= self._idle_ttft(e) + self.pack_wait_s]
+            if ready:
+                return max(ready, key=lambda e: (e.view.outstanding_tokens, -e.ttft_s)), "packed"
+        return min(feasible, key=lambda e: (e.ttft_s, e.view.outstanding_tokens)), "least predicted TTFT"
 
     def _dispatch(self, e: _Estimate, reason: str) -> Decision:
         return Decision(DISPATCH, e.view.replica_id, cached_tokens=e.cached_tokens, predicted_ttft_s=e.ttft_s,
@@ -227,8 +224,7 @@ class SLOAwarePolicy:
             return self._dispatch(best, "best effort: no replica meets the SLO")
         if slo.on_infeasible == "queue":
             # The last moment a dispatch could still meet the deadline: an idle replica's TTFT.
-            v = best.view
-            idle = predict_ttft_s(v.model, 0, req.prompt_tokens - best.cached_tokens, 0, 0, v.max_num_batched_tokens)
+            idle = self._idle_ttft(best)
             last = req.arrival_time + self.ttft_margin * slo.ttft_s - idle
             if now + 1e-9 < last:
                 recheck = min(now + max(self.recheck_interval_s, 0.1 * (last - now)), last)
