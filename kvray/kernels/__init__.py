@@ -25,8 +25,8 @@ import torch
 from kvray.kernels import reference
 from kvray.kernels._checks import check_paged_attention, check_write_kv_cache
 
-__all__ = ["paged_attention", "write_kv_cache", "set_attention_backend", "get_attention_backend",
-           "reference", "triton_impl"]
+__all__ = ["paged_attention", "write_kv_cache", "rms_norm", "qk_norm_rope", "silu_and_mul",
+           "set_attention_backend", "get_attention_backend", "reference", "triton_impl"]
 
 BACKENDS = ("auto", "triton", "reference")
 ENV_BACKEND = "KVRAY_ATTENTION_BACKEND"
@@ -88,7 +88,8 @@ def triton_impl(interpret: bool = False) -> types.SimpleNamespace:
         os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
         try:
             impl = types.SimpleNamespace(attention=_load("triton_attention", interpret),
-                                         cache=_load("triton_cache", interpret))
+                                         cache=_load("triton_cache", interpret),
+                                         fused=_load("triton_fused", interpret))
         finally:
             if prev is None:
                 os.environ.pop("TRITON_INTERPRET", None)
@@ -134,3 +135,31 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return triton_impl(interpret).attention.paged_attention_triton(
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, softmax_scale, out,
         max_seq_len=max_seq_len, max_query_len=max_query_len)
+
+
+# ---- fused per-token ops of the decoder (same routing as the attention kernels) ----------------
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """RMSNorm of x's last axis; with ``residual``, ``residual += x`` (in place) first and
+    ``(normed, residual)`` is returned."""
+    use_triton, interpret = _route(x.device)
+    if not use_triton:
+        return reference.rms_norm(x, weight, eps, residual)
+    return triton_impl(interpret).fused.rms_norm_triton(x, weight, eps, residual)
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                 q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
+                 eps: float = 1e-6) -> None:
+    """In place: optional per-head RMSNorm of q [T, H, d] / k [T, KVH, d], then full-head rotary embedding."""
+    use_triton, interpret = _route(q.device)
+    if not use_triton or q.shape[-1] % 2 or q.shape[-1] & (q.shape[-1] - 1):
+        return reference.qk_norm_rope(q, k, positions, inv_freq, q_weight, k_weight, eps)
+    triton_impl(interpret).fused.qk_norm_rope_triton(q, k, positions, inv_freq, q_weight, k_weight, eps)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    use_triton, interpret = _route(x.device)
+    if not use_triton:
+        return reference.silu_and_mul(x)
+    return triton_impl(interpret).fused.silu_and_mul_triton(x)

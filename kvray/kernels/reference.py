@@ -66,3 +66,35 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         o = torch.einsum("hls,shd->lhd", probs, v)
         out[q_start:q_end] = o.to(out.dtype)
     return out
+
+
+# ---- the decoder's small fused ops (see kvray.kernels.triton_fused) ---------------------------
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """``weight * norm(x)`` (normalised in float32, cast back, then scaled). With ``residual``:
+    ``residual += x`` first (in place) and ``(norm(residual), residual)`` is returned."""
+    if residual is not None:
+        residual.add_(x)
+        x = residual
+    xf = x.float()
+    y = weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return (y, residual) if residual is not None else y
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                 q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float) -> None:
+    """In place on q [T, H, d] and k [T, KVH, d]: optional per-head RMSNorm, then rotate-half
+    rotary embedding over the full head dim at ``positions`` (inverse frequencies in float32)."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    cos, sin = freqs.cos(), freqs.sin()
+    for x, w in ((q, q_weight), (k, k_weight)):
+        y = rms_norm(x, w, eps) if w is not None else x
+        c, s = cos.to(x.dtype)[:, None, :], sin.to(x.dtype)[:, None, :]
+        y1, y2 = y.chunk(2, dim=-1)
+        x.copy_(torch.cat((y1 * c - y2 * s, y2 * c + y1 * s), dim=-1))
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(x[:, :I]) * x[:, I:]`` for x [N, 2I]."""
+    g, u = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(g) * u

@@ -36,6 +36,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.model, self.hf_config = load_model(model_path, dtype, device)
         self.model.eval()
+        self.model.fuse_projections()
         self.layers = self.model.attention_layers()
         self.sampler = Sampler(device, seed=config.seed)
         self.kv_cache: torch.Tensor | None = None

@@ -60,11 +60,9 @@ class RMSNorm(nn.Module):
         self.eps = float(eps)
         self.weight = _empty(dim, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        in_dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(in_dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """``norm(x)``; with ``residual``: ``residual += x`` in place, returns ``(norm(residual), residual)``."""
+        return kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
 # ----------------------------------------------------------------------------- rotary embedding
@@ -158,7 +156,21 @@ class GatedMLP(nn.Module):
         self.up_proj = Linear(hidden, intermediate, bias, dtype, device)
         self.down_proj = Linear(intermediate, hidden, bias, dtype, device)
 
+        self.gate_up_proj: Linear | None = None
+
+    def fuse(self) -> None:
+        """Replace gate_proj/up_proj by one [2I, H] projection (one matmul instead of two)."""
+        g, u = self.gate_proj, self.up_proj
+        fused = Linear(g.in_features, 2 * g.out_features, g.bias is not None, g.weight.dtype, g.weight.device)
+        fused.weight.data = torch.cat([g.weight.data, u.weight.data])
+        if g.bias is not None:
+            fused.bias.data = torch.cat([g.bias.data, u.bias.data])
+        self.gate_up_proj = fused
+        del self.gate_proj, self.up_proj
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -189,16 +201,36 @@ class Attention(nn.Module):
         self.rotary_dim = rotary_dim
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        self.qkv_proj: Linear | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        q = self.q_proj(x).view(-1, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(-1, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
-        q = apply_rotary(q, cos, sin, self.rotary_dim)
-        k = apply_rotary(k, cos, sin, self.rotary_dim)
+    def fuse(self) -> None:
+        """Replace q/k/v_proj by one qkv projection (one matmul instead of three)."""
+        parts = (self.q_proj, self.k_proj, self.v_proj)
+        w = parts[0].weight
+        fused = Linear(w.shape[1], sum(p.out_features for p in parts), parts[0].bias is not None, w.dtype, w.device)
+        fused.weight.data = torch.cat([p.weight.data for p in parts])
+        if parts[0].bias is not None:
+            fused.bias.data = torch.cat([p.bias.data for p in parts])
+        self.qkv_proj = fused
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: "RotaryEmbedding") -> torch.Tensor:
+        h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split([h * d, kvh * d, kvh * d], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = q.view(-1, h, d), k.view(-1, kvh, d), v.view(-1, kvh, d)
+        if self.rotary_dim == d:  # one fused pass: per-head norms (Qwen3) and rotary, in place
+            kernels.qk_norm_rope(q, k, positions, rotary.inv_freq, self.q_norm.weight if self.qk_norm else None,
+                                 self.k_norm.weight if self.qk_norm else None,
+                                 self.q_norm.eps if self.qk_norm else 0.0)
+        else:
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            cos, sin = rotary(positions)
+            q = apply_rotary(q, cos, sin, self.rotary_dim)
+            k = apply_rotary(k, cos, sin, self.rotary_dim)
         if self.k_cache is None:
             raise RuntimeError("Attention.k_cache/v_cache are not set; the model runner must assign the KV cache first")
         ctx = get_forward_context()
