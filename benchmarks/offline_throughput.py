@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import random
@@ -188,33 +189,44 @@ def main() -> None:
         if preset.startswith("qwen3"):
             info["single_stream_ms_per_token"] = single_stream(llm, eng.vocab_size)
             print(f"single stream 512 in / 256 out: {info['single_stream_ms_per_token']:.3f} ms/token", flush=True)
-        hf = None
-        if not args.skip_hf:
-            from transformers import AutoModelForCausalLM
-            hf = AutoModelForCausalLM.from_pretrained(resolve_model(f"kvray:{preset}"), dtype=torch.bfloat16).cuda().eval()
+        preset_rows, workloads = [], {}
         for wl in wls:
             prompts, outs = workload(wl, min(eng.vocab_size, len(eng.tokenizer)))
+            workloads[wl] = (prompts, outs)
             floor = floor_tok_s(cfg, prompts, outs, copy_bw, mm_rate, weight_bytes)
             tok_s, extra = run_kvray(llm, prompts, outs)
-            row = {"preset": preset, "workload": wl, "kvray_tok_s": tok_s, **floor, **extra, **info}
+            preset_rows.append({"preset": preset, "workload": wl, "kvray_tok_s": tok_s, **floor, **extra, **info})
             print(f"{preset} {wl}: kvray {tok_s:,.0f} tok/s = {tok_s / floor['floor_tok_s']:.1%} of floor "
                   f"{floor['floor_tok_s']:,.0f} (peak KV use {extra['peak_block_usage']:.1%}, "
                   f"preemptions {extra['preemptions']})", flush=True)
-            if hf is not None:
+        pad_id = eng.tokenizer.pad_token_id or 0
+        del llm, eng  # free the GPU for the baselines
+        gc.collect()
+        torch.cuda.empty_cache()
+        if not args.skip_hf:
+            from transformers import AutoModelForCausalLM
+            hf = AutoModelForCausalLM.from_pretrained(resolve_model(f"kvray:{preset}"), dtype=torch.bfloat16).cuda().eval()
+            for row in preset_rows:
+                wl = row["workload"]
+                prompts, outs = workloads[wl]
                 n = args.hf_subset if wl == "A" else len(prompts)
+                tok_s = row["kvray_tok_s"]
+                row["hf_static_tok_s"] = run_hf_static(hf, prompts[:n], outs[:n], 64 if wl == "A" else 256, pad_id)
+                print(f"  {preset} {wl} hf static generate: {row['hf_static_tok_s']:,.0f} tok/s -> kvray "
+                      f"x{tok_s / row['hf_static_tok_s']:.1f}", flush=True)
                 torch.cuda.empty_cache()
-                row["hf_static_tok_s"] = run_hf_static(hf, prompts[:n], outs[:n], 64 if wl == "A" else 256,
-                                                       eng.tokenizer.pad_token_id or 0)
-                print(f"  hf static generate: {row['hf_static_tok_s']:,.0f} tok/s -> kvray x{tok_s / row['hf_static_tok_s']:.1f}", flush=True)
                 try:
                     row["hf_cb_tok_s"] = run_hf_cb(hf, prompts[:n], outs[:n])
-                    print(f"  hf generate_batch: {row['hf_cb_tok_s']:,.0f} tok/s -> kvray x{tok_s / row['hf_cb_tok_s']:.1f}", flush=True)
+                    print(f"  {preset} {wl} hf generate_batch: {row['hf_cb_tok_s']:,.0f} tok/s -> kvray "
+                          f"x{tok_s / row['hf_cb_tok_s']:.1f}", flush=True)
                 except Exception as e:  # report, don't hide: the baseline failed on this image
-                    row["hf_cb_error"] = repr(e)[:200]
+                    row["hf_cb_error"] = repr(e)[:120].replace("|", "/")
                     print(f"  hf generate_batch failed: {e!r}"[:300], flush=True)
-            rows.append(row)
-        del llm, hf
-        torch.cuda.empty_cache()
+                torch.cuda.empty_cache()
+            del hf
+            gc.collect()
+            torch.cuda.empty_cache()
+        rows.extend(preset_rows)
     write_results(dev, copy_bw, mm_rate, rows, args)
     if args.out:
         with open(args.out, "w") as f:
