@@ -132,8 +132,9 @@ def run_hf_static(hf, prompts, outs, batch, pad_id) -> float:
     return total_tok / total_time
 
 
-@torch.inference_mode()
 def run_hf_cb(hf, prompts, outs) -> float:
+    """transformers continuous batching. Not under inference_mode: its manager thread updates its own
+    static tensors in place, which inference tensors forbid."""
     from transformers import GenerationConfig
     groups: dict[int, list[int]] = {}
     order = sorted(range(len(outs)), key=lambda i: outs[i])
@@ -146,9 +147,14 @@ def run_hf_cb(hf, prompts, outs) -> float:
         gc = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=None, pad_token_id=0)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        hf.generate_batch(inputs=[prompts[i] for i in idx], generation_config=gc)
+        with torch.no_grad():
+            res = hf.generate_batch(inputs=[prompts[i] for i in idx], generation_config=gc)
         torch.cuda.synchronize()
         total_time += time.perf_counter() - t0
+        produced = [len(getattr(r, "generated_tokens", None) or []) for r in res.values()]
+        if len(produced) != len(idx) or min(produced) < max_new:  # a failed batch must not look fast
+            raise RuntimeError(f"generate_batch returned {len(produced)} results, shortest {min(produced, default=0)} "
+                               f"tokens, for {len(idx)} requests of {max_new}")
     return sum(outs) / total_time
 
 

@@ -22,7 +22,8 @@ MODEL = "kvray:tiny-qwen3"
 NAME = "tiny-qwen3"
 ENGINE = {"max_num_seqs": 64, "max_model_len": 512, "device": "cpu", "num_kv_blocks": 1024}
 ARGS = {"model": MODEL, "served_model_name": NAME, "engine": ENGINE,
-        "slo_classes": {"interactive": {"ttft_ms": 5000, "tpot_ms": 1000}, "batch": {"ttft_ms": 60000, "tpot_ms": 5000}},
+        "slo_classes": {"interactive": {"ttft_ms": 5000, "tpot_ms": 1000},
+                        "batch": {"ttft_ms": 60000, "tpot_ms": 5000}},
         "default_slo_class": "interactive", "router": {"stats_period_s": 0.25}, "graceful_shutdown_timeout_s": 2}
 
 
@@ -275,17 +276,29 @@ def test_bad_input_errors_while_a_stream_runs(base):
 
 # ---- client disconnect ------------------------------------------------------------------------
 def test_dropped_streams_free_every_kv_block(base):
-    """16 SSE streams dropped after 3 chunks and 4 non-streaming requests timed out by the client."""
+    """16 SSE streams dropped after 3 chunks and 4 non-streaming requests timed out by the client,
+    while another stream on the same replicas runs to its end."""
     aborted_before = _metric(base, "kvray_requests_total", status="499")
     engine_aborts_before = sum(r["stats"]["num_aborted_total"] for r in _replicas(base).values())
 
-    async def drop(session, i):
+    # Let the Router's token channels close (they do after a few idle seconds), so that the
+    # first dropped streams below open them: a channel must outlive the request that opened it.
+    deadline = time.time() + 30
+    while any(r["stats"]["num_channels"] for r in _replicas(base).values()):
+        assert time.time() < deadline, "token channels never closed"
+        time.sleep(0.25)
+
+    async def drop(session, i, started: asyncio.Event | None = None, go: asyncio.Event | None = None):
         body = {"model": NAME, "prompt": f"stream {i} will be dropped", "max_tokens": 480, "stream": True,
                 "ignore_eos": True}
         resp = await session.post(base + "/v1/completions", json=body)
         n = 0
         async for _ in _sse_lines(resp):
             n += 1
+            if started is not None:
+                started.set()
+                await go.wait()
+                started = None
             if n >= 3:
                 break
         resp.close()  # drop the connection mid-stream
@@ -297,11 +310,27 @@ def test_dropped_streams_free_every_kv_block(base):
             await session.post(base + "/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=0.5))
         return 3
 
+    async def survivor(session):  # shares replicas (and token channels) with the dropped ones
+        body = {"model": NAME, "prompt": "this one stays", "max_tokens": 150, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        async with session.post(base + "/v1/completions", json=body) as resp:
+            lines = [d async for d in _sse_lines(resp)]
+        assert lines[-1] == b"[DONE]" and json.loads(lines[-2])["usage"]["completion_tokens"] == 150, lines[-3:]
+        return 3
+
     async def main():
-        sessions = [aiohttp.ClientSession() for _ in range(20)]
+        sessions = [aiohttp.ClientSession() for _ in range(21)]
         try:
-            return await asyncio.gather(*(drop(s, i) for i, s in enumerate(sessions[:16])),
-                                        *(give_up(s, i) for i, s in enumerate(sessions[16:])))
+            # two openers (one per replica) stream first and open the channels, then the rest start
+            started, go = [asyncio.Event(), asyncio.Event()], asyncio.Event()
+            openers = [asyncio.create_task(drop(sessions[i], i, started[i], go)) for i in range(2)]
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
+            rest = asyncio.gather(*(drop(s, i) for i, s in enumerate(sessions[2:16], 2)),
+                                  *(give_up(s, i) for i, s in enumerate(sessions[16:20])),
+                                  survivor(sessions[20]))
+            await asyncio.sleep(0.2)
+            go.set()
+            return await asyncio.gather(*openers) + await rest
         finally:
             for s in sessions:
                 await s.close()

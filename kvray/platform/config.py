@@ -75,7 +75,8 @@ class AppArgs(BaseModel):
     model: str = Field(min_length=1, description="checkpoint directory, hub id, or kvray:<preset>")
     served_model_name: str | None = Field(None, description="the model name clients send; default: `model`")
     engine: EngineArgs = Field(default_factory=EngineArgs, description="kvray.replica.config.EngineConfig options")
-    slo_classes: dict[str, SLOClassArgs] = Field(default_factory=lambda: {k: SLOClassArgs(**v) for k, v in _DEFAULT_SLO.items()})
+    slo_classes: dict[str, SLOClassArgs] = Field(
+        default_factory=lambda: {k: SLOClassArgs(**v) for k, v in _DEFAULT_SLO.items()})
     default_slo_class: str | None = Field(None, description="class of requests that name none; must be a key of "
                                           "slo_classes (default: the first class)")
     router: RouterArgs = Field(default_factory=RouterArgs)

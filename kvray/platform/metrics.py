@@ -39,7 +39,8 @@ class _ReplicaCollector:
     def collect(self):
         snap = self._snapshot() or {}
         fams = {name: GaugeMetricFamily(name, doc, labels=["model", "replica"]) for name, doc, _ in _REPLICA_GAUGES}
-        usage = GaugeMetricFamily("kvray_replica_kv_usage_ratio", "Used share of the KV cache", labels=["model", "replica"])
+        usage = GaugeMetricFamily("kvray_replica_kv_usage_ratio", "Used share of the KV cache",
+                                  labels=["model", "replica"])
         est = GaugeMetricFamily("kvray_router_estimated_outstanding_tokens",
                                 "The router's load estimate (stats + dispatches since)", labels=["model", "replica"])
         age = GaugeMetricFamily("kvray_replica_stats_age_seconds", "Age of the replica's latest stats",

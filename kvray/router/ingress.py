@@ -84,7 +84,7 @@ class Router:
                     info=ModelInfo(info["tokenizer"], info["max_model_len"], info["block_size"], info["vocab_size"]),
                     model_names=names, slo_classes=a.slo_targets(), default_slo_class=a.default_slo_class,
                     decode_estimate_cap=a.router.decode_estimate_cap, submit=self._submit, metrics=self.metrics,
-                    admit=self._admit)
+                    admit=self._admit, events=self)
         return self.serving
 
     def _submit(self, request_id, prompt_token_ids, params, hint):
@@ -105,6 +105,17 @@ class Router:
         if policy is None:  # the plug-in has not routed anything yet: nothing to judge on
             return True, None
         return policy.admit(hint, self._book.views(self._book.replica_ids(), hint))
+
+    # request lifecycle -> the routing policy (see RoutingPolicy.on_first_token / on_finish)
+    def on_first_token(self, hint, t: float) -> None:
+        policy = registry.get_policy(*self._policy_key)
+        if policy is not None:
+            policy.on_first_token(hint, t)
+
+    def on_finish(self, hint, num_generated: int, status: int, t: float) -> None:
+        policy = registry.get_policy(*self._policy_key)
+        if policy is not None:
+            policy.on_finish(hint, num_generated, status, t)
 
     async def _serve(self, kind: str, request: Request) -> Response:
         try:

@@ -80,13 +80,11 @@ def _solve(m: list[list[float]], v: list[float]) -> list[float] | None:
 
 
 def _nnls_quadratic(a: list[list[float]], g: list[float]) -> list[float] | None:
-    """argmin_{x >= 0} x'Ax - 2g'x for a small positive-definite A (exact, by active sets)."""
+    """argmin_{x >= 0} x'Ax - 2g'x for a small positive-definite A (exact: every active set;
+    the unconstrained solution first, which is the answer when it is non-negative)."""
     n = len(g)
-    full = _solve(a, g)
-    if full is not None and all(x >= 0 for x in full):
-        return full
     best, best_obj = None, math.inf
-    for mask in range(1, 1 << n):
+    for mask in range((1 << n) - 1, 0, -1):
         free = [i for i in range(n) if mask >> i & 1]
         sub = _solve([[a[i][j] for j in free] for i in free], [g[i] for i in free])
         if sub is None or any(x < 0 for x in sub):
@@ -94,6 +92,8 @@ def _nnls_quadratic(a: list[list[float]], g: list[float]) -> list[float] | None:
         x = [0.0] * n
         for i, xi in zip(free, sub):
             x[i] = xi
+        if mask == (1 << n) - 1:
+            return x
         obj = sum(x[i] * a[i][j] * x[j] for i in range(n) for j in range(n)) - 2 * sum(g[i] * x[i] for i in range(n))
         if obj < best_obj:
             best, best_obj = x, obj

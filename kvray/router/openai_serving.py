@@ -10,6 +10,7 @@ away cancels the replica call, which aborts the request in the engine.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import time
@@ -68,8 +69,10 @@ class _Prepared:
 class _Run:
     """The state of one request while its tokens come back."""
 
-    def __init__(self, p: _Prepared, serving: "OpenAIServing"):
+    def __init__(self, p: _Prepared, serving: "OpenAIServing", hint: RoutingHint | None = None):
         self.p = p
+        self.hint = hint
+        self.events = serving.events
         self.text = TextStream(serving.decoder, p.prompt_ids, p.params.stop_strings)
         self.strings = serving.strings
         self.num_generated = 0
@@ -90,6 +93,8 @@ class _Run:
             self.num_generated += len(ids)
             if self.t_first is None:
                 self.t_first = now
+                if self.events is not None:
+                    self.events.on_first_token(self.hint, now)
             self.t_last = now
         self.cached = item.get("cached", self.cached) or 0
         finish = item.get("finish")
@@ -122,7 +127,12 @@ class OpenAIServing:
     def __init__(self, *, info: ModelInfo, model_names: list[str], slo_classes: dict[str, SLOTarget],
                  default_slo_class: str, decode_estimate_cap: int,
                  submit: Callable[[str, list[int], SamplingParams, RoutingHint], Any],  # -> a RequestStream
-                 metrics: ServingMetrics, admit: Callable[[RoutingHint], tuple[bool, float | None]] | None = None):
+                 metrics: ServingMetrics, admit: Callable[[RoutingHint], Any] | None = None,
+                 events: Any = None):
+        """``admit(hint)`` -> ``(ok, retry_after_s)`` or an awaitable of it, asked before dispatch
+        (an SLO-aware policy may wait there, or refuse: 429 with Retry-After). ``events``, if
+        given, gets ``on_first_token(hint, t)`` and ``on_finish(hint, num_generated, status, t)``
+        (``time.monotonic()`` times) for every dispatched request."""
         self.info = info
         self.model_names = model_names
         self.slo_classes = slo_classes
@@ -131,6 +141,7 @@ class OpenAIServing:
         self.submit = submit
         self.metrics = metrics
         self.admit = admit
+        self.events = events
         self.decoder = FastDecoder.wrap(info.tokenizer)
         self.strings = TokenStrings(self.decoder)
 
@@ -138,41 +149,39 @@ class OpenAIServing:
     async def handle(self, kind: str, body: bytes, headers) -> Response:
         t0 = time.monotonic()
         slo_label = "none"
-        p = None
         try:
             p = self._prepare(kind, body, headers, t0)
             slo_label = p.slo.name
-            stream = self.submit(p.rid, p.prompt_ids, p.params, self._hint(p))
+            hint = await self._admitted_hint(p)
+            stream = self.submit(p.rid, p.prompt_ids, p.params, hint)
         except APIError as e:
             self.metrics.request_done(endpoint=kind, status=e.status, slo_class=slo_label)
             return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-        run = _Run(p, self)
-        try:  # the first batch decides between an error status and a 200
-            first = await stream.__anext__()
-            first_out = run.add(first)
-        except APIError as e:
-            stream.close(abort=True)
-            self.metrics.request_done(endpoint=kind, status=e.status, slo_class=slo_label)
-            return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-        except StopAsyncIteration:
-            stream.close(abort=True)
-            return self._fail(kind, slo_label, APIError(500, "the replica ended the stream without output"))
-        except asyncio.CancelledError:
-            stream.close(abort=True)
+        except asyncio.CancelledError:  # the client left while the request waited for admission
             self.metrics.request_done(endpoint=kind, status=499, slo_class=slo_label)
             raise
-        except Exception as e:  # replica died, engine error...
+        run = _Run(p, self, hint)
+        try:  # the first batch decides between an error status and a 200
+            first_out = run.add(await stream.__anext__())
+        except asyncio.CancelledError:
             stream.close(abort=True)
-            logger.exception("request %s failed", p.rid)
-            return self._fail(kind, slo_label, APIError(503, f"the model replica failed: {type(e).__name__}"))
+            self._done(run, 499)
+            raise
+        except Exception as e:
+            stream.close(abort=True)
+            if isinstance(e, APIError):
+                err = e
+            elif isinstance(e, StopAsyncIteration):
+                err = APIError(500, "the replica ended the stream without output")
+            else:  # the replica died, an engine error...
+                logger.exception("request %s failed", p.rid)
+                err = APIError(503, f"the model replica failed: {type(e).__name__}")
+            self._done(run, err.status)
+            return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
         if p.req.stream:
             return StreamingResponse(self._sse(run, stream, first_out), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await self._collect(run, stream, first_out)
-
-    def _fail(self, kind: str, slo_label: str, e: APIError) -> Response:
-        self.metrics.request_done(endpoint=kind, status=e.status, slo_class=slo_label)
-        return JSONResponse(e.body(), status_code=e.status)
 
     # ---- request preparation -----------------------------------------------------------------
     def _prepare(self, kind: str, body: bytes, headers, t0: float) -> _Prepared:
@@ -255,7 +264,7 @@ class OpenAIServing:
             raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
         return list(tok(text, add_special_tokens=False).input_ids)
 
-    def _hint(self, p: _Prepared) -> RoutingHint:
+    async def _admitted_hint(self, p: _Prepared) -> RoutingHint:
         bs = self.info.block_size
         hint = RoutingHint(request_id=p.rid, num_prompt_tokens=len(p.prompt_ids),
                            decode_estimate=min(p.params.max_tokens, self.decode_cap),
@@ -263,7 +272,10 @@ class OpenAIServing:
                            slo_class=p.slo.name, ttft_ms=p.slo.ttft_ms, tpot_ms=p.slo.tpot_ms,
                            priority=p.slo.priority, arrival_time=time.time())
         if self.admit is not None:
-            ok, retry_after = self.admit(hint)
+            verdict = self.admit(hint)
+            if inspect.isawaitable(verdict):
+                verdict = await verdict
+            ok, retry_after = verdict
             if not ok:
                 headers = {"Retry-After": str(max(1, int(round(retry_after or 1))))}
                 raise APIError(429, f"no replica can meet the {p.slo.name!r} SLO now; retry later",
@@ -273,12 +285,15 @@ class OpenAIServing:
     # ---- responses ---------------------------------------------------------------------------
     def _done(self, run: _Run, status: int) -> None:
         p = run.p
+        if self.events is not None:
+            self.events.on_finish(run.hint, run.num_generated, status, time.monotonic())
         e2e = time.monotonic() - p.t0
         ttft = None if run.t_first is None else run.t_first - p.t0
         tpot = run.tpot()
         attained = p.slo.attained(ttft, tpot) if status == 200 else None
         self.metrics.request_done(endpoint=p.kind, status=status, slo_class=p.slo.name,
-                                  prompt_tokens=len(p.prompt_ids), completion_tokens=run.num_generated,
+                                  prompt_tokens=len(p.prompt_ids) if run.t_first is not None else 0,
+                                  completion_tokens=run.num_generated,
                                   ttft_s=ttft, tpot_s=tpot, e2e_s=e2e if status == 200 else None, attained=attained)
 
     async def _collect(self, run: _Run, stream, first_out) -> Response:

@@ -53,6 +53,15 @@ class RoutingPolicy(ABC):
         """
         return True, None
 
+    # Request lifecycle, reported by the ingress for every dispatched request (``time.monotonic()``
+    # times). The load book already counts dispatches and completions; a policy that models
+    # latency (TTFT/TPOT) can use these too.
+    def on_first_token(self, hint: RoutingHint | None, t: float) -> None:
+        pass
+
+    def on_finish(self, hint: RoutingHint | None, num_generated: int, status: int, t: float) -> None:
+        pass
+
 
 @register_policy
 class LeastLoadPolicy(RoutingPolicy):

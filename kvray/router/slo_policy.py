@@ -20,19 +20,31 @@ Contract (what the Serve adapter calls)
     else:  # "reject"
         # HTTP 429 with header Retry-After: ceil(d.retry_after_s)
 
-``choose`` never mutates its arguments. ``Decision.recheck_at`` is always before the request's
-TTFT deadline (``arrival_time + ttft_ms``); a request re-checked at or after the last moment it
-could still be served in time is rejected (or dispatched for ``on_infeasible="best_effort"``),
-so nothing is held past its deadline or dropped silently. ``retry_after_s`` is in
-``[0.05, ttft_s]``.
+``choose`` never mutates its arguments (the adapter applies the ``on_*`` updates). It may be
+called with a subset of the replicas, e.g. only the one that just freed capacity, to re-try a
+queued request cheaply; a QUEUE/REJECT answer then means "not there", so keep the request's own
+timer. ``Decision.recheck_at`` is always before the request's TTFT deadline (``arrival_time +
+ttft_ms``); a request re-checked at or after the last moment it could still be served in time
+(its deadline minus its own prefill time on an idle replica) is rejected (or dispatched for
+``on_infeasible="best_effort"``), so nothing is held past its deadline or dropped silently.
+``retry_after_s`` is in ``[0.05, ttft_s]``. A router re-checking several queued requests should
+take them in ``urgency(request, now)`` order.
 
-Feasibility of a replica: predicted TTFT (time already waited + queued prompt tokens of more
-urgent requests + the request's uncached prompt tokens, processed in TPOT-safe chunks next to the
-running decodes) <= ``ttft_margin`` x target; predicted TPOT with the request added <= the
-tightest TPOT target there (the request's own included); a free sequence slot; enough free KV
-blocks for prompt + max_tokens. Among feasible replicas: the longest prefix-cache hit first
-(when at least ``min_prefix_blocks``), then the busiest (``mode="pack"``: most outstanding
-tokens, so idle replicas can be released) or the least busy (``mode="spread"``).
+Feasibility of a replica: predicted TTFT <= ``ttft_margin`` x target, where the prediction is
+the time already waited + the queued prompt tokens the replica serves first (all of them for an
+FCFS replica; for a deadline replica the more urgent ones, stretched by the recent inflow of
+higher classes) + the request's uncached prompt tokens, processed in TPOT-safe chunks next to the
+running decodes; predicted TPOT with the request added <= the tightest TPOT target there (the
+request's own included); a free sequence slot; free KV blocks for prompt + max_tokens. Among
+feasible replicas: the longest prefix-cache hit first (at least ``min_prefix_blocks``), then
+``mode="pack"``: the busiest (most tokens held) among those where the request starts at once,
+so idle replicas can be released, else the least predicted TTFT; ``mode="spread"``: the least
+predicted TTFT. With more than ``max_candidates`` replicas only that many are evaluated in full,
+picked by cheap keys (shortest prefill queues, longest prefix hits, busiest).
+
+The replica side is ``kvray.replica.deadline_policy.DeadlinePolicy`` (engine option
+``scheduling_policy: deadline``); ``ReplicaView.scheduler`` tells the policy which one a replica
+runs (``stats["scheduling_policy"]`` when reported).
 """
 from __future__ import annotations
 

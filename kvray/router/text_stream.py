@@ -32,7 +32,8 @@ class FastDecoder:
     @staticmethod
     def wrap(tokenizer):
         backend = getattr(tokenizer, "_tokenizer", None)
-        if backend is None or not hasattr(backend, "decode") or getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        if (backend is None or not hasattr(backend, "decode")
+                or getattr(tokenizer, "clean_up_tokenization_spaces", True)):
             return tokenizer
         return FastDecoder(tokenizer)
 
