@@ -136,3 +136,17 @@ def test_streamed_text_never_shows_part_of_a_stop_string(engine):
     streamed = "".join(o.new_text for o in outs)
     assert streamed == outs[-1].text == base.text[:base.text.index(stop)]
     assert outs[-1].finish_reason == "stop" and outs[-1].stop_reason == stop
+
+
+def test_delta_outputs_carry_only_new_tokens(engine):
+    prompt = random_prompts(engine.engine.vocab_size, [9], seed=25)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=2)
+
+    async def run(delta):
+        return [o async for o in engine.generate(f"d{delta}", prompt, params, delta=delta)]
+
+    full, deltas = asyncio.run(run(False)), asyncio.run(run(True))
+    assert [t for o in deltas for t in o.token_ids] == full[-1].token_ids
+    assert [lp for o in deltas for lp in o.logprobs] == full[-1].logprobs
+    assert all(o.token_ids == o.new_token_ids and o.text == "" for o in deltas)
+    assert deltas[-1].finished and deltas[-1].finish_reason == "length"

@@ -34,6 +34,12 @@ def test_dispatch_and_completion_are_counted_at_once():
     assert {v.replica_id: v.load for v in book.views(["a", "b"])} == {"a": 0, "b": 0}
     book.on_complete("k1")  # twice is harmless
     book.on_complete("unknown")
+    # a request rejected by "a" and then routed to "b": a's late completion does not count
+    book.on_dispatch("k2", "b", hint(10, 10))
+    book.on_complete("k2", "a")
+    assert {v.replica_id: v.load for v in book.views(["a", "b"])} == {"a": 0, "b": 20}
+    book.on_complete("k2", "b")
+    assert {v.replica_id: v.load for v in book.views(["a", "b"])} == {"a": 0, "b": 0}
 
 
 def test_snapshot_plus_dispatches_since_never_double_counts():

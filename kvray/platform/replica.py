@@ -126,7 +126,7 @@ class LLMReplica:
         finished = False
         try:
             try:
-                agen = self.engine.generate(request_id, prompt_token_ids, params)
+                agen = self.engine.generate(request_id, prompt_token_ids, params, delta=True)
                 out = await agen.__anext__()
             except ValueError as e:  # bad input: refused before touching the engine state
                 finished = True
@@ -201,7 +201,12 @@ class LLMReplica:
                 self._outboxes.pop(channel, None)
 
     # ---- stats, health, shutdown ---------------------------------------------------------------
-    def record_routing_stats(self) -> dict:
+    async def record_routing_stats(self) -> dict:
+        # async: it runs on the replica's event loop, with the request coroutines (a sync method
+        # would run on Serve's thread pool, racing them)
+        return self.routing_stats()
+
+    def routing_stats(self) -> dict:
         stats = self.engine.stats()
         stats["time"] = time.time()
         stats["outstanding_tokens"] = sum(a.outstanding() for a in self._active.values())
@@ -216,7 +221,7 @@ class LLMReplica:
 
     async def stats(self) -> dict:
         """The same dict as routing stats, on demand (one replica, whichever the handle picks)."""
-        return self.record_routing_stats()
+        return self.routing_stats()
 
     def check_health(self) -> None:
         self.engine.check_health()

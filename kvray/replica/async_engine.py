@@ -67,8 +67,13 @@ class AsyncLLMEngine:
 
     # ---- public API --------------------------------------------------------------------------
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       prompt: str | None = None, arrival_time: float | None = None):
-        """Yield a RequestOutput each time the request gains tokens; the last one has finished=True."""
+                       prompt: str | None = None, arrival_time: float | None = None, delta: bool = False):
+        """Yield a RequestOutput each time the request gains tokens; the last one has finished=True.
+
+        With ``delta=True`` each output's ``token_ids`` / ``logprobs`` / ``top_logprobs`` hold only
+        what it adds (as ``new_token_ids`` does), and text is not decoded here, except for requests
+        with stop strings, whose ``new_text`` is the engine's own (cut at the stop string). For
+        callers that detokenize downstream, such as the serving router: no per-step copies."""
         self.check_health()
         if not self._accepting:
             raise RuntimeError("the engine is shutting down and accepts no new requests")
@@ -80,7 +85,8 @@ class AsyncLLMEngine:
         with self._lock:
             self._new.append(stream)
             self._lock.notify()
-        detok = None if seq.detokenizer is not None else IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids)
+        detok = None if seq.detokenizer is not None or delta else IncrementalDetokenizer(self.tokenizer,
+                                                                                          seq.prompt_token_ids)
         stop_hold = max((len(s) for s in params.stop_strings), default=1) - 1
         tokens: list[int] = []
         logprobs = [] if params.logprobs is not None else None
@@ -93,36 +99,48 @@ class AsyncLLMEngine:
                 while not stream.queue.empty():
                     deltas.append(stream.queue.get_nowait())
                 new_ids: list[int] = []
+                new_lps = [] if logprobs is not None else None
+                new_tops = [] if tops is not None else None
                 for d in deltas:
                     if isinstance(d, BaseException):
                         raise d
                     new_ids.extend(d.new_token_ids)
-                    if logprobs is not None and d.new_logprobs:
-                        logprobs.extend(d.new_logprobs)
-                        if tops is not None:
-                            tops.extend(d.new_top_logprobs)
+                    if new_lps is not None and d.new_logprobs:
+                        new_lps.extend(d.new_logprobs)
+                        if new_tops is not None:
+                            new_tops.extend(d.new_top_logprobs)
                 last = deltas[-1]
                 finished = last.finished
-                tokens.extend(new_ids)
                 if detok is not None:
                     detok.add(new_ids)
                     if finished:
                         detok.flush()
                     text = detok.text
-                else:  # stop strings: the engine's text, held back by the longest stop string until the end
+                elif last.engine_text is not None:  # stop strings: held back by the longest one until the end
                     text = last.engine_text
                     if not finished and stop_hold:
                         text = text[:max(len(text_sent), len(text) - stop_hold)]
+                else:
+                    text = ""
                 new_text = text[len(text_sent):]
                 text_sent = text
                 if not new_ids and not new_text and not finished:
                     continue
+                if delta:
+                    out_ids, out_lps, out_tops, out_text = new_ids, new_lps, new_tops, new_text
+                else:
+                    tokens.extend(new_ids)
+                    if new_lps is not None:
+                        logprobs.extend(new_lps)
+                    if new_tops is not None:
+                        tops.extend(new_tops)
+                    out_ids, out_text = list(tokens), text
+                    out_lps = list(logprobs) if logprobs is not None else None
+                    out_tops = list(tops) if tops is not None else None
                 yield RequestOutput(
-                    request_id=request_id, prompt_token_ids=seq.prompt_token_ids, token_ids=list(tokens),
-                    text=text, finished=finished, finish_reason=last.finish_reason if finished else None,
-                    stop_reason=last.stop_reason if finished else None,
-                    logprobs=list(logprobs) if logprobs is not None else None,
-                    top_logprobs=list(tops) if tops is not None else None,
+                    request_id=request_id, prompt_token_ids=seq.prompt_token_ids, token_ids=out_ids,
+                    text=out_text, finished=finished, finish_reason=last.finish_reason if finished else None,
+                    stop_reason=last.stop_reason if finished else None, logprobs=out_lps, top_logprobs=out_tops,
                     num_cached_tokens=last.num_cached_tokens, metrics=seq.metrics,
                     new_token_ids=new_ids, new_text=new_text, prompt=prompt)
         finally:

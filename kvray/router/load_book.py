@@ -194,12 +194,16 @@ class LoadBook:
             if hint is not None and hint.block_hashes:
                 st.remember_prefix(hint.block_hashes)
 
-    def on_complete(self, key: str) -> None:
+    def on_complete(self, key: str, replica_id: str | None = None) -> None:
+        """``key`` finished; with ``replica_id``, only if that is where it was dispatched (a
+        request rejected by one replica and then routed to another completes twice)."""
         now = self._clock()
         with self._lock:
-            d = self._where.pop(key, None)
-            if d is not None:
-                self._forget(d, key, now, completed=True)
+            d = self._where.get(key)
+            if d is None or (replica_id is not None and d.replica_id != replica_id):
+                return
+            del self._where[key]
+            self._forget(d, key, now, completed=True)
 
     def _forget(self, d: _Dispatch, key: str, now: float, completed: bool) -> None:
         st = self._replicas.get(d.replica_id)

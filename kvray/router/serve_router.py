@@ -79,4 +79,4 @@ class KVRayRequestRouter(RequestRouter):
         self._book().on_dispatch(pending_request.metadata.internal_request_id, replica_id.unique_id, hint)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        self._book().on_complete(internal_request_id)
+        self._book().on_complete(internal_request_id, replica_id.unique_id)

@@ -1,0 +1,159 @@
+"""LLMReplica outside Serve: token batches, the token channel, aborts, stats, health, shutdown."""
+import asyncio
+
+import pytest
+
+from kvray import SamplingParams
+from kvray.platform.replica import LLMReplica
+from kvray.router.hints import RoutingHint
+
+ENGINE = {"max_num_seqs": 16, "max_model_len": 256, "device": "cpu", "num_kv_blocks": 256}
+
+
+def make(shutdown_timeout_s=30.0, **kw):
+    return LLMReplica("kvray:tiny-qwen3", ENGINE, shutdown_timeout_s, **kw)
+
+
+def greedy(n, **kw):
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, **kw)
+
+
+def test_batches_stats_and_errors():
+    async def main():
+        r = make()
+        try:
+            hint = RoutingHint("a", 5, 30)
+            gen = r.generate("a", [1, 2, 3, 4, 5], greedy(30, logprobs=1), hint=hint)
+            first = await gen.__anext__()
+            assert first["ids"] and first["finish"] is None and len(first["lp"]) == len(first["ids"])
+            stats = r.routing_stats()
+            assert stats["num_active_requests"] == 1 and 0 < stats["outstanding_tokens"] <= 30
+            for key in ("num_running", "num_waiting", "num_free_blocks", "num_total_blocks", "tokens_in_flight",
+                        "step_times", "time", "healthy", "num_requests_total"):
+                assert key in stats
+            rest = [b async for b in gen]
+            ids = first["ids"] + [t for b in rest for t in b["ids"]]
+            assert len(ids) == 30 and rest[-1]["finish"] == "length"
+            assert len(first["top"]) == len(first["ids"])
+            assert r.routing_stats()["outstanding_tokens"] == 0
+            # refused requests: one error item, nothing left behind
+            for prompt in ([], list(range(300))):
+                items = [b async for b in r.generate(f"bad{len(prompt)}", prompt, greedy(4))]
+                assert len(items) == 1 and items[0]["status"] == 400 and items[0]["error"]
+            bad = [b async for b in r.generate("bad-params", [1, 2], SamplingParams(max_tokens=0))]
+            assert bad[0]["status"] == 400
+            info = await r.model_info()
+            assert info["max_model_len"] == 256 and info["block_size"] == 16 and info["tokenizer"] is not None
+        finally:
+            await r.__del__()
+
+    asyncio.run(main())
+
+
+def test_stream_interval_merges_steps():
+    async def main():
+        r = make(stream_interval_ms=10_000)
+        try:
+            items = [b async for b in r.generate("m", [1, 2, 3], greedy(12))]
+            assert len(items) == 2 and len(items[0]["ids"]) == 1 and len(items[1]["ids"]) == 11
+        finally:
+            await r.__del__()
+
+    asyncio.run(main())
+
+
+def test_channel_carries_every_request():
+    async def main():
+        r = make()
+        try:
+            chan = r.channel("c1")
+            assert (await chan.__anext__()) == {"hello": "local"}
+            got: dict[str, list[int]] = {}
+            done = set()
+
+            async def reader():
+                async for items in chan:
+                    for rid, batch in items:
+                        got.setdefault(rid, []).extend(batch["ids"])
+                        if batch["finish"]:
+                            done.add(rid)
+                    if len(done) == 3:
+                        return
+
+            task = asyncio.create_task(reader())
+
+            async def one(i):
+                items = [b async for b in r.generate(f"r{i}", [i + 1] * (i + 3), greedy(10 + i), channel="c1")]
+                assert items == [{"replica": "local"}]  # the tokens went through the channel
+
+            await asyncio.gather(*(one(i) for i in range(3)))
+            await asyncio.wait_for(task, 30)
+            assert {k: len(v) for k, v in got.items()} == {"r0": 10, "r1": 11, "r2": 12}
+            # errors still come back on the request's own stream
+            items = [b async for b in r.generate("bad", [], greedy(3), channel="c1")]
+            assert items[0] == {"replica": "local"} and items[1]["status"] == 400
+            await chan.aclose()
+        finally:
+            await r.__del__()
+
+    asyncio.run(main())
+
+
+def test_cancelled_request_frees_its_blocks():
+    async def main():
+        r = make()
+        try:
+            total = r.engine.stats()["num_total_blocks"]
+            gens = [r.generate(f"x{i}", list(range(1, 60)), greedy(200)) for i in range(4)]
+            for g in gens:
+                await g.__anext__()
+            assert r.engine.stats()["num_free_blocks"] < total
+            for g in gens:  # the caller goes away (Serve closes the generator)
+                await g.aclose()
+            for _ in range(100):
+                s = r.routing_stats()
+                if s["num_free_blocks"] == total and s["num_running"] == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert s["num_free_blocks"] == total and s["num_active_requests"] == 0 and s["num_aborted_total"] == 4
+        finally:
+            await r.__del__()
+
+    asyncio.run(main())
+
+
+def test_health_check_follows_the_engine_loop():
+    async def main():
+        r = make()
+        try:
+            r.check_health()
+            r.engine._error = RuntimeError("boom")  # what the engine thread records when it dies
+            with pytest.raises(RuntimeError, match="boom"):
+                r.check_health()
+            assert r.routing_stats()["healthy"] is False
+            r.engine._error = None
+        finally:
+            await r.__del__()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("timeout_s, reason", [(30.0, "length"), (0.05, "abort")])
+def test_graceful_shutdown(timeout_s, reason):
+    async def main():
+        r = make(shutdown_timeout_s=timeout_s)
+        gen = r.generate("s", [1, 2, 3], greedy(150))
+        await gen.__anext__()
+        consumer = asyncio.create_task(_drain(gen))
+        await r.__del__()  # what Serve calls after draining its own in-flight calls
+        items = await asyncio.wait_for(consumer, 30)
+        assert items[-1]["finish"] == reason
+        # no new work once stopped
+        refused = [b async for b in r.generate("late", [1, 2], greedy(2))]
+        assert refused[0]["status"] == 503
+
+    asyncio.run(main())
+
+
+async def _drain(gen):
+    return [b async for b in gen]

@@ -1,0 +1,187 @@
+"""The Router's OpenAI layer without Ray: a fake replica stream behind ``OpenAIServing``.
+
+Covers what is hard to provoke through a live app: a replica failing mid-stream, admission
+refusals (429), stop strings cut on the router side, and the exact response shapes.
+"""
+import asyncio
+import json
+
+import pytest
+
+from kvray.platform.metrics import ServingMetrics
+from kvray.replica.models.loader import load_tokenizer, resolve_model
+from kvray.router.openai_serving import ModelInfo, OpenAIServing
+from kvray.router.slo import SLOTarget
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(resolve_model("kvray:tiny-qwen3"))
+
+
+class FakeStream:
+    def __init__(self, batches, fail_after=None):
+        self.batches = list(batches)
+        self.fail_after = fail_after
+        self.n = 0
+        self.closed = None
+
+    async def __anext__(self):
+        if self.fail_after is not None and self.n >= self.fail_after:
+            raise ConnectionError("replica died")
+        if not self.batches:
+            raise StopAsyncIteration
+        self.n += 1
+        await asyncio.sleep(0)
+        return self.batches.pop(0)
+
+    def close(self, abort):
+        self.closed = abort
+
+
+def batch(ids, finish=None, lp=None):
+    return {"ids": ids, "lp": lp, "top": None, "finish": finish, "stop_reason": None, "cached": 0}
+
+
+def serving(tok, stream_factory, admit=None, events=None):
+    metrics = ServingMetrics("tiny")
+    calls = []
+
+    def submit(rid, ids, params, hint):
+        calls.append((rid, ids, params, hint))
+        return stream_factory()
+
+    s = OpenAIServing(info=ModelInfo(tok, 128, 16, len(tok)), model_names=["tiny"],
+                      slo_classes={"interactive": SLOTarget("interactive", 500, 50)},
+                      default_slo_class="interactive", decode_estimate_cap=64, submit=submit, metrics=metrics,
+                      admit=admit, events=events)
+    return s, calls, metrics
+
+
+async def body_of(resp):
+    if hasattr(resp, "body_iterator"):
+        return b"".join([c async for c in resp.body_iterator])
+    return resp.body
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_completion_json_and_request_mapping(tok):
+    ids = tok("hello world, this is kvray").input_ids
+    streams = []
+
+    def factory():
+        streams.append(FakeStream([batch(ids[:2], lp=[-0.1, -0.2]), batch(ids[2:4], "length", lp=[-0.3, -0.4])]))
+        return streams[-1]
+
+    s, calls, _ = serving(tok, factory)
+    body = {"model": "tiny", "prompt": "abc", "max_tokens": 4, "temperature": 0, "seed": 7, "logprobs": 0,
+            "stop": ["zzz"]}
+    resp = run(s.handle("completions", json.dumps(body).encode(), {}))
+    out = json.loads(run(body_of(resp)))
+    assert resp.status_code == 200 and out["choices"][0]["finish_reason"] == "length"
+    assert out["choices"][0]["text"] == tok.decode(ids[:4], skip_special_tokens=True)
+    assert out["usage"]["completion_tokens"] == 4 and out["choices"][0]["logprobs"]["token_logprobs"] == [
+        -0.1, -0.2, -0.3, -0.4]
+    rid, prompt_ids, params, hint = calls[0]
+    assert prompt_ids == tok("abc").input_ids and params.max_tokens == 4 and params.seed == 7
+    assert params.temperature == 0 and params.stop == ["zzz"] and params.slo_class == "interactive"
+    assert hint.decode_estimate == 4 and hint.num_prompt_tokens == len(prompt_ids) and rid == hint.request_id
+    assert streams[0].closed is False  # finished normally: nothing to abort
+
+
+def test_sse_chat_with_usage(tok):
+    ids = tok(" one two three").input_ids
+    s, _, _ = serving(tok, lambda: FakeStream([batch(ids[:1]), batch(ids[1:], "stop")]))
+    body = {"messages": [{"role": "user", "content": "hi"}], "stream": True, "stream_options": {"include_usage": True}}
+    resp = run(s.handle("chat", json.dumps(body).encode(), {}))
+    raw = run(body_of(resp)).decode()
+    events = [e[6:] for e in raw.split("\n\n") if e]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == tok.decode(ids)
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop" and chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"]["completion_tokens"] == len(ids)
+    assert all(c["object"] == "chat.completion.chunk" and "usage" in c for c in chunks)
+
+
+def test_stop_string_is_cut_by_the_router(tok):
+    ids = tok(" alpha beta STOP gamma delta").input_ids
+    stream = FakeStream([batch([t]) for t in ids] + [batch([], "length")])
+    s, _, _ = serving(tok, lambda: stream)
+    body = {"prompt": "x", "max_tokens": 20, "stop": "STOP", "stream": True}
+    raw = run(body_of(run(s.handle("completions", json.dumps(body).encode(), {})))).decode()
+    chunks = [json.loads(e[6:]) for e in raw.split("\n\n") if e and e != "data: [DONE]"]
+    text = "".join(c["choices"][0]["text"] for c in chunks)
+    assert text == " alpha beta " and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert stream.closed is True  # the engine had not stopped yet: the router aborts it
+
+
+def test_replica_failure_mid_stream_and_before_output(tok):
+    ids = tok(" a b c").input_ids
+    s, _, metrics = serving(tok, lambda: FakeStream([batch(ids[:1]), batch(ids[1:2])], fail_after=2))
+    raw = run(body_of(run(s.handle("completions", b'{"prompt": "x", "stream": true}', {})))).decode()
+    events = [e for e in raw.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["error"]["type"] == "service_unavailable"
+    resp = run(s.handle("completions", b'{"prompt": "x"}', {}))
+    assert resp.status_code == 503  # two batches, then the failure: a non-streaming request reports 503
+    s2, _, _ = serving(tok, lambda: FakeStream([], fail_after=0))
+    resp = run(s2.handle("completions", b'{"prompt": "x"}', {}))
+    err = json.loads(resp.body)["error"]
+    assert resp.status_code == 503 and set(err) == {"message", "type", "param", "code"}
+    s3, _, _ = serving(tok, lambda: FakeStream([{"error": "bad prompt", "status": 400}]))
+    resp = run(s3.handle("completions", b'{"prompt": "x"}', {}))
+    assert resp.status_code == 400 and json.loads(resp.body)["error"]["message"] == "bad prompt"
+    assert b'status="503"' in metrics.render()[0]
+
+
+def test_admission_refusal_is_a_429_with_retry_after(tok):
+    async def admit(hint):
+        await asyncio.sleep(0)
+        return (hint.num_prompt_tokens < 5, 2.4)
+
+    s, calls, _ = serving(tok, lambda: FakeStream([batch([1], "length")]), admit=admit)
+    resp = run(s.handle("completions", json.dumps({"prompt": "a much longer prompt here"}).encode(), {}))
+    assert resp.status_code == 429 and resp.headers["retry-after"] == "2"
+    assert json.loads(resp.body)["error"]["type"] == "rate_limit_error" and not calls
+    assert run(s.handle("completions", json.dumps({"prompt": [1, 2]}).encode(), {})).status_code == 200
+
+
+def test_lifecycle_events(tok):
+    seen = []
+
+    class Events:
+        def on_first_token(self, hint, t):
+            seen.append(("first", hint.request_id))
+
+        def on_finish(self, hint, n, status, t):
+            seen.append(("finish", hint.request_id, n, status))
+
+    s, calls, _ = serving(tok, lambda: FakeStream([batch([5, 6]), batch([7], "length")]), events=Events())
+    run(s.handle("completions", b'{"prompt": [1, 2, 3], "max_tokens": 3}', {}))
+    rid = calls[0][0]
+    assert seen == [("first", rid), ("finish", rid, 3, 200)]
+
+
+def test_validation_happens_before_dispatch(tok):
+    s, calls, _ = serving(tok, lambda: FakeStream([]))
+    cases = [
+        (b'{"prompt": "x", "max_tokens": 200}', 400, "context_length_exceeded"),
+        (json.dumps({"prompt": list(range(130))}).encode(), 400, "context_length_exceeded"),
+        (b'{"prompt": []}', 400, None),
+        (b'{"prompt": ["a", "b"]}', 400, None),
+        (b'{"model": "other", "prompt": "x"}', 404, "model_not_found"),
+        (b'{"prompt": "x", "slo_class": "gold"}', 400, None),
+        (b'not json', 400, "invalid_json"),
+    ]
+    for raw, status, code in cases:
+        resp = run(s.handle("completions", raw, {}))
+        assert resp.status_code == status, raw
+        if code:
+            assert json.loads(resp.body)["error"]["code"] == code
+    resp = run(s.handle("completions", b'{"prompt": "x"}', {"x-slo-tpot-ms": "nope"}))
+    assert resp.status_code == 400 and json.loads(resp.body)["error"]["param"] == "x-slo-tpot-ms"
+    assert not calls
