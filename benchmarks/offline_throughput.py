@@ -175,11 +175,14 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--out", default=None, help="also write JSON here")
+    ap.add_argument("--hf-cb-only", action="store_true", help="only the transformers generate_batch baseline")
     args = ap.parse_args()
     dev = torch.cuda.get_device_name()
     copy_bw, mm_rate = measure_ceilings()
     print(f"device {dev}: copy {copy_bw / 1e12:.2f} TB/s, bf16 matmul {mm_rate / 1e12:.0f} TFLOP/s", flush=True)
     rows = []
+    if args.hf_cb_only:
+        return hf_cb_only(args)
     for spec in args.presets.split(","):
         preset, wls = spec.split(":")
         llm = LLM(f"kvray:{preset}", gpu_memory_utilization=0.9, enforce_eager=args.enforce_eager)
@@ -237,6 +240,37 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": dev, "copy_bw": copy_bw, "mm_rate": mm_rate, "rows": rows}, f, indent=1)
+
+
+def hf_cb_only(args) -> None:
+    """Rerun only transformers' continuous-batching baseline (same workloads and subset)."""
+    from transformers import AutoModelForCausalLM
+    from kvray.replica.models.loader import load_config
+    lines = [f"\n### transformers generate_batch baseline — {torch.cuda.get_device_name()} — {datetime.date.today()}\n",
+             f"Command: `python benchmarks/offline_throughput.py --hf-cb-only --presets {args.presets} "
+             f"--hf-subset {args.hf_subset}`\n", "| model | workload | requests | generate_batch tok/s |", "|---|---|---|---|"]
+    for spec in args.presets.split(","):
+        preset, wls = spec.split(":")
+        path = resolve_model(f"kvray:{preset}")
+        vocab = min(load_config(path).vocab_size, 1024)
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+        for wl in wls:
+            prompts, outs = workload(wl, vocab)
+            n = args.hf_subset if wl == "A" else len(prompts)
+            try:
+                tok_s = f"{run_hf_cb(hf, prompts[:n], outs[:n]):,.0f}"
+            except Exception as e:
+                tok_s = f"failed: {repr(e)[:100]}".replace("|", "/")
+            lines.append(f"| {preset} | {wl} | {n} | {tok_s} |")
+            print(lines[-1], flush=True)
+        del hf
+        gc.collect()
+        torch.cuda.empty_cache()
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "hf_cb_results.md"), "w") as f:
+            f.write(text)
 
 
 def write_results(dev, copy_bw, mm_rate, rows, args) -> str:
