@@ -18,6 +18,7 @@ from __future__ import annotations
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from kvray.platform.autoscaling import apply_autoscaling_defaults
 from kvray.platform.config import AppArgs, parse_args
 from kvray.platform.replica import LLMReplica
 from kvray.router.ingress import Router
@@ -49,8 +50,11 @@ def build_app(args: dict | None = None):
 def make_app(a: AppArgs, replica_overrides: dict | None = None, router_overrides: dict | None = None):
     """Bind the app from validated args. The overrides are extra code-side deployment options
     (for Python callers such as tests: ``serve.run(make_app(a, {"num_replicas": 2}))``)."""
-    replica = serve.deployment(LLMReplica, name="LLMReplica").options(
-        **{**replica_options(a), **(replica_overrides or {})})
+    overrides = dict(replica_overrides or {})
+    if overrides.get("autoscaling_config") is not None:
+        overrides["autoscaling_config"] = apply_autoscaling_defaults(overrides["autoscaling_config"],
+                                                                     a.engine.max_num_seqs)
+    replica = serve.deployment(LLMReplica, name="LLMReplica").options(**{**replica_options(a), **overrides})
     router = serve.deployment(Router, name="Router").options(
         **{"max_ongoing_requests": ROUTER_MAX_ONGOING, **(router_overrides or {})})
     llm = replica.bind(a.model, a.engine_options(), a.graceful_shutdown_timeout_s, a.stream_interval_ms)

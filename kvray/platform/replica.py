@@ -70,6 +70,8 @@ class _Outbox:
 class LLMReplica:
     def __init__(self, model: str, engine_options: dict | None = None, shutdown_timeout_s: float = 30.0,
                  stream_interval_ms: float = 0.0):
+        from kvray.platform.autoscaling import pin_replica_gpus
+        pin_replica_gpus()  # before torch touches CUDA: a replica sees only the GPUs Ray gave it
         from kvray.replica.async_engine import AsyncLLMEngine  # torch & co. load here, not at import
         from kvray.replica.config import EngineConfig
 
@@ -201,6 +203,11 @@ class LLMReplica:
                 self._outboxes.pop(channel, None)
 
     # ---- stats, health, shutdown ---------------------------------------------------------------
+    def record_autoscaling_stats(self) -> dict:
+        """Load signal for kvray's SLO-headroom autoscaling policy (Serve pushes it to the controller)."""
+        from kvray.platform.autoscaling import replica_autoscaling_stats
+        return replica_autoscaling_stats(self.engine)
+
     async def record_routing_stats(self) -> dict:
         # async: it runs on the replica's event loop, with the request coroutines (a sync method
         # would run on Serve's thread pool, racing them)
