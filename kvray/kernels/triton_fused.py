@@ -8,6 +8,16 @@ import triton
 import triton.language as tl
 
 
+# Sums go through tl.reduce with triton's own combine function rather than the tl.sum helper (a
+# @triton.jit function bound to the mode triton was first imported in), so the dispatch can switch
+# the interpreter on per call; see triton_attention.py.
+_sum_combine = getattr(tl.standard, "_sum_combine", None)
+if _sum_combine is None:  # pragma: no cover - other triton versions
+    @triton.jit
+    def _sum_combine(a, b):
+        return a + b
+
+
 def _pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
@@ -25,7 +35,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_
         x = x.to(res_ptr.dtype.element_ty)
         tl.store(res_ptr + row * stride_r + cols, x, mask=mask)
     xf = x.to(tl.float32)
-    inv = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
+    inv = 1.0 / tl.sqrt(tl.reduce(xf * xf, 0, _sum_combine) / D + eps)
     y = (xf * inv).to(out_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_o + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
@@ -54,7 +64,7 @@ def _qk_norm_rope_kernel(x_ptr, pos_ptr, inv_freq_ptr, w_ptr, stride_t, stride_h
     x1 = tl.load(base + j).to(tl.float32)
     x2 = tl.load(base + HALF + j).to(tl.float32)
     if HAS_NORM:
-        inv = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / (2 * HALF) + eps)
+        inv = 1.0 / tl.sqrt((tl.reduce(x1 * x1, 0, _sum_combine) + tl.reduce(x2 * x2, 0, _sum_combine)) / (2 * HALF) + eps)
         x1 = (x1 * inv).to(x_ptr.dtype.element_ty).to(tl.float32) * tl.load(w_ptr + j).to(tl.float32)
         x2 = (x2 * inv).to(x_ptr.dtype.element_ty).to(tl.float32) * tl.load(w_ptr + HALF + j).to(tl.float32)
         x1 = x1.to(x_ptr.dtype.element_ty).to(tl.float32)
