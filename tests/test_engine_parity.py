@@ -78,3 +78,16 @@ def test_parity_under_preemption(case):
     check(outs, expected)
     assert sum(o.metrics.num_preemptions for o in outs) > 0
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_total_blocks
+
+
+def test_deadline_policy_keeps_greedy_output():
+    # Scheduling order and chunk sizes change, tokens must not: greedy output is per sequence.
+    prompts = random_prompts(1000, [3, 40, 90, 200], seed=31)
+    params = [SamplingParams(temperature=0.0, max_tokens=24, ttft_ms=t, tpot_ms=50)
+              for t in (500, 10000, 500, 10000)]
+    fcfs = LLM("kvray:tiny-qwen3", max_model_len=512, max_num_batched_tokens=64)
+    deadline = LLM("kvray:tiny-qwen3", max_model_len=512, max_num_batched_tokens=64, scheduling_policy="deadline")
+    assert type(deadline.engine.policy).__name__ == "DeadlinePolicy"
+    a = fcfs.generate(prompts, params, use_tqdm=False)
+    b = deadline.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-_POLICIES = ("fcfs",)
+_POLICIES = ("fcfs", "deadline")
 
 
 @dataclass

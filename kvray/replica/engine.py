@@ -18,6 +18,7 @@ from kvray.replica.models.loader import load_config, load_tokenizer, resolve_dty
 from kvray.replica.outputs import RequestOutput
 from kvray.replica.sampling_params import SamplingParams
 from kvray.replica.scheduler import Scheduler
+from kvray.replica import deadline_policy  # noqa: F401  (registers the "deadline" policy)
 from kvray.replica.scheduling_policy import make_policy
 from kvray.replica.sequence import Sequence, SequenceStatus
 
@@ -71,9 +72,11 @@ class LLMEngine:
         self.runner.allocate_kv_cache(num_blocks)
         self.runner.prepare(self.max_num_batched_tokens, config.max_num_seqs, self.max_model_len)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.policy = make_policy(config.scheduling_policy)
+        self._observe_step = getattr(self.policy, "observe_step", None)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=self.max_num_batched_tokens,
-                                   max_model_len=self.max_model_len, policy=make_policy(config.scheduling_policy),
+                                   max_model_len=self.max_model_len, policy=self.policy,
                                    enable_chunked_prefill=config.enable_chunked_prefill)
         self.eos_token_ids = self._eos_ids()
         self.step_history: deque[StepRecord] = deque(maxlen=STEP_HISTORY)
@@ -156,6 +159,8 @@ class LLMEngine:
             self._append_token(seq, result, i, now)
         self.step_history.append(StepRecord(now, now - t0, out.num_batched_tokens, out.num_context_tokens,
                                             len(out.scheduled)))
+        if self._observe_step is not None:  # a deadline-aware policy learns the step cost
+            self._observe_step(now - t0, out.num_batched_tokens, out.num_context_tokens, len(out.scheduled))
         return sample_seqs
 
     def _append_token(self, seq: Sequence, result, row: int, now: float) -> None:
