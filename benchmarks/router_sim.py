@@ -176,9 +176,9 @@ def main(argv=None) -> dict:
         goodputs.setdefault(str(r["replicas"]), {})[r["policy"]] = r["goodput"]
     cmd = "python benchmarks/router_sim.py " + " ".join(sys.argv[1:] if argv is None else argv)
     payload = {"command": cmd.strip(), "coefficients": dict(zip("abcd", coeffs.as_tuple())),
-               "coefficients_source": source, "replica": vars(rcfg), "workload": workload, "poll_interval_s": args.poll_interval,
-               "poll_delay_s": args.poll_delay, "noise": args.noise, "seed": args.seed, "wall_s": round(wall, 1),
-               "goodput": goodputs, "curves": curves}
+               "coefficients_source": source, "replica": vars(rcfg), "workload": workload,
+               "poll_interval_s": args.poll_interval, "poll_delay_s": args.poll_delay, "noise": args.noise,
+               "seed": args.seed, "wall_s": round(wall, 1), "goodput": goodputs, "curves": curves}
     report.write_json(args.out + ".json", payload)
     title = (f"kvray router simulation: {args.arrivals} arrivals"
              + (f" (CV {args.cv:g})" if args.arrivals == "gamma" else "")
