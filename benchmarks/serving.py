@@ -153,7 +153,9 @@ def http_runner(a, session):
 
     async def one(r: Req) -> Result:
         res = Result(r, start=time.monotonic())
-        body = {"model": a.model, "prompt": r.prompt, "max_tokens": r.output_len, "stream": True,
+        # logprobs=0 makes every token produce a chunk, also tokens whose text is empty (the random
+        # presets' model vocabularies are larger than their tokenizers'), so TTFT/ITL time tokens, not text
+        body = {"model": a.model, "prompt": r.prompt, "max_tokens": r.output_len, "stream": True, "logprobs": 0,
                 "ignore_eos": True, "temperature": a.temperature, "stream_options": {"include_usage": True}}
         last = None
         try:
@@ -191,7 +193,7 @@ def engine_runner(engine, a):
 
     async def one(r: Req) -> Result:
         res = Result(r, start=time.monotonic())
-        params = SamplingParams(temperature=a.temperature, max_tokens=r.output_len, ignore_eos=True)
+        params = SamplingParams(temperature=a.temperature, max_tokens=r.output_len, ignore_eos=True, logprobs=0)
         last = None
         try:
             async for out in engine.generate(f"bench-{r.idx}-{random.random()}", r.prompt, params):
