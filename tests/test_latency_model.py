@@ -1,11 +1,11 @@
-"""StepTimeModel fitting and the router's ReplicaView bookkeeping (pure Python, fast)."""
+"""StepTimeModel fitting and the router's SLOReplicaState bookkeeping (pure Python, fast)."""
 import math
 import random
 
 import pytest
 
 from kvray.router.latency_model import (
-    DEFAULT_COEFFS, ReplicaView, StepCoeffs, StepTimeModel, predict_ttft_s, predict_tpot_s, tpot_safe_chunk,
+    DEFAULT_COEFFS, SLOReplicaState, StepCoeffs, StepTimeModel, predict_ttft_s, predict_tpot_s, tpot_safe_chunk,
 )
 
 TRUE = StepCoeffs(a=5e-3, b=3e-5, c=4e-8, d=5e-5)
@@ -102,7 +102,7 @@ def test_prediction_helpers():
 
 
 def test_replica_view_counts_between_polls():
-    v = ReplicaView("r0")
+    v = SLOReplicaState("r0")
     v.update_stats({"num_running": 2, "num_waiting": 1, "queued_prefill_tokens": 500, "tokens_in_flight": 3000,
                     "num_free_blocks": 100, "num_total_blocks": 200, "block_size": 16}, taken_at=1.0)
     v.on_dispatch("a", 800, 100, [1, 2, 3], 1.5, deadline=2.0, tpot_s=0.05, priority=2.0)
@@ -121,12 +121,12 @@ def test_replica_view_counts_between_polls():
 
 
 def test_replica_view_prefix_lru_and_urgency():
-    v = ReplicaView("r0", prefix_capacity=4)
+    v = SLOReplicaState("r0", prefix_capacity=4)
     v.on_dispatch("x", 100, 10, [1, 2, 3], 0.0)
     assert v.prefix_hit_blocks([1, 2, 3, 9]) == 3
     v.on_dispatch("y", 100, 10, [7, 8], 0.0)
     assert len(v._prefix) == 4 and v.prefix_hit_blocks([1, 2]) == 0  # oldest hashes evicted
-    v = ReplicaView("r1")
+    v = SLOReplicaState("r1")
     v.on_dispatch("batch", 4000, 10, (), 0.0, deadline=10.0, priority=1.0)
     v.on_dispatch("inter", 1000, 10, (), 0.0, deadline=0.5, priority=2.0)
     # A new interactive request (deadline 0.6) waits only for the earlier interactive one...

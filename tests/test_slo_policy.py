@@ -4,7 +4,7 @@ import copy
 import pytest
 
 from kvray.router.baselines import PowerOfTwoChoicesPolicy, RoundRobinPolicy
-from kvray.router.latency_model import DEFAULT_COEFFS, ReplicaView, StepTimeModel
+from kvray.router.latency_model import DEFAULT_COEFFS, SLOReplicaState, StepTimeModel
 from kvray.router.slo_policy import DISPATCH, QUEUE, REJECT, RouteRequest, SLOAwarePolicy, SLOClass
 
 INTERACTIVE = SLOClass("interactive", ttft_ms=500, tpot_ms=50, priority=2.0)
@@ -12,7 +12,7 @@ BATCH = SLOClass("batch", ttft_ms=10_000, tpot_ms=200, priority=1.0)
 
 
 def view(rid, running=0, waiting=0, queued=0, tokens=0, free=10_000, max_seqs=256, tpot_s=None):
-    v = ReplicaView(rid, model=StepTimeModel.fixed_coeffs(DEFAULT_COEFFS))
+    v = SLOReplicaState(rid, model=StepTimeModel.fixed_coeffs(DEFAULT_COEFFS))
     v.update_stats({"num_running": running, "num_waiting": waiting, "queued_prefill_tokens": queued,
                     "tokens_in_flight": tokens, "num_free_blocks": free, "num_total_blocks": 20_000,
                     "block_size": 16, "max_num_seqs": max_seqs, "max_num_batched_tokens": 8192}, taken_at=0.0)

@@ -12,7 +12,7 @@ from kvray.replica.sampling_params import SamplingParams
 from kvray.replica.scheduling_policy import FCFSPolicy
 from kvray.replica.sequence import Sequence
 from kvray.router.baselines import LeastLoadPolicy, PowerOfTwoChoicesPolicy, RoundRobinPolicy
-from kvray.router.latency_model import DEFAULT_COEFFS, ReplicaView, StepCoeffs, StepTimeModel
+from kvray.router.latency_model import DEFAULT_COEFFS, SLOReplicaState, StepCoeffs, StepTimeModel
 from kvray.router.slo_policy import DISPATCH, QUEUE, RouteRequest, SLOAwarePolicy, urgency
 
 # policy name -> (router, replica scheduler)
@@ -81,7 +81,7 @@ class Cluster:
             SimReplica(f"r{i}", cfg.replica, DeadlinePolicy() if sched_name == "deadline" else FCFSPolicy(),
                        true_model, clock, cfg.noise, seed=seed * 1000 + i)
             for i in range(num_replicas)]
-        self.views = [ReplicaView(r.rid, max_num_batched_tokens=cfg.replica.max_num_batched_tokens,
+        self.views = [SLOReplicaState(r.rid, max_num_batched_tokens=cfg.replica.max_num_batched_tokens,
                                  scheduler=sched_name)
                       for r in self.replicas]
         self.router = make_router(router_name, clock, cfg, seed)

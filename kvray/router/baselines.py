@@ -4,7 +4,7 @@
 * ``RoundRobinPolicy``: replicas in turn.
 * ``PowerOfTwoChoicesPolicy``: Ray Serve's default request router: two distinct replicas at
   random, the one with fewer ongoing requests (this router's dispatched-but-unfinished
-  requests, ``ReplicaView.num_ongoing``) wins; a replica at ``max_ongoing_requests`` is skipped
+  requests, ``SLOReplicaState.num_ongoing``) wins; a replica at ``max_ongoing_requests`` is skipped
   (another pair is drawn), and with every replica full the request waits in the router.
 * ``LeastLoadPolicy``: kvray's platform policy, reused as is: ``kvray.router.policy.LeastLoadPolicy``
   (least outstanding tokens, prefix affinity when balanced) over the platform's
@@ -13,14 +13,14 @@
 
 Every policy here has the optional hooks ``on_stats(replica_id, stats, now)``,
 ``on_dispatch(request, replica_id, now)`` and ``on_complete(request_id, now)``; the simulator
-calls them next to the ``ReplicaView`` updates.
+calls them next to the ``SLOReplicaState`` updates.
 """
 from __future__ import annotations
 
 import random
 
 from kvray.router.hints import RoutingHint
-from kvray.router.latency_model import ReplicaView
+from kvray.router.latency_model import SLOReplicaState
 from kvray.router.load_book import LoadBook
 from kvray.router.policy import LeastLoadPolicy as _PlatformLeastLoad
 from kvray.router.slo_policy import DISPATCH, QUEUE, Decision, RouteRequest
@@ -43,7 +43,7 @@ class RoundRobinPolicy(_Hooks):
     def __init__(self):
         self._next = 0
 
-    def choose(self, req: RouteRequest, replicas: list[ReplicaView], now: float) -> Decision:
+    def choose(self, req: RouteRequest, replicas: list[SLOReplicaState], now: float) -> Decision:
         v = replicas[self._next % len(replicas)]
         self._next += 1
         return Decision(DISPATCH, v.replica_id, reason="round robin")
@@ -57,7 +57,7 @@ class PowerOfTwoChoicesPolicy(_Hooks):
         self.max_ongoing = max_ongoing_requests
         self.recheck_interval_s = recheck_interval_s
 
-    def choose(self, req: RouteRequest, replicas: list[ReplicaView], now: float) -> Decision:
+    def choose(self, req: RouteRequest, replicas: list[SLOReplicaState], now: float) -> Decision:
         cap = self.max_ongoing
         pool = list(replicas) if cap is None else [v for v in replicas if v.num_ongoing < cap]
         if not pool:
@@ -87,7 +87,7 @@ class LeastLoadPolicy(_Hooks):
                            block_size=self.block_size, slo_class=req.slo.name, ttft_ms=req.slo.ttft_ms,
                            tpot_ms=req.slo.tpot_ms, priority=req.slo.priority, arrival_time=req.arrival_time)
 
-    def choose(self, req: RouteRequest, replicas: list[ReplicaView], now: float) -> Decision:
+    def choose(self, req: RouteRequest, replicas: list[SLOReplicaState], now: float) -> Decision:
         ids = [v.replica_id for v in replicas]
         hint = self.hint(req)
         order = self.policy.rank(hint, self.book.views(ids, hint))

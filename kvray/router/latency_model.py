@@ -12,7 +12,7 @@ or when the data cannot separate two terms (pure decode steps have ``batched == 
 prior decides along the unidentified direction. Coefficients are constrained to be >= 0
 (exact non-negative least squares over the 4 variables, by enumerating active sets).
 
-``ReplicaView`` is the router's picture of one replica: the last polled stats dict plus what the
+``SLOReplicaState`` is the router's picture of one replica: the last polled stats dict plus what the
 router itself did since (dispatches, first tokens seen, completions) and the requests it has in
 flight there, so estimates stay fresh between polls. See its docstring for the call contract.
 
@@ -263,7 +263,7 @@ class _Pending:
 
 
 @dataclass
-class ReplicaView:
+class SLOReplicaState:
     """What the router knows about one replica (pure data; the router owns and mutates it).
 
     Call contract (router clock ``now`` in seconds, the same clock for every call):

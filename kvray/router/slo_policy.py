@@ -5,7 +5,7 @@ Contract (what the Serve adapter calls)
 ::
 
     policy = SLOAwarePolicy(mode="pack")            # or "spread"
-    views = {rid: ReplicaView(rid) for rid in replica_ids}   # kvray.router.latency_model
+    views = {rid: SLOReplicaState(rid) for rid in replica_ids}   # kvray.router.latency_model
     # on every stats poll:      views[rid].update_stats(stats, taken_at)
     d = policy.choose(request, list(views.values()), now)   # RouteRequest; now = router clock (s)
     if d.action == "dispatch":
@@ -43,7 +43,7 @@ predicted TTFT. With more than ``max_candidates`` replicas only that many are ev
 picked by cheap keys (shortest prefill queues, longest prefix hits, busiest).
 
 The replica side is ``kvray.replica.deadline_policy.DeadlinePolicy`` (engine option
-``scheduling_policy: deadline``); ``ReplicaView.scheduler`` tells the policy which one a replica
+``scheduling_policy: deadline``); ``SLOReplicaState.scheduler`` tells the policy which one a replica
 runs (``stats["scheduling_policy"]`` when reported).
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kvray.router.latency_model import ReplicaView, predict_ttft_s, predict_tpot_s, tpot_safe_chunk
+from kvray.router.latency_model import SLOReplicaState, predict_ttft_s, predict_tpot_s, tpot_safe_chunk
 
 DISPATCH, QUEUE, REJECT = "dispatch", "queue", "reject"
 
@@ -106,7 +106,7 @@ class Decision:
 
 @dataclass
 class _Estimate:
-    view: ReplicaView
+    view: SLOReplicaState
     hit_blocks: int
     cached_tokens: int
     ttft_s: float
@@ -132,7 +132,7 @@ class SLOAwarePolicy:
         self.max_candidates = max_candidates
 
     # ---- predictions -----------------------------------------------------------------------
-    def estimate(self, req: RouteRequest, v: ReplicaView, now: float) -> _Estimate:
+    def estimate(self, req: RouteRequest, v: SLOReplicaState, now: float) -> _Estimate:
         stats = v.stats
         bs = stats.get("block_size", 16)
         hit = min(v.prefix_hit_blocks(req.block_hashes), max(0, (req.prompt_tokens - 1) // bs))
@@ -176,7 +176,7 @@ class SLOAwarePolicy:
         """The request's TTFT on this replica if it were idle (its own prefill only)."""
         return predict_ttft_s(e.view.model.coeffs, 0, e.uncached, 0, 0, e.view.max_num_batched_tokens)
 
-    def _candidates(self, req: RouteRequest, replicas: list[ReplicaView]) -> list[ReplicaView]:
+    def _candidates(self, req: RouteRequest, replicas: list[SLOReplicaState]) -> list[SLOReplicaState]:
         """At most ``max_candidates`` replicas to estimate in full, picked by cheap keys: the
         shortest prefill queues (likely feasible), the longest prefix hits, the busiest
         (packing targets). Keeps a decision O(max_candidates) predictions for large pools."""
@@ -198,7 +198,7 @@ class SLOAwarePolicy:
         return out
 
     # ---- the choice ------------------------------------------------------------------------
-    def choose(self, req: RouteRequest, replicas: list[ReplicaView], now: float) -> Decision:
+    def choose(self, req: RouteRequest, replicas: list[SLOReplicaState], now: float) -> Decision:
         if not replicas:
             return Decision(REJECT, retry_after_s=min(1.0, req.slo.ttft_s), reason="no replicas")
         ests = [self.estimate(req, v, now) for v in self._candidates(req, replicas)]
