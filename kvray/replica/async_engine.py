@@ -21,6 +21,8 @@ from kvray.replica.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
+STATS_PERIOD_S = 0.02  # how often the engine thread refreshes the stats snapshot while busy
+
 
 @dataclass
 class _Delta:
@@ -184,6 +186,7 @@ class AsyncLLMEngine:
 
     # ---- engine thread -----------------------------------------------------------------------
     def _run(self) -> None:
+        last_stats = 0.0
         try:
             while True:
                 with self._lock:
@@ -199,10 +202,17 @@ class AsyncLLMEngine:
                 out: dict[asyncio.AbstractEventLoop, list] = {}
                 for rid in aborts:
                     self._abort_now(rid, out)
-                if self.engine.has_unfinished():
+                busy = self.engine.has_unfinished()
+                if busy:
                     for seq in self.engine.step():
                         self._collect(seq, out)
-                self._stats = self.engine.stats()
+                    busy = self.engine.has_unfinished()
+                now = time.monotonic()
+                # stats() is O(requests): snapshot at most every STATS_PERIOD_S while busy, and always
+                # when the engine goes idle (so a drained engine never reports stale usage)
+                if not busy or now - last_stats >= STATS_PERIOD_S:
+                    self._stats = self.engine.stats()
+                    last_stats = now
                 self._deliver(out)
         except BaseException as e:  # the loop is dead: fail every stream instead of hanging it
             logger.exception("engine loop died")
