@@ -21,8 +21,6 @@ from kvray.replica.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
-STATS_PERIOD_S = 0.02  # how often the engine thread refreshes the stats snapshot while busy
-
 
 @dataclass
 class _Delta:
@@ -186,7 +184,6 @@ class AsyncLLMEngine:
 
     # ---- engine thread -----------------------------------------------------------------------
     def _run(self) -> None:
-        last_stats = 0.0
         try:
             while True:
                 with self._lock:
@@ -202,17 +199,10 @@ class AsyncLLMEngine:
                 out: dict[asyncio.AbstractEventLoop, list] = {}
                 for rid in aborts:
                     self._abort_now(rid, out)
-                busy = self.engine.has_unfinished()
-                if busy:
+                if self.engine.has_unfinished():
                     for seq in self.engine.step():
                         self._collect(seq, out)
-                    busy = self.engine.has_unfinished()
-                now = time.monotonic()
-                # stats() is O(requests): snapshot at most every STATS_PERIOD_S while busy, and always
-                # when the engine goes idle (so a drained engine never reports stale usage)
-                if not busy or now - last_stats >= STATS_PERIOD_S:
-                    self._stats = self.engine.stats()
-                    last_stats = now
+                self._stats = self.engine.stats()
                 self._deliver(out)
         except BaseException as e:  # the loop is dead: fail every stream instead of hanging it
             logger.exception("engine loop died")
