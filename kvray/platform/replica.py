@@ -223,6 +223,9 @@ class LLMReplica:
         stats["num_channels"] = sum(1 for b in self._outboxes.values() if b.readers)
         stats["healthy"] = self.engine.is_alive()
         stats["max_model_len"] = self.engine.max_model_len
+        core = self.engine.engine  # what an SLO-aware router needs to predict this replica's steps
+        stats["max_num_batched_tokens"] = core.max_num_batched_tokens
+        stats["scheduling_policy"] = core.config.scheduling_policy
         stats["replica_id"] = self._replica_id
         return stats
 

@@ -104,7 +104,7 @@ class Router:
         policy = registry.get_policy(*self._policy_key)
         if policy is None:  # the plug-in has not routed anything yet: nothing to judge on
             return True, None
-        return policy.admit(hint, self._book.views(self._book.replica_ids(), hint))
+        return policy.admit(hint, lambda: self._book.views(self._book.replica_ids(), hint))
 
     # request lifecycle -> the routing policy (see RoutingPolicy.on_first_token / on_finish)
     def on_first_token(self, hint, t: float) -> None:
@@ -161,4 +161,8 @@ class Router:
 
     @fastapi_app.get("/v1/kvray/replicas")
     async def replicas(self) -> Response:
-        return JSONResponse({"time": time.time(), "replicas": self._book.snapshot()})
+        body = {"time": time.time(), "replicas": self._book.snapshot()}
+        policy = registry.get_policy(*self._policy_key)
+        if policy is not None and hasattr(policy, "snapshot"):  # what an SLO-aware policy predicts from
+            body["policy"] = {"name": policy.name, **policy.snapshot()}
+        return JSONResponse(body)

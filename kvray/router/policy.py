@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 from kvray.router.hints import RoutingHint
 from kvray.router.load_book import ReplicaView
@@ -45,17 +45,26 @@ class RoutingPolicy(ABC):
     def rank(self, hint: RoutingHint | None, replicas: list[ReplicaView]) -> list[str]:
         """Replica ids in preference order (may omit replicas that must not take the request)."""
 
-    def admit(self, hint: RoutingHint, replicas: list[ReplicaView]) -> tuple[bool, float | None]:
-        """Admission control, asked by the ingress before dispatch: (admit, retry_after_s).
+    def admit(self, hint: RoutingHint, replicas: list[ReplicaView] | Callable[[], list[ReplicaView]]):
+        """Admission control, asked by the ingress before dispatch: ``(admit, retry_after_s)``, or
+        an awaitable of it (the request waits in the router). ``replicas`` is the views of every
+        live replica, or a function returning fresh ones (for a policy that waits and re-checks).
 
         The default admits everything; an SLO-aware policy rejects what no replica can serve
         in time.
         """
         return True, None
 
-    # Request lifecycle, reported by the ingress for every dispatched request (``time.monotonic()``
-    # times). The load book already counts dispatches and completions; a policy that models
-    # latency (TTFT/TPOT) can use these too.
+    # Request lifecycle. ``on_dispatch``/``on_complete`` come from the Serve plug-in (the call
+    # was sent to a replica / ended there); ``on_first_token``/``on_finish`` from the ingress
+    # (``time.monotonic()`` times). The load book already counts dispatches and completions; a
+    # policy that models latency (TTFT/TPOT) can use these too.
+    def on_dispatch(self, hint: RoutingHint | None, replica_id: str) -> None:
+        pass
+
+    def on_complete(self, request_id: str, num_generated: int = 0) -> None:
+        pass
+
     def on_first_token(self, hint: RoutingHint | None, t: float) -> None:
         pass
 
@@ -110,3 +119,8 @@ class LeastLoadPolicy(RoutingPolicy):
         rest = sorted((v for v in healthy if v is not first), key=lambda v: (v.load, -v.prefix_blocks))
         rest += sorted(sick, key=lambda v: v.load)
         return [first.replica_id] + [v.replica_id for v in rest]
+
+
+# Policies defined in their own modules register on import; import them here so that the
+# registry (and the app config's check of ``router.policy``) always knows every policy.
+from kvray.router import slo_routing  # noqa: E402,F401

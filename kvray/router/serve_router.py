@@ -15,8 +15,9 @@ It lives in each process that holds a handle to LLMReplica (the Router ingress).
   and the request's ``RoutingHint`` (the ``hint=`` keyword of the handle call); each rank is
   one replica, so Serve tries them in the policy's order (a replica at its
   ``max_ongoing_requests`` is skipped).
-* ``on_request_routed`` / ``on_request_completed``: the LoadBook counts the dispatch and the
-  completion at once, so routing stays fresh between stats polls.
+* ``on_request_routed`` / ``on_request_completed``: the LoadBook (and the policy's own
+  per-replica state) count the dispatch and the completion at once, so routing stays fresh
+  between stats polls.
 
 Only this module (and the ingress) import Ray; the policy and the book are plain Python.
 """
@@ -40,6 +41,7 @@ class KVRayRequestRouter(RequestRouter):
         app, dep = self._deployment_id.app_name, self._deployment_id.name
         self._kvray_book = registry.get_book(app, dep)
         self._kvray_policy = registry.set_policy(app, dep, policy, policy_options)
+        self._kvray_requests: dict[str, str] = {}  # Serve's internal request id -> kvray request id
 
     def _book(self):
         if self._kvray_book is None:  # initialize_state not called: defaults
@@ -76,7 +78,14 @@ class KVRayRequestRouter(RequestRouter):
         hint = hint_from_call(pending_request.args, pending_request.kwargs)
         if hint is not None and hint.pin_replica is not None:
             return  # a token channel, not a request: no load of its own
-        self._book().on_dispatch(pending_request.metadata.internal_request_id, replica_id.unique_id, hint)
+        key = pending_request.metadata.internal_request_id
+        self._book().on_dispatch(key, replica_id.unique_id, hint)
+        self._kvray_policy.on_dispatch(hint, replica_id.unique_id)
+        if hint is not None:
+            self._kvray_requests[key] = hint.request_id
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         self._book().on_complete(internal_request_id, replica_id.unique_id)
+        request_id = self._kvray_requests.pop(internal_request_id, None)
+        if request_id is not None:
+            self._kvray_policy.on_complete(request_id)
