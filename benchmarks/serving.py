@@ -53,6 +53,7 @@ class Result:
     req: Req
     ok: bool = False
     error: str = ""
+    status: int | None = None  # HTTP status (None: no response)
     start: float = 0.0
     ttft: float | None = None
     e2e: float | None = None
@@ -96,7 +97,31 @@ def read_trace(path: Path) -> list[tuple[float, int, int]]:
     return [(t - t0, p, o) for t, p, o in rows]
 
 
+def azure_mix_workload(a, rate: float, vocab: int, max_len: int) -> list[Req]:
+    """The router simulator's workload over HTTP: the Azure code + conversation traces merged
+    (conv -> interactive, code -> batch), ``--duration`` seconds of arrivals at ``rate``
+    (the traces' own gaps scaled, or gamma with ``--cv``), each request generating its trace length."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.sim.workload import DEFAULT_TRACES, build_requests, merged_trace
+
+    trace = _TRACES.get("mix")
+    if trace is None:
+        trace = _TRACES["mix"] = merged_trace(DEFAULT_TRACES)
+    rng = random.Random(a.seed)
+    sims = build_requests(trace, rate, a.duration, seed=a.seed, cv=a.cv, arrivals=a.arrivals,
+                          max_model_len=max_len, max_tokens=max_len)
+    return [Req(i, r.arrival, [rng.randrange(vocab) for _ in range(r.prompt_len)], r.output_len, r.slo.name)
+            for i, r in enumerate(sims)]
+
+
+_TRACES: dict = {}
+
+
 def build_workload(a, rate: float | None, vocab: int, max_len: int) -> list[Req]:
+    if a.dataset == "azure-mix":
+        if not rate:
+            sys.exit("--dataset azure-mix needs --request-rate")
+        return azure_mix_workload(a, rate, vocab, max_len)
     rng = random.Random(a.seed)
     classes = list(parse_slo(a.slo))
     mix = parse_mix(a.slo_mix, classes)
@@ -160,6 +185,7 @@ def http_runner(a, session):
         last = None
         try:
             async with session.post(url, json=body, headers={"x-slo-class": r.slo_class}) as resp:
+                res.status = resp.status
                 if resp.status != 200:
                     res.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                     return res
@@ -239,8 +265,11 @@ def summarize(results: list[Result], duration: float, slo: dict[str, tuple[float
     for cls in sorted({r.req.slo_class for r in results}):
         rs = [r for r in results if r.req.slo_class == cls]
         met = sum(1 for r in rs if r.ok and attained(r))
-        per_class[cls] = {"requests": len(rs), "errors": sum(not r.ok for r in rs),
+        rejected = sum(1 for r in rs if r.status == 429)
+        admitted = len(rs) - rejected
+        per_class[cls] = {"requests": len(rs), "errors": sum(not r.ok for r in rs), "rejected_429": rejected,
                           "attainment": met / len(rs) if rs else None, "goodput_rps": met / duration,
+                          "attainment_of_admitted": met / admitted if admitted else None,
                           "ttft_ms_target": slo[cls][0], "tpot_ms_target": slo[cls][1]}
     out_tokens = sum(r.num_out for r in ok)
     return {
@@ -300,7 +329,9 @@ def print_summary(label: str, s: dict) -> None:
         d = s[k]
         print(f"   {k[:-2]:5s} ms  p50 {ms(d, 'p50'):>8}  p90 {ms(d, 'p90'):>8}  p99 {ms(d, 'p99'):>8}")
     for cls, c in s["per_class"].items():
-        print(f"   {cls}: attainment {c['attainment']:.1%}, goodput {c['goodput_rps']:.2f} req/s")
+        adm = c["attainment_of_admitted"]
+        print(f"   {cls}: attainment {c['attainment']:.1%}, goodput {c['goodput_rps']:.2f} req/s, "
+              f"429s {c['rejected_429']}, attainment of admitted {'-' if adm is None else f'{adm:.1%}'}")
     if s["first_errors"]:
         print("   errors:", s["first_errors"])
 
@@ -344,8 +375,9 @@ async def run_mode(a, rates: list[float | None]) -> tuple[list[dict], dict]:
         one = http_runner(a, ctx)
     try:
         if a.warmup:  # the workload's own first requests, with different token ids, all at once
-            warm = build_workload(argparse.Namespace(**{**vars(a), "num_requests": a.warmup, "seed": a.seed + 1}),
-                                  None, vocab, max_len)
+            dataset = "random" if a.dataset == "azure-mix" else a.dataset
+            warm = build_workload(argparse.Namespace(**{**vars(a), "num_requests": a.warmup, "seed": a.seed + 1,
+                                                        "dataset": dataset}), None, vocab, max_len)
             await drive(warm, one, a.warmup)
         for rate in rates:
             reqs = build_workload(a, rate, vocab, max_len)
@@ -378,7 +410,11 @@ def main(argv=None):
     p.add_argument("--config", help="engine-direct: take model and engine options from this Serve config")
     p.add_argument("--engine-model", default="kvray:tiny-qwen3", help="engine-direct model without --config")
     p.add_argument("--engine-args", help="engine-direct: JSON of extra EngineConfig options")
-    p.add_argument("--dataset", choices=("random", "trace"), default="random")
+    p.add_argument("--dataset", choices=("random", "trace", "azure-mix"), default="random",
+                   help="azure-mix: the router simulator's workload (code -> batch, conv -> interactive)")
+    p.add_argument("--duration", type=float, default=60.0, help="azure-mix: seconds of arrivals per rate")
+    p.add_argument("--arrivals", choices=("trace", "gamma"), default="trace", help="azure-mix arrivals")
+    p.add_argument("--cv", type=float, default=2.0, help="azure-mix gamma arrivals: coefficient of variation")
     p.add_argument("--trace", default=str(DEFAULT_TRACE), help="trace CSV (TIMESTAMP,ContextTokens,GeneratedTokens)")
     p.add_argument("--trace-offset", type=int, default=0, help="skip this many trace rows")
     p.add_argument("--num-requests", type=int, default=200)

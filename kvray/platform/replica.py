@@ -82,6 +82,8 @@ class LLMReplica:
         self._outboxes: dict[str, _Outbox] = {}
         self._num_requests = 0
         self._num_aborted = 0  # requests that ended before the engine finished them (caller gone)
+        self._started_at = time.time()  # wall clock: when this replica's engine was ready
+        self._first_token_at: float | None = None  # wall clock of the first token it produced
         try:
             from ray import serve
             self._replica_id = serve.get_replica_context().replica_id.unique_id
@@ -144,6 +146,8 @@ class LLMReplica:
             while True:
                 batch = _batch(out)
                 active.generated += len(batch["ids"])
+                if self._first_token_at is None and batch["ids"]:
+                    self._first_token_at = time.time()
                 if pending is not None:
                     batch = _merge(pending, batch)
                     pending = None
@@ -227,6 +231,8 @@ class LLMReplica:
         stats["max_num_batched_tokens"] = core.max_num_batched_tokens
         stats["scheduling_policy"] = core.config.scheduling_policy
         stats["replica_id"] = self._replica_id
+        stats["started_at"] = self._started_at
+        stats["first_token_at"] = self._first_token_at
         return stats
 
     async def stats(self) -> dict:

@@ -1,0 +1,188 @@
+"""Routing policies on real replicas: goodput of each policy over the same HTTP workload.
+
+For each policy, deploys the kvray app (N LLMReplica replicas, one Router) in this process's
+Ray cluster, runs ``benchmarks/serving.py`` with the router simulator's workload (Azure code ->
+batch, conversation -> interactive, the traces' own arrival gaps scaled to each rate) at every
+rate, and tears the app down. Policies:
+
+* ``slo_aware``: ``router.policy: slo_aware`` (admission control, 429s) + deadline replicas;
+* ``p2c``: Ray Serve's default ``PowerOfTwoChoicesRequestRouter`` + FCFS replicas;
+* ``least_load``: kvray's least-outstanding-tokens policy + FCFS replicas.
+
+Goodput = the highest rate at which >= 90% of each class's requests meet both TTFT and TPOT
+(429s count as misses). Writes OUT/<policy>.json|png (serving.py's reports), OUT/summary.json,
+OUT/goodput.png, and prints a markdown table.
+
+  python benchmarks/routing_gpu.py --replicas 4 --gpus-per-replica 0.5 --rates 4,8,12,16 --duration 30
+  # CPU smoke test:
+  python benchmarks/routing_gpu.py --model kvray:tiny-qwen3 --engine '{"device": "cpu"}' \\
+      --gpus-per-replica 0 --replicas 2 --rates 1 --duration 5 --max-model-len 1024
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import serving  # noqa: E402
+
+P2C = "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter"
+SLO = {"interactive": {"ttft_ms": 500, "tpot_ms": 50, "priority": 2.0},
+       "batch": {"ttft_ms": 10000, "tpot_ms": 200, "priority": 1.0}}
+
+
+def app_args(policy: str, a) -> dict:
+    engine = {"max_num_seqs": 256, "max_model_len": a.max_model_len, "dtype": "bfloat16",
+              "scheduling_policy": "deadline" if policy == "slo_aware" else "fcfs"}
+    if a.num_kv_blocks:
+        engine["num_kv_blocks"] = a.num_kv_blocks
+    engine.update(json.loads(a.engine))
+    router = {"policy": "slo_aware", "policy_options": {"mode": "pack"}} if policy == "slo_aware" \
+        else {"policy": "least_load"}
+    return {"model": a.model, "served_model_name": "bench", "engine": engine, "slo_classes": SLO,
+            "default_slo_class": "interactive", "router": {**router, "stats_period_s": 0.1},
+            "graceful_shutdown_timeout_s": 5, "stream_interval_ms": a.stream_interval_ms}
+
+
+def deploy(policy: str, a) -> None:
+    from ray import serve
+    from ray.serve.config import RequestRouterConfig
+
+    from kvray.platform.app import make_app
+    from kvray.platform.config import parse_args
+
+    overrides = {"num_replicas": a.replicas,
+                 "ray_actor_options": {"num_cpus": a.cpus_per_replica, "num_gpus": a.gpus_per_replica}}
+    if policy == "p2c":
+        overrides["request_router_config"] = RequestRouterConfig(request_router_class=P2C)
+    app = make_app(parse_args(app_args(policy, a)), overrides, {"ray_actor_options": {"num_cpus": a.router_cpus}})
+    serve.run(app, name="kvray", route_prefix="/", blocking=False)
+
+
+def wait_ready(url: str, timeout_s: float = 600) -> None:
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            if requests.get(url + "/health", timeout=10).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if time.time() > deadline:
+            raise RuntimeError("the app never became healthy")
+        time.sleep(1)
+
+
+def goodput(report: dict) -> float | None:
+    """Highest rate at which every class reached >= 90% attainment."""
+    best = None
+    for run in report["runs"]:
+        if all(c["attainment"] is not None and c["attainment"] >= 0.9 for c in run["summary"]["per_class"].values()):
+            best = max(best or 0.0, run["rate"])
+    return best
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for policy, s in summary["policies"].items():
+        rates = [r["rate"] for r in s["runs"]]
+        worst = [min(c["attainment"] for c in r["per_class"].values()) for r in s["runs"]]
+        ax.plot(rates, worst, marker="o", label=f"{policy} (goodput {s['goodput_rps']})")
+    ax.axhline(0.9, color="gray", ls="--", lw=1)
+    ax.set_xlabel("arrival rate (req/s)")
+    ax.set_ylabel("attainment of the worse class")
+    ax.set_title(f"{summary['replicas']} replicas on {summary['device']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def device_name() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30).stdout.strip().splitlines()
+        return f"{len(out)}x {out[0]}" if out else "cpu"
+    except (OSError, subprocess.SubprocessError):
+        return "cpu"
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--policies", nargs="+", default=["slo_aware", "p2c", "least_load"],
+                   choices=["slo_aware", "p2c", "least_load"])
+    p.add_argument("--model", default="kvray:qwen3-0.6b")
+    p.add_argument("--engine", default="{}", help="JSON of extra engine options")
+    p.add_argument("--replicas", type=int, default=4)
+    p.add_argument("--gpus-per-replica", type=float, default=0.5)
+    p.add_argument("--cpus-per-replica", type=float, default=2)
+    p.add_argument("--router-cpus", type=float, default=2)
+    p.add_argument("--stream-interval-ms", type=float, default=20.0,
+                   help="replicas merge a stream's tokens for this long (fewer SSE chunks through the Router)")
+    p.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="KV blocks per replica (needed when replicas share a GPU: the memory profile "
+                        "sees the other replicas' memory)")
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--rates", default="4,8,12,16")
+    p.add_argument("--duration", type=float, default=30.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--out", default="out/routing_gpu")
+    a = p.parse_args(argv)
+
+    import ray
+    from ray import serve
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ray.init(include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": a.port})
+    url = f"http://127.0.0.1:{a.port}"
+    summary = {"device": device_name(), "replicas": a.replicas, "gpus_per_replica": a.gpus_per_replica,
+               "model": a.model, "rates": a.rates, "duration_s": a.duration, "slo": SLO,
+               "command": "python benchmarks/routing_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "policies": {}}
+    try:
+        for policy in a.policies:
+            t0 = time.time()
+            deploy(policy, a)
+            wait_ready(url)
+            print(f"\n#### {policy}: ready in {time.time() - t0:.0f} s", flush=True)
+            report = serving.main(["--base-url", url, "--dataset", "azure-mix", "--request-rate", a.rates,
+                                   "--duration", str(a.duration), "--seed", str(a.seed), "--warmup", "8",
+                                   "--slo", ",".join(f"{k}={v['ttft_ms']}:{v['tpot_ms']}" for k, v in SLO.items()),
+                                   "--out", str(out / policy)])
+            summary["policies"][policy] = {
+                "goodput_rps": goodput(report),
+                "runs": [{"rate": r["rate"], "per_class": r["summary"]["per_class"],
+                          "output_tok_s": r["summary"]["output_tok_s"]} for r in report["runs"]]}
+            serve.delete("kvray")
+            time.sleep(3)
+    finally:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        serve.shutdown()
+        ray.shutdown()
+    plot(summary, out / "goodput.png")
+    base = summary["policies"].get("p2c", {}).get("goodput_rps")
+    print(f"\n| policy | goodput (req/s) | vs p2c |\n|---|---|---|")
+    for policy, s in summary["policies"].items():
+        g = s["goodput_rps"]
+        ratio = f"{g / base:.2f}x" if g and base else "-"
+        print(f"| {policy} | {g} | {ratio} |")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
