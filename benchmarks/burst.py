@@ -129,19 +129,29 @@ def analyse(results, reqs, samples, t0_wall: float, a) -> dict:
     }
 
 
-def plot(results, samples, t0_wall: float, a, path: Path) -> None:
+def records(results) -> list[dict]:
+    return [{"arrival_s": round(r.req.arrival_s, 3), "cls": r.req.slo_class, "status": r.status, "ok": r.ok,
+             "ttft": r.ttft, "tpot": r.tpot} for r in results]
+
+
+def plot(report: dict, path: Path) -> None:
+    """Replica count over time, and arrivals / SLO met / 429s per second, from a report dict."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    a = argparse.Namespace(**report["args"])
+    samples = report["samples"]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
-    ts = [s["t"] - t0_wall for s in samples]
+    ts = [s["t"] for s in samples]
     running = [s["states"].get("RUNNING", 0) for s in samples]
     total = [sum(v for k, v in s["states"].items() if k != "error") for s in samples]
     ax1.step(ts, total, where="post", label="replicas (all states)", color="tab:gray", ls="--")
     ax1.step(ts, running, where="post", label="replicas running", color="tab:blue")
     ax1.set_ylabel("replicas")
     ax1.set_ylim(0, max(total + [1]) + 0.5)
+    ax1.set_title(f"{report['device']}: {a.base_rate:g} req/s, x{a.burst_factor:g} burst, "
+                  f"replicas {a.min_replicas}-{a.max_replicas}")
     ax1.axvspan(a.pre, a.pre + a.burst, color="tab:orange", alpha=0.1, label="burst")
     ax1.legend(loc="upper right")
     ax1.grid(alpha=0.3)
@@ -149,13 +159,13 @@ def plot(results, samples, t0_wall: float, a, path: Path) -> None:
     n = int((a.pre + a.burst + a.post) / bins) + 1
     arrivals, rejected, met = [0] * n, [0] * n, [0] * n
     slo = {k: (v["ttft_ms"], v["tpot_ms"]) for k, v in SLO.items()}
-    for r in results:
-        i = min(n - 1, int(r.req.arrival_s / bins))
+    for r in report["records"]:
+        i = min(n - 1, int(r["arrival_s"] / bins))
         arrivals[i] += 1
-        if r.status == 429:
+        if r["status"] == 429:
             rejected[i] += 1
-        elif r.ok and r.ttft * 1000 <= slo[r.req.slo_class][0] and (
-                r.tpot is None or r.tpot * 1000 <= slo[r.req.slo_class][1]):
+        elif r["ok"] and r["ttft"] * 1000 <= slo[r["cls"]][0] and (
+                r["tpot"] is None or r["tpot"] * 1000 <= slo[r["cls"]][1]):
             met[i] += 1
     xs = [i * bins for i in range(n)]
     ax2.plot(xs, [x / bins for x in arrivals], label="arrivals/s")
@@ -225,7 +235,12 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--out", default="out/burst")
+    p.add_argument("--plot-only", metavar="REPORT_JSON", help="only draw the PNG next to a report JSON")
     a = p.parse_args(argv)
+    if a.plot_only:
+        report = json.loads(Path(a.plot_only).read_text())
+        plot(report, Path(a.plot_only).with_suffix(".png"))
+        return report
 
     import aiohttp
     import ray
@@ -262,9 +277,13 @@ def main(argv=None) -> dict:
         report = {"device": device_name(), "args": vars(a), "requests": len(reqs),
                   "command": "python benchmarks/burst.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                   **analyse(results, reqs, samples, t0, a),
-                  "samples": [{"t": round(s["t"] - t0, 2), "states": s["states"]} for s in samples]}
+                  "samples": [{"t": round(s["t"] - t0, 2), "states": s["states"]} for s in samples],
+                  "records": records(results)}
         Path(a.out + ".json").write_text(json.dumps(report, indent=2, default=str))
-        plot(results, samples, t0, a, Path(a.out + ".png"))
+        try:
+            plot(report, Path(a.out + ".png"))
+        except ImportError:
+            print("no matplotlib: re-plot with --plot-only OUT.json")
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -140,7 +140,12 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--out", default="out/routing_gpu")
+    p.add_argument("--plot-only", metavar="SUMMARY_JSON", help="only draw OUT/goodput.png from a summary.json")
     a = p.parse_args(argv)
+    if a.plot_only:
+        summary = json.loads(Path(a.plot_only).read_text())
+        plot(summary, Path(a.plot_only).with_name("goodput.png"))
+        return summary
 
     import ray
     from ray import serve
@@ -174,7 +179,10 @@ def main(argv=None) -> dict:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         serve.shutdown()
         ray.shutdown()
-    plot(summary, out / "goodput.png")
+    try:
+        plot(summary, out / "goodput.png")
+    except ImportError:
+        print("no matplotlib: re-plot with --plot-only OUT/summary.json")
     base = summary["policies"].get("p2c", {}).get("goodput_rps")
     print(f"\n| policy | goodput (req/s) | vs p2c |\n|---|---|---|")
     for policy, s in summary["policies"].items():
