@@ -198,7 +198,8 @@ def deploy(a) -> None:
                    "policy": {"policy_function": POLICY_PATH}}
     overrides = {"autoscaling_config": autoscaling,
                  "ray_actor_options": {"num_cpus": a.cpus_per_replica, "num_gpus": a.gpus_per_replica}}
-    serve.run(make_app(parse_args(args), overrides, {"ray_actor_options": {"num_cpus": a.router_cpus}}), name="kvray",
+    router = {"num_replicas": a.router_replicas, "ray_actor_options": {"num_cpus": a.router_cpus}}
+    serve.run(make_app(parse_args(args), overrides, router), name="kvray",
               route_prefix="/")
 
 
@@ -216,8 +217,9 @@ def main(argv=None) -> dict:
     p.add_argument("--max-replicas", type=int, default=2)
     p.add_argument("--gpus-per-replica", type=float, default=1)
     p.add_argument("--cpus-per-replica", type=float, default=4)
+    p.add_argument("--router-replicas", type=int, default=2, help="Router (HTTP ingress) replicas")
     p.add_argument("--router-cpus", type=float, default=2)
-    p.add_argument("--stream-interval-ms", type=float, default=20.0,
+    p.add_argument("--stream-interval-ms", type=float, default=50.0,
                    help="replicas merge a stream's tokens for this long (fewer SSE chunks through the Router)")
     p.add_argument("--upscale-delay", type=float, default=2.0)
     p.add_argument("--downscale-delay", type=float, default=20.0)

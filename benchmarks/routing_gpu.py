@@ -64,7 +64,8 @@ def deploy(policy: str, a) -> None:
                  "ray_actor_options": {"num_cpus": a.cpus_per_replica, "num_gpus": a.gpus_per_replica}}
     if policy == "p2c":
         overrides["request_router_config"] = RequestRouterConfig(request_router_class=P2C)
-    app = make_app(parse_args(app_args(policy, a)), overrides, {"ray_actor_options": {"num_cpus": a.router_cpus}})
+    router = {"num_replicas": a.router_replicas, "ray_actor_options": {"num_cpus": a.router_cpus}}
+    app = make_app(parse_args(app_args(policy, a)), overrides, router)
     serve.run(app, name="kvray", route_prefix="/", blocking=False)
 
 
@@ -128,8 +129,9 @@ def main(argv=None) -> dict:
     p.add_argument("--replicas", type=int, default=4)
     p.add_argument("--gpus-per-replica", type=float, default=0.5)
     p.add_argument("--cpus-per-replica", type=float, default=2)
+    p.add_argument("--router-replicas", type=int, default=2, help="Router (HTTP ingress) replicas")
     p.add_argument("--router-cpus", type=float, default=2)
-    p.add_argument("--stream-interval-ms", type=float, default=20.0,
+    p.add_argument("--stream-interval-ms", type=float, default=50.0,
                    help="replicas merge a stream's tokens for this long (fewer SSE chunks through the Router)")
     p.add_argument("--num-kv-blocks", type=int, default=None,
                    help="KV blocks per replica (needed when replicas share a GPU: the memory profile "

@@ -270,7 +270,9 @@ class OpenAIServing:
                            decode_estimate=min(p.params.max_tokens, self.decode_cap),
                            block_hashes=prefix_block_hashes(p.prompt_ids, bs), block_size=bs,
                            slo_class=p.slo.name, ttft_ms=p.slo.ttft_ms, tpot_ms=p.slo.tpot_ms,
-                           priority=p.slo.priority, arrival_time=time.time())
+                           priority=p.slo.priority,
+                           # when the HTTP handler got it (parsing and tokenizing count against the TTFT)
+                           arrival_time=time.time() - (time.monotonic() - p.t0))
         if self.admit is not None:
             verdict = self.admit(hint)
             if inspect.isawaitable(verdict):
