@@ -49,7 +49,9 @@ def app_args(policy: str, a) -> dict:
     router = {"policy": "slo_aware", "policy_options": {"mode": "pack"}} if policy == "slo_aware" \
         else {"policy": "least_load"}
     return {"model": a.model, "served_model_name": "bench", "engine": engine, "slo_classes": SLO,
-            "default_slo_class": "interactive", "router": {**router, "stats_period_s": 0.1},
+            "default_slo_class": "interactive",
+            # token channels rely on kvray's request router pinning each channel to its replica
+            "router": {**router, "stats_period_s": 0.1, "token_channels": policy != "p2c"},
             "graceful_shutdown_timeout_s": 5, "stream_interval_ms": a.stream_interval_ms}
 
 

@@ -135,3 +135,17 @@ def test_direct_stream():
         assert call.cancelled
 
     asyncio.run(main())
+
+
+def test_a_request_router_that_ignores_pins_disables_channels():
+    """With a non-kvray request router the channel lands on another replica: the waiting request
+    fails fast with a clear error (no hang), and the channels switch themselves off."""
+    async def main():
+        chans = TokenChannels(lambda replica_id, channel_id: FakeCall([{"hello": "some-other-replica"}]))
+        s = ChannelRequestStream(chans, "req", FakeCall([{"replica": "r1"}]))
+        with pytest.raises(ReplicaLost, match="kvray's request router"):
+            await asyncio.wait_for(s.__anext__(), 5)
+        assert chans.disabled
+        await chans.close()
+
+    asyncio.run(main())

@@ -49,7 +49,9 @@ class RouterArgs(BaseModel):
     decode_estimate_cap: int = Field(512, ge=1, description="generated tokens budgeted per request when "
                                      "estimating load: min(max_tokens, this)")
     token_channels: bool = Field(True, description="carry tokens from each replica in one multiplexed stream per "
-                                 "Router process (false: one stream per request; simpler, slower at high load)")
+                                 "Router process (false: one stream per request; simpler, slower at high load). Needs kvray's "
+                                 "request router on LLMReplica (the default); with another request_router_config, "
+                                 "set false")
     stats_period_s: PositiveFloat = Field(0.5, description="default request_routing_stats_period_s of LLMReplica "
                                           "(a request_router_config in the Serve config overrides it)")
 

@@ -55,6 +55,7 @@ class TokenChannels:
         self._queues: dict[str, _Inbox] = {}
         self._where: dict[str, str] = {}  # request id -> replica id
         self._tasks: dict[str, asyncio.Task] = {}
+        self.disabled = False  # set when the request router does not honour replica pins
 
     def register(self, request_id: str) -> _Inbox:
         q = self._queues[request_id] = _Inbox()
@@ -87,6 +88,15 @@ class TokenChannels:
             first = await asyncio.wait_for(stream.__anext__(), CHANNEL_OPEN_TIMEOUT_S)
             if not (isinstance(first, dict) and "hello" in first):
                 raise ReplicaLost(f"unexpected first channel item from {replica_id}: {first!r}")
+            if first["hello"] != replica_id:
+                # The deployment's request router ignored the pin (not kvray's plug-in): tokens
+                # would go to a channel on the wrong replica. Stop using channels.
+                self.disabled = True
+                logger.error("token channel for replica %s opened on %s: LLMReplica's request router does not "
+                             "honour kvray's pins; falling back to one stream per request (set "
+                             "router.token_channels: false with a custom request_router_config)",
+                             replica_id, first["hello"])
+                raise ReplicaLost("token channels need kvray's request router; retry the request")
             async for items in stream:
                 queues = self._queues
                 for rid, batch in items:

@@ -88,7 +88,7 @@ class Router:
         return self.serving
 
     def _submit(self, request_id, prompt_token_ids, params, hint):
-        if not self.args.router.token_channels:
+        if not self.args.router.token_channels or (self._channels is not None and self._channels.disabled):
             return DirectRequestStream(self._stream.generate.remote(request_id, prompt_token_ids, params, hint=hint))
         if self._channels is None:
             self._channels = TokenChannels(self._open_channel)
