@@ -112,7 +112,8 @@ class TokenChannels:
         except Exception as e:
             if type(e).__name__ != "RequestCancelledError":  # the replica died, or the channel could not open
                 logger.warning("token channel to replica %s failed: %r", replica_id, e)
-                error = ReplicaLost(f"lost the token channel to replica {replica_id}: {type(e).__name__}")
+                error = e if isinstance(e, ReplicaLost) else \
+                    ReplicaLost(f"lost the token channel to replica {replica_id}: {type(e).__name__}")
         finally:
             self._tasks.pop(replica_id, None)
             try:
