@@ -10,7 +10,8 @@ Floor: max(bytes / copy bandwidth, FLOPs / matmul rate), bytes = weights once pe
 (steps = the longest output) + every K/V byte read by every generated token; both ceilings are
 measured in this run.
 
-  python benchmarks/offline_throughput.py [--presets qwen3-0.6b:AB,llama-3.2-1b:B] [--hf-subset 64]
+  python benchmarks/offline_throughput.py [--presets qwen3-0.6b:AB,llama-3.2-1b:B] [--hf-subset 64] [--sync-scheduling]
+kvray runs with async (one-step-lookahead) scheduling, the engine default; --sync-scheduling turns it off.
 Appends a markdown table to benchmarks/RESULTS.md.
 """
 from __future__ import annotations
@@ -174,6 +175,7 @@ def main() -> None:
     ap.add_argument("--hf-subset", type=int, default=64, help="requests of workload A given to the HF baselines")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--sync-scheduling", action="store_true", help="async_scheduling=False (for comparison)")
     ap.add_argument("--out", default=None, help="also write JSON here")
     ap.add_argument("--hf-cb-only", action="store_true", help="only the transformers generate_batch baseline")
     args = ap.parse_args()
@@ -185,7 +187,8 @@ def main() -> None:
         return hf_cb_only(args)
     for spec in args.presets.split(","):
         preset, wls = spec.split(":")
-        llm = LLM(f"kvray:{preset}", gpu_memory_utilization=0.9, enforce_eager=args.enforce_eager)
+        llm = LLM(f"kvray:{preset}", gpu_memory_utilization=0.9, enforce_eager=args.enforce_eager,
+                  async_scheduling=not args.sync_scheduling)
         eng = llm.engine
         cfg = eng.hf_config
         weight_bytes = sum(p.numel() * p.element_size() for p in eng.runner.model.parameters())
@@ -276,7 +279,8 @@ def hf_cb_only(args) -> None:
 def write_results(dev, copy_bw, mm_rate, rows, args) -> str:
     lines = [f"\n### Offline throughput — {dev} — {datetime.date.today()}\n",
              f"Command: `python benchmarks/offline_throughput.py --presets {args.presets} --hf-subset {args.hf_subset}"
-             f"{' --enforce-eager' if args.enforce_eager else ''}`  ",
+             f"{' --enforce-eager' if args.enforce_eager else ''}"
+             f"{' --sync-scheduling' if args.sync_scheduling else ''}`  ",
              f"Measured copy bandwidth {copy_bw / 1e12:.2f} TB/s, bf16 matmul {mm_rate / 1e12:.0f} TFLOP/s.\n",
              "| model | workload | kvray tok/s | floor tok/s | % of floor | HF static tok/s | x static | HF generate_batch tok/s | x CB | KV tokens | peak KV use |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -1,7 +1,10 @@
 """Where a decode step's time goes: torch profiler over steady-state decode steps.
 
   python benchmarks/profile_step.py [--preset qwen3-0.6b] [--batch 256] [--context 1024] [--enforce-eager]
-Prints the top CUDA kernels by total time and the step's wall time vs its GPU time.
+                                   [--sync-scheduling]
+Prints the top CUDA kernels by total time and the step's wall time vs its GPU time. With async
+scheduling (the default) the host work of a step overlaps the GPU, so wall ~ GPU time when the
+host keeps up; --sync-scheduling shows the synchronous engine.
 """
 from __future__ import annotations
 
@@ -25,8 +28,10 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--sync-scheduling", action="store_true", help="async_scheduling=False")
     args = ap.parse_args()
-    llm = LLM(f"kvray:{args.preset}", gpu_memory_utilization=0.9, enforce_eager=args.enforce_eager)
+    llm = LLM(f"kvray:{args.preset}", gpu_memory_utilization=0.9, enforce_eager=args.enforce_eager,
+              async_scheduling=not args.sync_scheduling)
     eng = llm.engine
     rng = random.Random(0)
     p = SamplingParams(temperature=0.0, max_tokens=10_000, ignore_eos=True)
@@ -48,7 +53,8 @@ def main() -> None:
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     gpu_total = sum(e.self_device_time_total for e in events) / args.steps / 1e3
     print(f"{args.preset} decode batch {args.batch} context ~{args.context}: wall {wall * 1e3:.3f} ms/step, "
-          f"GPU busy {gpu_total:.3f} ms/step ({'eager' if args.enforce_eager else 'CUDA graphs'})")
+          f"GPU busy {gpu_total:.3f} ms/step ({'eager' if args.enforce_eager else 'CUDA graphs'}, "
+          f"{'sync' if args.sync_scheduling else 'async'} scheduling)")
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:15]:
         print(f"  {e.self_device_time_total / args.steps / 1e3:8.3f} ms  x{e.count // args.steps:<4d} {e.key[:90]}")
     prof_cpu = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]

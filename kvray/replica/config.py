@@ -24,6 +24,11 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"
     attention_backend: str | None = None  # None: automatic; "reference" forces plain torch
     cpu_kv_cache_gib: float = 1.0  # KV budget when running on the CPU
+    # One-step lookahead: schedule and launch step N+1 while the GPU runs step N (its decode input
+    # ids gathered on the device from step N's sampled tokens), then read back and apply step N.
+    # Hides the host's scheduling, input building and stop checks behind the GPU; output is
+    # token-for-token that of the synchronous path (greedy and seeded sampling).
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:

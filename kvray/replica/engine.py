@@ -17,7 +17,8 @@ from kvray.replica.model_runner import ModelRunner, resolve_device
 from kvray.replica.models.loader import load_config, load_tokenizer, resolve_dtype, resolve_model
 from kvray.replica.outputs import RequestOutput
 from kvray.replica.sampling_params import SamplingParams
-from kvray.replica.scheduler import Scheduler
+from kvray.replica.sampler import SampleResult
+from kvray.replica.scheduler import Scheduler, SchedulerOutput
 from kvray.replica import deadline_policy  # noqa: F401  (registers the "deadline" policy)
 from kvray.replica.scheduling_policy import make_policy
 from kvray.replica.sequence import Sequence, SequenceStatus
@@ -25,17 +26,35 @@ from kvray.replica.sequence import Sequence, SequenceStatus
 logger = logging.getLogger(__name__)
 
 STEP_HISTORY = 256
+PLACEHOLDER = -1  # the host's id of a token sampled by the step in flight, until it is read back
 
 
 @dataclass
 class StepRecord:
-    """One engine step, as the router's step-time model consumes it."""
+    """One engine step, as the router's step-time model consumes it. ``duration_s`` runs from
+    its launch, or from the previous step's end if that is later (async steps overlap), to its end."""
 
     t_end: float
     duration_s: float
     num_batched_tokens: int
     num_context_tokens: int
     num_seqs: int
+
+
+@dataclass
+class _Launched:
+    """A step whose device work is queued."""
+
+    out: SchedulerOutput
+    sample_seqs: list[Sequence]      # the sequences it samples, one row of ``result`` each
+    result: SampleResult | None      # None when it samples nothing (only prompt chunks)
+    t_launch: float
+
+
+def _can_look_ahead(step: _Launched) -> bool:
+    """The next step can be launched before this one's tokens are read: they are a tensor to
+    gather from (a sampler that hands back host lists, like a test's stand-in, runs synchronously)."""
+    return step.result is None or isinstance(step.result.token_ids, torch.Tensor)
 
 
 class LLMEngine:
@@ -82,6 +101,8 @@ class LLMEngine:
         self.step_history: deque[StepRecord] = deque(maxlen=STEP_HISTORY)
         self._seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
+        self._inflight: _Launched | None = None  # the step launched, not yet completed (async scheduling)
+        self._last_step_end = 0.0
         logger.info("engine ready: model=%s device=%s dtype=%s max_model_len=%d KV=%d tokens", config.model,
                     self.device, dtype, self.max_model_len, num_blocks * config.block_size)
 
@@ -141,31 +162,89 @@ class LLMEngine:
         return seq
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Requests are queued or running, or a step is in flight (async scheduling)."""
+        return self._inflight is not None or self.scheduler.has_unfinished()
 
     # ---- the step --------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
-        """Schedule and run one step. Returns the sequences that gained a token or finished."""
-        out = self.scheduler.schedule()
+        """Run one step. Returns the sequences that gained a token or finished.
+
+        With ``async_scheduling`` the step completed here is the one the previous call launched
+        (the first call launches one itself). Before waiting for its tokens, this call schedules
+        and launches the next step, assuming every sequence sampled in the step in flight gains
+        one token (a placeholder id on the host, gathered from the sampled-token tensor on the
+        device), so scheduling, input building and the stop checks overlap the GPU. A sequence
+        that then finishes has its token from the next step discarded.
+        """
+        prev, self._inflight = self._inflight, None
+        if prev is None:
+            prev = self._launch(self.scheduler.schedule())
+            if prev is None:
+                return []
+            self.scheduler.update_after_step(prev.out)  # overlaps the GPU
+        pending: dict[Sequence, int] = {}
+        nxt = None
+        if self.config.async_scheduling and _can_look_ahead(prev):
+            pending = self._reserve_next_tokens(prev)
+            nxt = self._launch(self.scheduler.schedule(), prev.result, pending)
+        done = self._complete(prev, pending)
+        if nxt is not None:  # after _complete: the placeholders hold real ids again (prefix-cache hashes)
+            self.scheduler.update_after_step(nxt.out)
+            self._inflight = nxt
+        return done
+
+    def _launch(self, out: SchedulerOutput, prev: SampleResult | None = None,
+                pending: dict[Sequence, int] | None = None) -> _Launched | None:
         if not out.scheduled:
-            return []
+            return None
         t0 = time.monotonic()
-        sample_seqs, result = self.runner.execute(out.scheduled)  # launched, not awaited
-        self.scheduler.update_after_step(out)  # overlaps the GPU
+        sample_seqs, result = self.runner.execute(out.scheduled, pending, prev.token_ids if pending else None)
+        return _Launched(out, sample_seqs, result, t0)
+
+    def _reserve_next_tokens(self, prev: _Launched) -> dict[Sequence, int]:
+        """Give each sequence sampled in ``prev`` that cannot finish on that token a placeholder
+        for it (so the scheduler grants it its next decode); map it to its row of the samples."""
+        pending: dict[Sequence, int] = {}
+        max_len = self.max_model_len
+        running = SequenceStatus.RUNNING
+        for row, seq in enumerate(prev.sample_seqs):
+            if seq.status is not running:
+                continue  # finished or aborted: the token is discarded
+            tokens = seq.token_ids
+            n = len(tokens) + 1  # with that token
+            if n >= max_len or n - seq.num_prompt_tokens >= seq.params.max_tokens:
+                continue  # that token ends it: nothing to schedule
+            tokens.append(PLACEHOLDER)
+            pending[seq] = row
+        return pending
+
+    def _complete(self, step: _Launched, pending: dict[Sequence, int]) -> list[Sequence]:
+        """Wait for the step's tokens (the one sync), append them and apply the stop checks."""
+        result = step.result
         if result is not None:
-            result.resolve()  # the step's one host-device sync
+            result.resolve()
         now = time.monotonic()
-        for i, seq in enumerate(sample_seqs):
-            self._append_token(seq, result, i, now)
-        self.step_history.append(StepRecord(now, now - t0, out.num_batched_tokens, out.num_context_tokens,
+        done = []
+        for i, seq in enumerate(step.sample_seqs):
+            if seq.is_finished:
+                continue  # finished at the previous step or aborted since: the token is discarded
+            self._append_token(seq, result, i, now, seq in pending)
+            done.append(seq)
+        duration = now - max(step.t_launch, self._last_step_end)
+        self._last_step_end = now
+        out = step.out
+        self.step_history.append(StepRecord(now, duration, out.num_batched_tokens, out.num_context_tokens,
                                             len(out.scheduled)))
         if self._observe_step is not None:  # a deadline-aware policy learns the step cost
-            self._observe_step(now - t0, out.num_batched_tokens, out.num_context_tokens, len(out.scheduled))
-        return sample_seqs
+            self._observe_step(duration, out.num_batched_tokens, out.num_context_tokens, len(out.scheduled))
+        return done
 
-    def _append_token(self, seq: Sequence, result, row: int, now: float) -> None:
+    def _append_token(self, seq: Sequence, result: SampleResult, row: int, now: float, placeholder: bool) -> None:
         token = result.token_ids[row]
-        seq.token_ids.append(token)
+        if placeholder:
+            seq.token_ids[-1] = token
+        else:
+            seq.token_ids.append(token)
         if seq.metrics.first_token_time is None:
             seq.metrics.first_token_time = now
         if seq.logprobs is not None:

@@ -115,9 +115,12 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.device, min(max_num_seqs, 512), max_blocks, max_model_len)
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], SampleResult | None]:
-        """Run the step; return the sequences that reached their end and the token sampled for each."""
-        step = self.inputs.build(scheduled)
+    def execute(self, scheduled: list[tuple[Sequence, int]], pending: dict[Sequence, int] | None = None,
+                prev_tokens: torch.Tensor | None = None) -> tuple[list[Sequence], SampleResult | None]:
+        """Launch the step; return the sequences that reached their end and the token sampled for each
+        (still on the device, its copy to the host started). ``pending``: sequences whose last token
+        id is the row of ``prev_tokens`` given (async scheduling; see ``StepInputBuilder.build``)."""
+        step = self.inputs.build(scheduled, pending, prev_tokens)
         if self.graphs is not None and self.graphs.can_run(step):
             hidden = self.graphs.run(step)
         else:
@@ -125,8 +128,7 @@ class ModelRunner:
                 hidden = self.model(step.input_ids, step.positions)
         if not step.sample_seqs:
             return [], None
-        if len(step.sample_rows) != step.num_tokens:
-            rows = torch.as_tensor(step.sample_rows, device=self.device)
-            hidden = hidden.index_select(0, rows)
+        if step.sample_index is not None:
+            hidden = hidden.index_select(0, step.sample_index)
         logits = self.model.compute_logits(hidden)
-        return step.sample_seqs, self.sampler(logits, step.sample_seqs)
+        return step.sample_seqs, self.sampler(logits, step.sample_seqs).start_copy()

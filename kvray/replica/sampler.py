@@ -17,14 +17,41 @@ from kvray.replica.sequence import Sequence
 class SampleResult:
     """Sampled tokens (and log-probs) per row. Fields may hold device tensors until
     ``resolve()`` reads them back: that read is the step's one host-device sync, so the engine
-    does its other bookkeeping first."""
+    does its other bookkeeping first. ``start_copy()`` queues the copies to pinned host memory
+    right behind the sampling and records an event, so ``resolve()`` waits for this step's
+    work only, not for work queued after it (the next step, under async scheduling)."""
 
     token_ids: list[int] | torch.Tensor
     logprobs: list[float] | torch.Tensor | None = None
     top_logprobs: list[dict[int, float] | None] | None = None
     _top: tuple | None = None  # (values, indices, per-row k) on the device, until resolved
+    _event: object = None      # torch.cuda.Event after the host copies started by start_copy()
+    _host: tuple | None = None   # the pinned host copies (tokens, logprobs, (top values, top indices))
+
+    def start_copy(self) -> "SampleResult":
+        t = self.token_ids
+        if not isinstance(t, torch.Tensor) or t.device.type != "cuda":
+            return self  # host results (or the CPU device): resolve() needs no wait
+
+        def to_host(x):
+            return x.to("cpu", non_blocking=True)  # a non-blocking device-to-host copy lands in pinned memory
+
+        self._host = (to_host(t), to_host(self.logprobs) if isinstance(self.logprobs, torch.Tensor) else None,
+                      (to_host(self._top[0]), to_host(self._top[1])) if self._top is not None else None)
+        self._event = torch.cuda.Event()
+        self._event.record()
+        return self
 
     def resolve(self) -> "SampleResult":
+        if self._event is not None:
+            self._event.synchronize()
+            tokens, logprobs, top = self._host
+            self.token_ids = tokens
+            if logprobs is not None:
+                self.logprobs = logprobs
+            if top is not None:
+                self._top = (top[0], top[1], self._top[2])
+            self._event = self._host = None
         if isinstance(self.token_ids, torch.Tensor):
             self.token_ids = self.token_ids.tolist()
         if isinstance(self.logprobs, torch.Tensor):
@@ -73,14 +100,14 @@ class Sampler:
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         params = [s.params for s in seqs]
         dev = logits.device
-        greedy = torch.tensor([p.greedy for p in params], device=dev)
-        temp = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=dev, dtype=torch.float32)
+        greedy = _to_device([p.greedy for p in params], torch.bool, dev)
+        temp = _to_device([1.0 if p.greedy else p.temperature for p in params], torch.float32, dev)
         x = logits / temp[:, None]
         vocab = x.shape[-1]
         top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
         top_p = [p.top_p for p in params]
         if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
-            x = self._truncate(x, torch.tensor(top_k, device=dev), torch.tensor(top_p, device=dev, dtype=torch.float32))
+            x = self._truncate(x, _to_device(top_k, torch.int64, dev), _to_device(top_p, torch.float32, dev))
         probs = torch.softmax(x, dim=-1)
         noise = torch.empty_like(probs)
         seeded = [i for i, p in enumerate(params) if p.seed is not None]
@@ -103,3 +130,9 @@ class Sampler:
         mask |= mass_before >= top_p[:, None]
         sorted_x = sorted_x.masked_fill(mask, float("-inf"))
         return torch.empty_like(x).scatter_(1, order, sorted_x)
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on the device without waiting for the device's queued work (a blocking
+    copy would wait for the step in flight under async scheduling)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)

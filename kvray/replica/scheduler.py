@@ -122,6 +122,8 @@ class Scheduler:
         return seq
 
     def finish(self, seq: Sequence, reason: str) -> None:
+        if seq.status is SequenceStatus.WAITING:  # preempted while its last token was in flight (async scheduling)
+            self._waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         if self._requests.get(seq.request_id) is seq:

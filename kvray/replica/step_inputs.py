@@ -2,7 +2,13 @@
 
 Host-side arrays are built with numpy in persistent (pinned, on CUDA) staging buffers and
 copied to persistent device buffers with non-blocking copies, so a step allocates nothing and
-never waits on the GPU here. The only host-device sync of a step is reading the sampled tokens.
+never waits on the GPU here. Two staging sets alternate, each guarded by an event recorded
+after its copies: a step's host arrays are written while the previous step's copies may still
+be queued (always the case under async scheduling, and after a step that sampled nothing).
+
+Under async scheduling a decode's input token may not be known on the host yet: the engine
+passes ``pending`` (sequence -> row of the previous step's sampled-token tensor, whose last
+token id is a placeholder) and that tensor, and the ids are gathered on the device.
 """
 from __future__ import annotations
 
@@ -21,9 +27,25 @@ class StepInputs:
     positions: torch.Tensor
     ctx: ForwardContext
     num_tokens: int
-    sample_rows: list[int]
     sample_seqs: list[Sequence]
-    is_decode: bool            # every sequence computes exactly one token
+    sample_index: torch.Tensor | None  # device rows of the hidden states to sample; None: every row
+    is_decode: bool                    # every sequence computes exactly one token
+
+
+class _Staging:
+    """One set of host staging buffers (pinned on CUDA) and the event after its last copies."""
+
+    def __init__(self, pin: bool, max_tokens: int, max_seqs: int, max_blocks_per_seq: int, cuda: bool):
+        def host(shape, dtype):
+            return torch.zeros(shape, dtype=dtype, pin_memory=pin)
+
+        self.tok = host((3, max_tokens), torch.int64)  # rows: 0 input ids, 1 positions, 2 slots
+        self.seq = host((2, max_seqs + 1), torch.int32)  # 0 query_start_loc, 1 seq_lens
+        self.tables = host((max_seqs, max_blocks_per_seq), torch.int32)
+        self.idx = host((3, max_seqs), torch.int64)  # 0 sampled rows, 1 gather destinations, 2 gather sources
+        self.n_tok, self.n_seq, self.n_tables, self.n_idx = (
+            t.numpy() for t in (self.tok, self.seq, self.tables, self.idx))
+        self.event = torch.cuda.Event() if cuda else None
 
 
 class StepInputBuilder:
@@ -31,27 +53,27 @@ class StepInputBuilder:
         self.device = device
         self.block_size = block_size
         self.max_blocks = max_blocks_per_seq
-        pin = device.type == "cuda"
-
-        def host(shape, dtype):
-            return torch.zeros(shape, dtype=dtype, pin_memory=pin)
+        self.on_cpu = device.type == "cpu"
+        cuda = device.type == "cuda"
+        self._staging = [_Staging(cuda, max_tokens, max_seqs, max_blocks_per_seq, cuda) for _ in range(2)]
+        self._turn = 0
 
         def dev(shape, dtype):
             return torch.zeros(shape, dtype=dtype, device=device)
 
-        # rows: 0 input ids, 1 positions, 2 slots (int64 so one copy moves all three)
-        self.h_tok = host((3, max_tokens), torch.int64)
-        self.h_seq = host((2, max_seqs + 1), torch.int32)  # 0 query_start_loc, 1 seq_lens
-        self.h_tables = host((max_seqs, max_blocks_per_seq), torch.int32)
         self.d_tok = dev((3, max_tokens), torch.int64)
         self.d_seq = dev((2, max_seqs + 1), torch.int32)
         self.d_tables = dev((max_seqs, max_blocks_per_seq), torch.int32)
-        self.n_tok, self.n_seq, self.n_tables = self.h_tok.numpy(), self.h_seq.numpy(), self.h_tables.numpy()
-        self.on_cpu = device.type == "cpu"
+        self.d_idx = dev((3, max_seqs), torch.int64)
 
-    def build(self, scheduled: list[tuple[Sequence, int]]) -> StepInputs:
+    def build(self, scheduled: list[tuple[Sequence, int]], pending: dict[Sequence, int] | None = None,
+              prev_tokens: torch.Tensor | None = None) -> StepInputs:
+        st = self._staging[self._turn]
+        self._turn ^= 1
+        if st.event is not None:
+            st.event.synchronize()  # its copies (two steps ago) are done; normally returns at once
         bs = self.block_size
-        tables = self.n_tables
+        tables = st.n_tables
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
@@ -59,6 +81,8 @@ class StepInputBuilder:
         lens: list[int] = []
         sample_rows: list[int] = []
         sample_seqs: list[Sequence] = []
+        gather_dst: list[int] = []
+        gather_src: list[int] = []
         max_blocks = max_q = 0
         t = 0
         for i, (seq, n) in enumerate(scheduled):
@@ -78,6 +102,11 @@ class StepInputBuilder:
                 ids.extend(seq.token_ids[start:end])
                 pos.extend(range(start, end))
                 slots.extend((tables[i, p // bs].astype(np.int64) * bs + p % bs).tolist())
+            if pending:
+                src = pending.get(seq)
+                if src is not None:  # its last token id is still on the device
+                    gather_dst.append(t + len(seq.token_ids) - 1 - start)
+                    gather_src.append(src)
             if n > max_q:
                 max_q = n
             t += n
@@ -87,22 +116,36 @@ class StepInputBuilder:
                 sample_rows.append(t - 1)
                 sample_seqs.append(seq)
         b = len(scheduled)
-        tok, seqa = self.n_tok, self.n_seq
+        s, g = (len(sample_rows) if len(sample_rows) != t else 0), len(gather_dst)
+        tok, seqa, idx = st.n_tok, st.n_seq, st.n_idx
         tok[0, :t] = ids
         tok[1, :t] = pos
         tok[2, :t] = slots
         seqa[0, :b + 1] = qsl
         seqa[1, :b] = lens
+        if s:
+            idx[0, :s] = sample_rows
+        if g:
+            idx[1, :g] = gather_dst
+            idx[2, :g] = gather_src
+        k = max(s, g)
         if self.on_cpu:  # no device copies: slices of the host buffers (cloned: the next step reuses them)
-            d_tok, d_seq, d_tables = self.h_tok[:, :t].clone(), self.h_seq.clone(), self.h_tables[:b, :max_blocks].clone()
+            d_tok, d_seq, d_tables = st.tok[:, :t].clone(), st.seq.clone(), st.tables[:b, :max_blocks].clone()
+            d_idx = st.idx[:, :k].clone()
         else:
-            self.d_tok[:, :t].copy_(self.h_tok[:, :t], non_blocking=True)
-            self.d_seq[:, :b + 1].copy_(self.h_seq[:, :b + 1], non_blocking=True)
-            self.d_tables[:b, :max_blocks].copy_(self.h_tables[:b, :max_blocks], non_blocking=True)
-            d_tok, d_seq, d_tables = self.d_tok[:, :t], self.d_seq, self.d_tables[:b, :max_blocks]
+            self.d_tok[:, :t].copy_(st.tok[:, :t], non_blocking=True)
+            self.d_seq[:, :b + 1].copy_(st.seq[:, :b + 1], non_blocking=True)
+            self.d_tables[:b, :max_blocks].copy_(st.tables[:b, :max_blocks], non_blocking=True)
+            if k:
+                self.d_idx[:, :k].copy_(st.idx[:, :k], non_blocking=True)
+            if st.event is not None:
+                st.event.record()
+            d_tok, d_seq, d_tables, d_idx = self.d_tok[:, :t], self.d_seq, self.d_tables[:b, :max_blocks], self.d_idx
+        if g:
+            d_tok[0].index_copy_(0, d_idx[1, :g], prev_tokens.index_select(0, d_idx[2, :g]).to(torch.int64))
         ctx = ForwardContext(slot_mapping=d_tok[2], block_tables=d_tables, query_start_loc=d_seq[0, :b + 1],
                              seq_lens=d_seq[1, :b], max_query_len=max_q, max_seq_len=max(lens))
-        return StepInputs(d_tok[0], d_tok[1], ctx, t, sample_rows, sample_seqs, max_q == 1)
+        return StepInputs(d_tok[0], d_tok[1], ctx, t, sample_seqs, d_idx[0, :s] if s else None, max_q == 1)
 
 
 def _np_table(seq: Sequence) -> np.ndarray:
