@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import serving  # noqa: E402
-from benchmarks.routing_gpu import SLO, device_name, wait_ready  # noqa: E402
+from benchmarks.routing_gpu import SLO, add_app_options, device_name, wait_ready  # noqa: E402
 
 
 def schedule(a) -> list[serving.Req]:
@@ -210,17 +210,9 @@ def parse_range(s: str) -> tuple[int, int]:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="kvray:qwen3-0.6b")
-    p.add_argument("--engine", default="{}", help="JSON of extra engine options")
-    p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--min-replicas", type=int, default=1)
     p.add_argument("--max-replicas", type=int, default=2)
-    p.add_argument("--gpus-per-replica", type=float, default=1)
-    p.add_argument("--cpus-per-replica", type=float, default=4)
-    p.add_argument("--router-replicas", type=int, default=2, help="Router (HTTP ingress) replicas")
-    p.add_argument("--router-cpus", type=float, default=2)
-    p.add_argument("--stream-interval-ms", type=float, default=50.0,
-                   help="replicas merge a stream's tokens for this long (fewer SSE chunks through the Router)")
+    add_app_options(p, gpus_per_replica=1, cpus_per_replica=4)
     p.add_argument("--upscale-delay", type=float, default=2.0)
     p.add_argument("--downscale-delay", type=float, default=20.0)
     p.add_argument("--base-rate", type=float, default=6.0)
@@ -234,8 +226,6 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-prompt", type=parse_range, default=(1024, 3072))
     p.add_argument("--batch-output", type=parse_range, default=(64, 512))
     p.add_argument("--vocab", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--port", type=int, default=8000)
     p.add_argument("--out", default="out/burst")
     p.add_argument("--plot-only", metavar="REPORT_JSON", help="only draw the PNG next to a report JSON")
     a = p.parse_args(argv)

@@ -40,6 +40,21 @@ SLO = {"interactive": {"ttft_ms": 500, "tpot_ms": 50, "priority": 2.0},
        "batch": {"ttft_ms": 10000, "tpot_ms": 200, "priority": 1.0}}
 
 
+def add_app_options(p: argparse.ArgumentParser, *, gpus_per_replica: float, cpus_per_replica: float) -> None:
+    """Options shared by the benchmarks that deploy the app themselves (this one and burst.py)."""
+    p.add_argument("--model", default="kvray:qwen3-0.6b")
+    p.add_argument("--engine", default="{}", help="JSON of extra engine options")
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--gpus-per-replica", type=float, default=gpus_per_replica)
+    p.add_argument("--cpus-per-replica", type=float, default=cpus_per_replica)
+    p.add_argument("--router-replicas", type=int, default=2, help="Router (HTTP ingress) replicas")
+    p.add_argument("--router-cpus", type=float, default=2)
+    p.add_argument("--stream-interval-ms", type=float, default=50.0,
+                   help="replicas merge a stream's tokens for this long (fewer SSE chunks through the Router)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--port", type=int, default=8000)
+
+
 def app_args(policy: str, a) -> dict:
     engine = {"max_num_seqs": 256, "max_model_len": a.max_model_len, "dtype": "bfloat16",
               "scheduling_policy": "deadline" if policy == "slo_aware" else "fcfs"}
@@ -126,29 +141,19 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policies", nargs="+", default=["slo_aware", "p2c", "least_load"],
                    choices=["slo_aware", "p2c", "least_load"])
-    p.add_argument("--model", default="kvray:qwen3-0.6b")
-    p.add_argument("--engine", default="{}", help="JSON of extra engine options")
     p.add_argument("--replicas", type=int, default=4)
-    p.add_argument("--gpus-per-replica", type=float, default=0.5)
-    p.add_argument("--cpus-per-replica", type=float, default=2)
-    p.add_argument("--router-replicas", type=int, default=2, help="Router (HTTP ingress) replicas")
-    p.add_argument("--router-cpus", type=float, default=2)
-    p.add_argument("--stream-interval-ms", type=float, default=50.0,
-                   help="replicas merge a stream's tokens for this long (fewer SSE chunks through the Router)")
+    add_app_options(p, gpus_per_replica=0.5, cpus_per_replica=2)
     p.add_argument("--num-kv-blocks", type=int, default=None,
                    help="KV blocks per replica (needed when replicas share a GPU: the memory profile "
                         "sees the other replicas' memory)")
-    p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--rates", default="4,8,12,16")
     p.add_argument("--duration", type=float, default=30.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--port", type=int, default=8000)
     p.add_argument("--out", default="out/routing_gpu")
-    p.add_argument("--plot-only", metavar="SUMMARY_JSON", help="only draw OUT/goodput.png from a summary.json")
+    p.add_argument("--plot-only", metavar="SUMMARY_JSON", help="only draw the PNG next to a summary JSON")
     a = p.parse_args(argv)
     if a.plot_only:
         summary = json.loads(Path(a.plot_only).read_text())
-        plot(summary, Path(a.plot_only).with_name("goodput.png"))
+        plot(summary, Path(a.plot_only).with_suffix(".png"))
         return summary
 
     import ray

@@ -6,7 +6,6 @@ Ray instance instead of joining one that may be running here.
 """
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -18,18 +17,14 @@ import yaml
 
 pytest.importorskip("ray")
 
+from serve_app import free_port  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServeRun:
     def __init__(self, cfg: dict, tmp_path: Path):
-        self.port = _free_port()
+        self.port = free_port()
         cfg["http_options"]["port"] = self.port
         path = tmp_path / "config.yaml"
         path.write_text(yaml.safe_dump(cfg))

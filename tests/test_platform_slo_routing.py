@@ -6,7 +6,6 @@ get 429 with Retry-After before their TTFT deadline; a request waiting in the ro
 soon as a stream ends.
 """
 import asyncio
-import socket
 import time
 
 import aiohttp
@@ -14,10 +13,8 @@ import pytest
 import requests
 
 ray = pytest.importorskip("ray")
-from ray import serve  # noqa: E402
 
-from kvray.platform.app import make_app  # noqa: E402
-from kvray.platform.config import parse_args  # noqa: E402
+from serve_app import running_app  # noqa: E402
 
 NAME = "tiny-qwen3"
 TTFT_MS = 3000
@@ -31,30 +28,10 @@ ARGS = {"model": "kvray:tiny-qwen3", "served_model_name": NAME,
         "graceful_shutdown_timeout_s": 2}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def base():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        port = _free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = make_app(parse_args(ARGS), {"num_replicas": 2, "ray_actor_options": {"num_cpus": 1}},
-                       {"ray_actor_options": {"num_cpus": 0}})
-        serve.run(app, name="kvray", route_prefix="/")
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while requests.get(url + "/health", timeout=10).status_code != 200:
-            assert time.time() < deadline, "the app never became healthy"
-            time.sleep(0.5)
+    with running_app(ARGS) as url:
         yield url
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def _active(base) -> dict[str, int]:
