@@ -246,8 +246,11 @@ def cluster():
                                           "node_config": {}, "min_workers": 0, "max_workers": MAX_NODES}},
         autoscaler_v2=True)
     # Ray 2.60 turns token auth on for a new cluster, but a driver given an explicit address only
-    # uses it when RAY_AUTH_MODE says so: set it on both sides (the token is ~/.ray/auth_token).
+    # uses it when RAY_AUTH_MODE says so: set it on both sides (the token is ~/.ray/auth_token,
+    # made here on a machine that has never started Ray).
     from ray._raylet import Config
+
+    subprocess.run(["ray", "get-auth-token", "--generate"], check=True, capture_output=True, timeout=60)
 
     old_mode = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "token"
