@@ -41,6 +41,13 @@ INGRESS_ENV = {
 }
 
 
+def cli(name: str) -> list[str]:
+    """``serve ...`` / ``ray ...`` run by this interpreter (an installed script's shebang may name
+    another one, e.g. when Ray travels as a --target bundle)."""
+    module, entry = {"serve": ("ray.serve.scripts", "cli"), "ray": ("ray.scripts.scripts", "main")}[name]
+    return [sys.executable, "-c", f"import sys; from {module} import {entry} as m; sys.argv[0] = {name!r}; sys.exit(m())"]
+
+
 def load_args(a, c: int) -> list[str]:
     return ["--concurrency", str(c), "--num-requests", str(a.rounds * c), "--input-len", str(a.input_len), "--output-len",
             str(a.output_len), "--warmup", str(a.warmup)]
@@ -83,7 +90,7 @@ def http_leg(a, name: str, routers: int, ingress: str, out: Path) -> dict:
     cfg_path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, **INGRESS_ENV[ingress]}
     log = open(out / f"{name}_serve.log", "w")
-    proc = subprocess.Popen(["serve", "run", str(cfg_path)], env=env, stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen([*cli("serve"), "run", str(cfg_path)], env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     res = {}
@@ -101,7 +108,7 @@ def http_leg(a, name: str, routers: int, ingress: str, out: Path) -> dict:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-        subprocess.run(["ray", "stop", "--force"], capture_output=True)
+        subprocess.run([*cli("ray"), "stop", "--force"], capture_output=True)
         log.close()
     return res
 
