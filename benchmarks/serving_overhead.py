@@ -138,7 +138,7 @@ def main(argv=None) -> dict:
     p.add_argument("--output-len", default="128")
     p.add_argument("--warmup", type=int, default=16)
     p.add_argument("--client-procs", type=int, default=4)
-    p.add_argument("--startup-timeout", type=float, default=600)
+    p.add_argument("--startup-timeout", type=float, default=300)
     p.add_argument("--skip-engine", action="store_true", help="reuse OUT/engine_c*.json from an earlier run")
     p.add_argument("--out", default="out/serving_overhead")
     a = p.parse_args(argv)
