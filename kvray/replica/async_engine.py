@@ -3,11 +3,18 @@
 A dedicated thread runs the step loop, so the event loop (HTTP, Ray Serve) never waits on
 the GPU. Requests and aborts reach that thread through a locked inbox; each step's results go
 back to the event loop in one ``call_soon_threadsafe`` batch.
+
+The step loop's host work (scheduling, input building, eager kernel launches) holds the GIL for
+long stretches. With CPython's default 5 ms switch interval, every wake-up of the event loop
+thread (a new HTTP or Serve request, a token batch to forward) can wait that long for it, and
+one request needs many such wake-ups; the engine lowers the process's switch interval to
+``GIL_SWITCH_INTERVAL_S`` when it starts its thread.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,6 +27,8 @@ from kvray.replica.sampling_params import SamplingParams
 from kvray.replica.sequence import Sequence
 
 logger = logging.getLogger(__name__)
+
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclass
@@ -63,6 +72,7 @@ class AsyncLLMEngine:
         self._stats: dict = self.engine.stats()
         self._thread = threading.Thread(target=self._run, name="kvray-engine", daemon=True)
         if start:
+            sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
             self._thread.start()
 
     # ---- public API --------------------------------------------------------------------------
