@@ -47,40 +47,8 @@ def _run_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-KVRAY_BUILDERS = ("kvray.platform:build_app", "kvray.platform.app:build_app")
-
-
 def _add_check_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", type=Path, help="Serve config YAML, or a KubeRay RayService with spec.serveConfigV2")
-
-
-def config_errors(doc) -> list[str]:
-    """Every problem of a Serve config dict (a RayService's ``serveConfigV2`` is read through):
-    Serve's own schema, then the ``args`` of each kvray application, each as ``where: why``."""
-    import yaml
-    from pydantic import ValidationError
-    from ray.serve.schema import ServeDeploySchema
-
-    from kvray.platform.config import ConfigError, parse_args
-
-    if isinstance(doc, dict) and doc.get("kind") == "RayService":
-        doc = yaml.safe_load((doc.get("spec") or {}).get("serveConfigV2") or "null")
-    if not isinstance(doc, dict):
-        return ["the file holds no Serve config (a mapping with `applications:`)"]
-    try:
-        ServeDeploySchema.model_validate(doc)
-    except ValidationError as e:
-        return [f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
-    errors = []
-    for i, app in enumerate(doc.get("applications") or []):
-        if app.get("import_path") not in KVRAY_BUILDERS:
-            continue
-        try:
-            parse_args(app.get("args"))
-        except ConfigError as e:
-            lines = str(e).splitlines()[1:] or [str(e)]
-            errors += [f"applications[{i}] ({app.get('name')}): {line.strip()}" for line in lines]
-    return errors
 
 
 def _run_check_config(args: argparse.Namespace) -> int:
@@ -90,7 +58,8 @@ def _run_check_config(args: argparse.Namespace) -> int:
     except (OSError, yaml.YAMLError) as e:
         print(f"kvray check-config: cannot read {args.file}: {e}", file=sys.stderr)
         return 2
-    errors = config_errors(doc)
+    from kvray.platform.config import serve_config_errors
+    errors = serve_config_errors(doc)
     for line in errors:
         print(f"{args.file}: {line}", file=sys.stderr)
     if not errors:

@@ -1,0 +1,62 @@
+"""Throughput ceiling of a simulated cluster: the router simulator's workload with the SLO
+targets lifted, so that every request counts and only queueing shows.
+
+Where TTFT p50 keeps growing with the rate (requests wait longer the later they arrive), the
+replicas are saturated: no routing or scheduling policy can meet a 10 s TTFT there for most
+requests, since the work arrives faster than the step-time model lets the replicas do it.
+
+  python benchmarks/sim_ceiling.py --replicas 4 --rates 300 340 380 --coeffs benchmarks/step_coeffs_h200.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.sim.cluster import POLICIES, SimConfig, run_point  # noqa: E402
+from benchmarks.sim.workload import DEFAULT_TRACES, merged_trace, build_requests  # noqa: E402
+from kvray.router.latency_model import load_coeffs  # noqa: E402
+from kvray.router.slo_policy import SLOClass  # noqa: E402
+
+NO_SLO = {name: SLOClass(name, ttft_ms=1e12, tpot_ms=1e12, priority=prio) for name, prio in
+          (("interactive", 2.0), ("batch", 1.0))}
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--replicas", type=int, default=4)
+    ap.add_argument("--rates", type=float, nargs="+", required=True, help="cluster arrival rates, req/s")
+    ap.add_argument("--policy", default="least-load", choices=sorted(POLICIES))
+    ap.add_argument("--coeffs", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                     "step_coeffs_h200.json"))
+    ap.add_argument("--arrivals", choices=["gamma", "trace"], default="trace")
+    ap.add_argument("--duration", type=float, default=120.0, help="seconds of arrivals per point")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="JSON file for the points")
+    a = ap.parse_args(argv)
+    cfg = SimConfig(true_coeffs=load_coeffs(a.coeffs))
+    trace = merged_trace(DEFAULT_TRACES)
+    points = []
+    for rate in a.rates:
+        reqs = build_requests(trace, rate, a.duration, seed=a.seed, arrivals=a.arrivals, classes=NO_SLO)
+        t0 = time.perf_counter()
+        res = run_point(a.policy, a.replicas, reqs, cfg, a.duration, seed=a.seed)
+        p = {"rate": rate, "utilization": res["utilization"],
+             "ttft_p50_s": {k: c["ttft_p50"] for k, c in res["classes"].items()},
+             "ttft_p90_s": {k: c["ttft_p90"] for k, c in res["classes"].items()},
+             "completed": {k: c["attainment"] for k, c in res["classes"].items()}}
+        points.append(p)
+        print(f"{rate:g} req/s on {a.replicas} replicas ({a.policy}): utilization {p['utilization']:.3f}, TTFT p50 "
+              + ", ".join(f"{k} {v:.2f} s" for k, v in p["ttft_p50_s"].items())
+              + f" (p90 {max(p['ttft_p90_s'].values()):.2f} s); wall {time.perf_counter() - t0:.0f} s", flush=True)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"args": vars(a), "points": points}, f, indent=1)
+    return points
+
+
+if __name__ == "__main__":
+    main()
