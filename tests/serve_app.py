@@ -1,5 +1,6 @@
 """Helpers for the end-to-end tests that run kvray on a local Ray + Serve (CPU)."""
 import contextlib
+import random
 import socket
 import time
 
@@ -7,9 +8,18 @@ import requests
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range (32768+), so that none of the connections
+    and port-0 listeners Ray opens while the app starts can take it before the HTTP proxy binds it."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 29000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-29000")
 
 
 @contextlib.contextmanager
