@@ -217,7 +217,8 @@ def test_bad_input_errors_while_a_stream_runs(base):
     paths = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 
     async def healthy(session, started: asyncio.Event):
-        body = {"model": NAME, "prompt": "a healthy stream", "max_tokens": 120, "stream": True, "ignore_eos": True}
+        # long enough (most of max_model_len) to outlast the bad requests on a loaded CI machine
+        body = {"model": NAME, "prompt": "a healthy stream", "max_tokens": 480, "stream": True, "ignore_eos": True}
         tokens, done = "", False
         async with session.post(base + "/v1/completions", json=body) as resp:
             assert resp.status == 200
