@@ -79,8 +79,11 @@ def test_serve_run_local_yaml(tmp_path):
             "model": "tiny-qwen3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True})
         assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
         assert requests.get(run.url + "/v1/models").json()["data"][0]["id"] == "tiny-qwen3"
-        replicas = requests.get(run.url + "/v1/kvray/replicas").json()["replicas"]
-        assert len(replicas) == 2  # local.yaml asks for 2 LLMReplica replicas
+        # local.yaml asks for 2 LLMReplica replicas; /health needs only the first, so wait for both
+        while len(replicas := requests.get(run.url + "/v1/kvray/replicas").json()["replicas"]) < 2:
+            assert time.time() < deadline + 60, replicas
+            time.sleep(1)
+        assert len(replicas) == 2
     finally:
         run.stop()
 
