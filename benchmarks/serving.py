@@ -380,7 +380,7 @@ def engine_from_args(a):
     else:
         model, options = a.engine_model, {}
     options.update(json.loads(a.engine_args or "{}"))
-    return AsyncLLMEngine(EngineConfig(model=model, **options))
+    return AsyncLLMEngine(EngineConfig(model=model, **options), process=a.engine_process)
 
 
 async def run_mode(a, rates: list[float | None]) -> tuple[list[dict], dict]:
@@ -388,7 +388,7 @@ async def run_mode(a, rates: list[float | None]) -> tuple[list[dict], dict]:
     slo = parse_slo(a.slo)
     if a.engine_direct:
         engine = engine_from_args(a)
-        vocab = getattr(engine.engine, "vocab_size", len(engine.tokenizer))
+        vocab = engine.vocab_size
         max_len, mode, ctx = engine.max_model_len, "engine", None
         one = engine_runner(engine, a)
     else:
@@ -439,6 +439,8 @@ def main(argv=None):
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
     p.add_argument("--model", default=None, help="model name to send (default: the first of /v1/models)")
     p.add_argument("--engine-direct", action="store_true", help="run through AsyncLLMEngine in-process")
+    p.add_argument("--engine-process", action="store_true",
+                   help="engine-direct: run the step loop in a child process (as LLMReplica does), not a thread")
     p.add_argument("--config", help="engine-direct: take model and engine options from this Serve config")
     p.add_argument("--engine-model", default="kvray:tiny-qwen3", help="engine-direct model without --config")
     p.add_argument("--engine-args", help="engine-direct: JSON of extra EngineConfig options")

@@ -3,7 +3,10 @@ through HTTP (Router + Ray Serve), as users run it (``serve run CONFIG``).
 
 Legs, each in its own processes so that every one gets the whole GPU:
 
-* ``engine``: ``benchmarks/serving.py --engine-direct`` (AsyncLLMEngine in the load generator's process);
+* ``engine-thread`` and ``engine-process``: ``benchmarks/serving.py --engine-direct`` (AsyncLLMEngine
+  called in the load generator's process, its step loop in a thread of that process, or in a child
+  process as in LLMReplica, ``--engine-process``). The thread layout shares one GIL between the step
+  loop and the load generator, which slows both; the process layout is the baseline of the table;
 * one HTTP leg per ``--http`` spec ``NAME:ROUTERS:INGRESS``, where INGRESS is
   ``haproxy`` (``RAY_SERVE_ENABLE_HA_PROXY=1``: HAProxy on the config's port spreads connections over
   the Router replicas, which serve HTTP themselves), ``direct`` (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``
@@ -53,11 +56,13 @@ def load_args(a, c: int) -> list[str]:
             str(a.output_len), "--warmup", str(a.warmup)]
 
 
-def engine_leg(a, out: Path) -> dict:
+def engine_leg(a, name: str, out: Path) -> dict:
     res = {}
     for c in a.concurrency:
-        path = out / f"engine_c{c}"
-        subprocess.run([sys.executable, SERVING, "--engine-direct", "--config", a.config, *load_args(a, c), "--out", str(path)], check=True)
+        path = out / f"{name}_c{c}"
+        extra = ["--engine-process"] if name == "engine-process" else []
+        subprocess.run([sys.executable, SERVING, "--engine-direct", *extra, "--config", a.config, *load_args(a, c),
+                        "--out", str(path)], check=True)
         res[c] = json.loads(path.with_suffix(".json").read_text())["runs"][0]["summary"]
     return res
 
@@ -113,11 +118,11 @@ def http_leg(a, name: str, routers: int, ingress: str, out: Path) -> dict:
     return res
 
 
-def table(results: dict, concurrency: list[int]) -> str:
-    rows = ["| leg | concurrency | out tok/s | vs engine | TTFT p50 | TTFT p50 - engine | TTFT p90 | TPOT p50 "
+def table(results: dict, concurrency: list[int], baseline: str) -> str:
+    rows = [f"| leg | concurrency | out tok/s | vs {baseline} | TTFT p50 | TTFT p50 - {baseline} | TTFT p90 | TPOT p50 "
             "| ITL p50 |", "|---|---|---|---|---|---|---|---|---|"]
     for c in concurrency:
-        base = results["engine"][c]
+        base = results[baseline][c]
         for leg, res in results.items():
             s = res[c]
             ms = lambda d, k="p50": f"{d[k] * 1000:.1f} ms" if d[k] is not None else "-"  # noqa: E731
@@ -131,6 +136,8 @@ def table(results: dict, concurrency: list[int]) -> str:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "cluster-configs" / "gpu.yaml"))
+    p.add_argument("--engine", nargs="*", default=["engine-process", "engine-thread"],
+                   choices=["engine-process", "engine-thread"], help="in-process legs; the first is the baseline")
     p.add_argument("--http", nargs="+", default=["haproxy4:4:haproxy"], help="NAME:ROUTERS:INGRESS legs")
     p.add_argument("--concurrency", type=int, nargs="+", default=[64, 256])
     p.add_argument("--rounds", type=int, default=8, help="requests per run = rounds x concurrency")
@@ -139,22 +146,18 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=16)
     p.add_argument("--client-procs", type=int, default=4)
     p.add_argument("--startup-timeout", type=float, default=300)
-    p.add_argument("--skip-engine", action="store_true", help="reuse OUT/engine_c*.json from an earlier run")
     p.add_argument("--out", default="out/serving_overhead")
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {}
     concurrencies = a.concurrency
-    if a.skip_engine:
-        results["engine"] = {c: json.loads((out / f"engine_c{c}.json").read_text())["runs"][0]["summary"]
-                             for c in concurrencies}
-    else:
-        results["engine"] = engine_leg(a, out)
+    for name in a.engine:
+        results[name] = engine_leg(a, name, out)
     for spec in a.http:
         name, routers, ingress = spec.split(":")
         results[name] = http_leg(a, name, int(routers), ingress, out)
-    md = table(results, concurrencies)
+    md = table(results, concurrencies, a.engine[0] if a.engine else next(iter(results)))
     print(md)
     (out / "summary.json").write_text(json.dumps({"args": vars(a), "results": results, "table": md}, indent=1,
                                                  default=str))

@@ -9,16 +9,18 @@ from kvray.replica.config import EngineConfig
 from tests.conftest import random_prompts
 
 
-@pytest.fixture(scope="module")
-def engine():
-    eng = AsyncLLMEngine(EngineConfig(model="kvray:tiny-qwen3", max_model_len=256, max_num_seqs=16))
+@pytest.fixture(scope="module", params=["thread", "process"])
+def engine(request):
+    """Both places the step loop can run: a thread of this process, or a child process."""
+    eng = AsyncLLMEngine(EngineConfig(model="kvray:tiny-qwen3", max_model_len=256, max_num_seqs=16),
+                         process=request.param == "process")
     yield eng
     if eng.is_alive():
         asyncio.run(eng.shutdown(timeout_s=1))
 
 
 def test_streams_match_offline_generate(engine):
-    prompts = random_prompts(engine.engine.vocab_size, [3, 17, 40, 90], seed=21)
+    prompts = random_prompts(engine.vocab_size, [3, 17, 40, 90], seed=21)
     params = SamplingParams(temperature=0.0, max_tokens=25, ignore_eos=True)
     offline = LLM("kvray:tiny-qwen3", max_model_len=256).generate(prompts, params, use_tqdm=False)
 
@@ -40,7 +42,7 @@ def test_streams_match_offline_generate(engine):
 
 
 def test_abort_frees_blocks_and_stats(engine):
-    prompt = random_prompts(engine.engine.vocab_size, [60], seed=22)[0]
+    prompt = random_prompts(engine.vocab_size, [60], seed=22)[0]
     total = engine.stats()["num_total_blocks"]
 
     async def main():
@@ -50,15 +52,18 @@ def test_abort_frees_blocks_and_stats(engine):
             got += 1
             if got == 3:
                 stats = engine.stats()
+                await asyncio.sleep(0.2)  # past one request-snapshot period
+                states = engine.request_states()
                 break
         await gen.aclose()  # the consumer walked away: the engine must abort the request
         for _ in range(100):
             if engine.stats()["num_free_blocks"] == total and engine.stats()["num_running"] == 0:
                 break
             await asyncio.sleep(0.02)
-        return stats
+        return stats, states
 
-    during = asyncio.run(main())
+    during, states = asyncio.run(main())
+    assert len(states) == 1 and states[0][2] == 0 and states[0][1] is not None  # prefilled, first token out
     assert during["num_running"] == 1 and during["num_free_blocks"] < total
     assert during["tokens_in_flight"] >= 60 and during["step_times"]
     after = engine.stats()
@@ -66,7 +71,7 @@ def test_abort_frees_blocks_and_stats(engine):
 
 
 def test_explicit_abort_ends_stream_with_abort_reason(engine):
-    prompt = random_prompts(engine.engine.vocab_size, [10], seed=23)[0]
+    prompt = random_prompts(engine.vocab_size, [10], seed=23)[0]
 
     async def main():
         outs = []
@@ -81,8 +86,9 @@ def test_explicit_abort_ends_stream_with_abort_reason(engine):
     assert len(outs[-1].token_ids) < 500
 
 
-def test_graceful_shutdown_finishes_in_flight_then_health_fails_when_loop_dies():
-    eng = AsyncLLMEngine(EngineConfig(model="kvray:tiny-qwen3", max_model_len=128))
+@pytest.mark.parametrize("process", [False, True], ids=["thread", "process"])
+def test_graceful_shutdown_finishes_in_flight(process):
+    eng = AsyncLLMEngine(EngineConfig(model="kvray:tiny-qwen3", max_model_len=128), process=process)
     prompt = [5, 6, 7]
 
     async def main():
@@ -97,6 +103,14 @@ def test_graceful_shutdown_finishes_in_flight_then_health_fails_when_loop_dies()
 
     out = asyncio.run(main())
     assert out.finish_reason == "length" and len(out.token_ids) == 30
+    assert not eng.is_alive()
+    eng.check_health()  # stopped on purpose: not a failure
+    if process:
+        assert eng._process.proc.returncode == 0
+
+
+def test_health_fails_when_the_engine_thread_dies():
+    prompt = [5, 6, 7]
 
     broken = AsyncLLMEngine(EngineConfig(model="kvray:tiny-qwen3", max_model_len=128))
 
@@ -114,6 +128,26 @@ def test_graceful_shutdown_finishes_in_flight_then_health_fails_when_loop_dies()
         broken.check_health()
 
 
+def test_a_dead_engine_process_fails_its_streams_and_health():
+    eng = AsyncLLMEngine(EngineConfig(model="kvray:tiny-qwen3", max_model_len=128), process=True)
+    prompt = [5, 6, 7]
+
+    async def main():
+        outs = []
+        with pytest.raises(RuntimeError, match="engine process exited unexpectedly"):
+            async for o in eng.generate("x", prompt, SamplingParams(max_tokens=100, ignore_eos=True)):
+                outs.append(o)
+                if len(outs) == 2:
+                    eng._process.proc.kill()  # what a CUDA fault or the OOM killer does to it
+        return outs
+
+    outs = asyncio.run(main())
+    assert len(outs) == 2
+    assert not eng.is_alive()
+    with pytest.raises(RuntimeError, match="engine loop died"):
+        eng.check_health()
+
+
 async def _last(agen):
     last = None
     async for o in agen:
@@ -122,7 +156,7 @@ async def _last(agen):
 
 
 def test_streamed_text_never_shows_part_of_a_stop_string(engine):
-    prompt = random_prompts(engine.engine.vocab_size, [12], seed=24)[0]
+    prompt = random_prompts(engine.vocab_size, [12], seed=24)[0]
     base = LLM("kvray:tiny-qwen3", max_model_len=256).generate(
         [prompt], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True), use_tqdm=False)[0]
     stop = base.text[10:16]
@@ -139,7 +173,7 @@ def test_streamed_text_never_shows_part_of_a_stop_string(engine):
 
 
 def test_delta_outputs_carry_only_new_tokens(engine):
-    prompt = random_prompts(engine.engine.vocab_size, [9], seed=25)[0]
+    prompt = random_prompts(engine.vocab_size, [9], seed=25)[0]
     params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=2)
 
     async def run(delta):

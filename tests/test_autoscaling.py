@@ -316,41 +316,39 @@ def test_predicted_attainment_of_waiting_and_running_requests():
     assert att == pytest.approx(2 / 3)
 
 
-class _FakeSeq(SimpleNamespace):
-    pass
-
-
-def _fake_engine(policy: str = "fcfs"):
+def _fake_engine(requests: list[tuple]):
+    """What ``replica_autoscaling_stats`` reads of an AsyncLLMEngine."""
     now = asc.time.monotonic()
-    params = SimpleNamespace(max_tokens=32, ttft_ms=60_000.0, tpot_ms=10_000.0)
-    running = [_FakeSeq(params=params, metrics=SimpleNamespace(arrival_time=now - 1, first_token_time=now - 0.9),
-                        num_tokens=40, num_computed_tokens=39, num_output_tokens=8, deadline=None)]
-    waiting = [_FakeSeq(params=params, metrics=SimpleNamespace(arrival_time=now - 0.1, first_token_time=None),
-                        num_tokens=64, num_computed_tokens=0, num_output_tokens=0, deadline=None)]
-    sched = SimpleNamespace(running=running, waiting=waiting, max_num_batched_tokens=2048)
     stats = {"num_running": 1, "num_waiting": 1, "num_free_blocks": 30, "num_total_blocks": 40,
              "queued_prefill_tokens": 64, "tokens_in_flight": 104, "max_num_seqs": 16,
              "step_times": [(now - 0.5 + i * 0.01, 0.01, 1, 40, 1) for i in range(10)]}
-    core = SimpleNamespace(scheduler=sched, config=SimpleNamespace(scheduling_policy=policy))
-    return SimpleNamespace(engine=core, stats=lambda: dict(stats))
+    return SimpleNamespace(stats=lambda: dict(stats), request_states=lambda: requests,
+                           max_num_batched_tokens=2048, scheduling_policy="fcfs")
 
 
 def test_replica_autoscaling_stats_are_numbers_serve_accepts():
-    eng = _fake_engine()
+    now = asc.time.monotonic()
+    running = (now - 1, now - 0.9, 0, 8, 32, 60.0, 10.0, None)
+    waiting = (now - 0.1, None, 64, 0, 32, 60.0, 10.0, None)
+    eng = _fake_engine([running, waiting])
     out = asc.replica_autoscaling_stats(eng)
     assert all(isinstance(v, float) for v in out.values())  # Serve drops non-numeric custom metrics
     assert out[asc.M_MAX_NUM_SEQS] == 16 and out[asc.M_PREFILL] == 64
     assert out[asc.M_KV] == pytest.approx(0.25)
     assert out[asc.M_SLO_REQS] == 2 and out[asc.M_ATTAIN] == 1.0  # generous targets: all met
-    # an engine without scheduler internals still reports its load
-    bare = SimpleNamespace(stats=eng.stats)
-    out = asc.replica_autoscaling_stats(bare)
+    # a request already past its TTFT target counts as a miss
+    late = (now - 5, None, 64, 0, 32, 1.0, 10.0, None)
+    out = asc.replica_autoscaling_stats(_fake_engine([running, late]))
+    assert out[asc.M_SLO_REQS] == 2 and out[asc.M_ATTAIN] == pytest.approx(0.5)
+    # nothing in flight: load metrics only, nothing to predict
+    out = asc.replica_autoscaling_stats(_fake_engine([]))
     assert out[asc.M_SLO_REQS] == 0 and out[asc.M_ATTAIN] == 1.0 and out[asc.M_RUNNING] == 1
 
 
 def test_replica_stats_from_a_real_engine():
-    """Guards the engine attributes the snapshot reads (Sequence, RequestMetrics, scheduler)."""
+    """Guards the engine attributes the request snapshot reads (Sequence, RequestMetrics, scheduler)."""
     from kvray.replica.engine import LLMEngine
+    from kvray.replica.engine_loop import request_states
     from kvray.replica.config import EngineConfig
     from kvray.replica.sampling_params import SamplingParams
 
@@ -359,7 +357,8 @@ def test_replica_stats_from_a_real_engine():
         core.add_sequence(core.make_sequence(f"r{i}", list(range(10, 10 + 20 * (i + 1))),
                                              SamplingParams(max_tokens=8, ignore_eos=True, ttft_ms=60_000, tpot_ms=5_000)))
     core.step()
-    eng = SimpleNamespace(engine=core, stats=core.stats)
+    eng = SimpleNamespace(stats=core.stats, request_states=lambda: request_states(core),
+                          max_num_batched_tokens=core.max_num_batched_tokens, scheduling_policy="fcfs")
     out = asc.replica_autoscaling_stats(eng)
     assert out[asc.M_SLO_REQS] == 3 and 0.0 <= out[asc.M_ATTAIN] <= 1.0
     assert out[asc.M_MAX_NUM_SEQS] == 4 and 0.0 < out[asc.M_KV] <= 1.0

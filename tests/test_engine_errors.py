@@ -21,9 +21,9 @@ BAD_PARAMS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def engine():
-    eng = AsyncLLMEngine(EngineConfig(model="kvray:tiny-qwen3", max_model_len=128))
+@pytest.fixture(scope="module", params=["thread", "process"])
+def engine(request):
+    eng = AsyncLLMEngine(EngineConfig(model="kvray:tiny-qwen3", max_model_len=128), process=request.param == "process")
     yield eng
     asyncio.run(eng.shutdown(timeout_s=1))
 
@@ -36,7 +36,7 @@ async def _collect(engine, rid, prompt, params):
 
 
 def test_bad_requests_fail_cleanly_while_a_stream_runs(engine):
-    vocab = engine.engine.vocab_size
+    vocab = engine.vocab_size
     good = random_prompts(vocab, [20], seed=1)[0]
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 

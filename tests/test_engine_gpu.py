@@ -121,3 +121,37 @@ def test_async_scheduling_matches_sync_with_cuda_graphs():
     print(f"\nasync vs sync: length-only identical; stop tokens {same_stop}/{len(prompts)}, "
           f"seeded {same_seeded}/{len(prompts)} identical")
     assert same_stop >= 0.9 * len(prompts) and same_seeded >= 0.9 * len(prompts)
+
+
+def test_engine_process_on_the_gpu_matches_offline_generate():
+    """The serving replica's layout: the step loop in a child process on the GPU (CUDA graphs,
+    async scheduling), streaming into this process's event loop."""
+    import asyncio
+
+    from kvray.replica.async_engine import AsyncLLMEngine
+    from kvray.replica.config import EngineConfig
+
+    rng = random.Random(9)
+    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    opts = dict(max_model_len=2048, gpu_memory_utilization=0.3, dtype="float32")
+    llm = LLM("kvray:qwen3-0.6b", **opts)
+    prompts = [[rng.randrange(len(llm.tokenizer)) for _ in range(rng.randint(16, 700))] for _ in range(24)]
+    offline = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    del llm
+    torch.cuda.empty_cache()
+
+    eng = AsyncLLMEngine(EngineConfig(model="kvray:qwen3-0.6b", **opts), process=True)
+
+    async def one(i, p):
+        await asyncio.sleep(0.002 * i)  # staggered: prefill chunks land between decode steps
+        return [t async for o in eng.generate(f"p{i}", p, params, delta=True) for t in o.token_ids]
+
+    async def main():
+        outs = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        await eng.shutdown(timeout_s=5)
+        return outs
+
+    streamed = asyncio.run(main())
+    agree = sum(a == b for a, b in zip(streamed, offline))
+    assert agree >= 23, f"{agree}/24 streams match offline greedy output"
+    assert eng._process.proc.returncode == 0

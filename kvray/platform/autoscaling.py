@@ -338,29 +338,6 @@ class _Probe:
         self.model = StepTimeModel(forgetting=0.99)
 
 
-def _snapshot(engine) -> tuple[list[ReqState], int, bool]:
-    """In-flight requests of an AsyncLLMEngine (read from the engine thread's lists; a torn
-    read only makes one sample slightly stale)."""
-    core = engine.engine
-    sched = core.scheduler
-    for _ in range(3):
-        try:
-            seqs = list(sched.running) + list(sched.waiting)
-            break
-        except RuntimeError:  # mutated while copying
-            continue
-    else:
-        seqs = []
-    reqs = []
-    for s in seqs:
-        p, m = s.params, s.metrics
-        left = max(0, s.num_tokens - s.num_computed_tokens) if m.first_token_time is None else 0
-        reqs.append(ReqState(m.arrival_time, m.first_token_time, left, s.num_output_tokens, p.max_tokens,
-                             p.ttft_ms / 1000.0 if p.ttft_ms else None, p.tpot_ms / 1000.0 if p.tpot_ms else None,
-                             s.deadline))
-    return reqs, int(getattr(sched, "max_num_batched_tokens", 8192)), core.config.scheduling_policy == "deadline"
-
-
 def replica_autoscaling_stats(engine) -> dict[str, float]:
     """``LLMReplica.record_autoscaling_stats``: the kvray_* metrics of one replica (numbers only,
     as Serve requires)."""
@@ -378,13 +355,12 @@ def replica_autoscaling_stats(engine) -> dict[str, float]:
            M_WAITING: float(stats.get("num_waiting", 0)), M_PREFILL: float(stats.get("queued_prefill_tokens", 0)),
            M_KV: (1.0 - stats.get("num_free_blocks", total) / total) if total else 0.0,
            M_ATTAIN: 1.0, M_SLO_REQS: 0.0}
-    try:
-        reqs, max_batched, deadline = _snapshot(engine)
-        out[M_ATTAIN], n = predict_attainment(probe.model, reqs, time.monotonic(), max_batched_tokens=max_batched,
-                                              deadline_order=deadline, context_tokens=stats.get("tokens_in_flight"))
-        out[M_SLO_REQS] = float(n)
-    except AttributeError:  # an engine without the scheduler internals: load metrics only
-        pass
+    reqs = [ReqState(*r) for r in engine.request_states()]
+    out[M_ATTAIN], n = predict_attainment(probe.model, reqs, time.monotonic(),
+                                          max_batched_tokens=engine.max_num_batched_tokens,
+                                          deadline_order=engine.scheduling_policy == "deadline",
+                                          context_tokens=stats.get("tokens_in_flight"))
+    out[M_SLO_REQS] = float(n)
     return out
 
 

@@ -75,7 +75,7 @@ class LLMReplica:
         from kvray.replica.async_engine import AsyncLLMEngine  # torch & co. load here, not at import
         from kvray.replica.config import EngineConfig
 
-        self.engine = AsyncLLMEngine(EngineConfig(model=model, **(engine_options or {})))
+        self.engine = AsyncLLMEngine(EngineConfig(model=model, **(engine_options or {})), process=True)
         self._shutdown_timeout_s = shutdown_timeout_s
         self._interval_s = max(0.0, stream_interval_ms) / 1000.0
         self._active: dict[str, _Active] = {}
@@ -95,7 +95,7 @@ class LLMReplica:
         tok = self.engine.tokenizer
         return {"tokenizer": tok, "max_model_len": self.engine.max_model_len,
                 "block_size": self.engine.block_size, "model": self.engine.model_name,
-                "vocab_size": getattr(self.engine.engine, "vocab_size", len(tok)),
+                "vocab_size": self.engine.vocab_size,
                 "replica_id": self._replica_id}
 
     # ---- requests ------------------------------------------------------------------------------
@@ -227,9 +227,9 @@ class LLMReplica:
         stats["num_channels"] = sum(1 for b in self._outboxes.values() if b.readers)
         stats["healthy"] = self.engine.is_alive()
         stats["max_model_len"] = self.engine.max_model_len
-        core = self.engine.engine  # what an SLO-aware router needs to predict this replica's steps
-        stats["max_num_batched_tokens"] = core.max_num_batched_tokens
-        stats["scheduling_policy"] = core.config.scheduling_policy
+        # what an SLO-aware router needs to predict this replica's steps
+        stats["max_num_batched_tokens"] = self.engine.max_num_batched_tokens
+        stats["scheduling_policy"] = self.engine.scheduling_policy
         stats["replica_id"] = self._replica_id
         stats["started_at"] = self._started_at
         stats["first_token_at"] = self._first_token_at

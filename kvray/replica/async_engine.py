@@ -1,78 +1,78 @@
 """The engine behind an asyncio API, for the serving layer.
 
-A dedicated thread runs the step loop, so the event loop (HTTP, Ray Serve) never waits on
-the GPU. Requests and aborts reach that thread through a locked inbox; each step's results go
-back to the event loop in one ``call_soon_threadsafe`` batch.
+The step loop (``kvray.replica.engine_loop``) never runs on the event loop, so HTTP and Ray
+Serve work never waits on the GPU. It runs in one of two places:
 
-The step loop's host work (scheduling, input building, eager kernel launches) holds the GIL for
-long stretches. With CPython's default 5 ms switch interval, every wake-up of the event loop
-thread (a new HTTP or Serve request, a token batch to forward) can wait that long for it, and
-one request needs many such wake-ups; the engine lowers the process's switch interval to
-``GIL_SWITCH_INTERVAL_S`` when it starts its thread.
+* ``process=False``: a thread of this process. The loop's host work (scheduling, input
+  building, eager kernel launches) then holds this process's GIL for long stretches.
+* ``process=True``: a child process of its own (``kvray.replica.engine_process``), with a GIL
+  of its own. What the serving replica runs: its event loop then only moves requests and
+  tokens, and a reader thread hands it each step's results.
+
+Either way each step's results reach the event loop in one ``call_soon_threadsafe`` batch, and
+the engine shortens the process's GIL switch interval (``kvray.gil``), so that hand-off does not
+wait out CPython's default 5 ms.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 
+from kvray.gil import shorten_switch_interval
 from kvray.replica.config import EngineConfig
 from kvray.replica.detokenizer import IncrementalDetokenizer
-from kvray.replica.engine import LLMEngine
-from kvray.replica.outputs import RequestOutput
+from kvray.replica.engine import LLMEngine, validate_prompt
+from kvray.replica.engine_loop import EngineLoop
+from kvray.replica.outputs import RequestMetrics, RequestOutput
 from kvray.replica.sampling_params import SamplingParams
-from kvray.replica.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
-GIL_SWITCH_INTERVAL_S = 0.0005
-
-
-@dataclass
-class _Delta:
-    """What one step added to a request (built on the engine thread)."""
-
-    new_token_ids: list[int]
-    finished: bool
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
-    new_logprobs: list[float] | None = None
-    new_top_logprobs: list[dict[int, float] | None] | None = None
-    engine_text: str | None = None  # the engine's own text, for requests with stop strings
-    num_cached_tokens: int = 0
+STEP_TIMES_KEPT = 64
 
 
 @dataclass
 class _Stream:
-    seq: Sequence
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
-    sent_tokens: int = 0
-    done: bool = False
-    pending: list = field(default_factory=list)
 
 
 class AsyncLLMEngine:
-    def __init__(self, config: EngineConfig, start: bool = True):
-        self.engine = LLMEngine(config)
-        self.tokenizer = self.engine.tokenizer
-        self.max_model_len = self.engine.max_model_len
-        self.block_size = config.block_size
+    def __init__(self, config: EngineConfig, start: bool = True, process: bool = False):
         self.model_name = config.model
-        self._lock = threading.Condition()
-        self._new: list[_Stream] = []
-        self._aborts: list[str] = []
+        self.block_size = config.block_size
+        self.scheduling_policy = config.scheduling_policy
         self._streams: dict[str, _Stream] = {}
-        self._stop = False
         self._accepting = True
+        self._stopped = False
         self._error: BaseException | None = None
-        self._stats: dict = self.engine.stats()
-        self._thread = threading.Thread(target=self._run, name="kvray-engine", daemon=True)
+        self._step_times: deque = deque(maxlen=STEP_TIMES_KEPT)
+        self._requests: list[tuple] = []
+        self._process = None
+        self.engine: LLMEngine | None = None  # the in-process engine (thread mode only)
         if start:
-            sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
+            shorten_switch_interval()
+        if process:
+            from kvray.replica.engine_process import EngineProcess
+            self._process = EngineProcess(config, self._on_output, self._fail)
+            info = self._process.info
+            self.tokenizer, self.max_model_len = info["tokenizer"], info["max_model_len"]
+            self.vocab_size, self.max_num_batched_tokens = info["vocab_size"], info["max_num_batched_tokens"]
+            self._stats: dict = info["stats"]
+            self._send = self._process.send
+            return
+        self.engine = LLMEngine(config)
+        self.tokenizer, self.max_model_len = self.engine.tokenizer, self.engine.max_model_len
+        self.vocab_size, self.max_num_batched_tokens = self.engine.vocab_size, self.engine.max_num_batched_tokens
+        self._stats = self.engine.stats()
+        self._loop = EngineLoop(self.engine, self._on_output)
+        self._send = self._loop.put
+        self._thread = threading.Thread(target=self._run_thread, name="kvray-engine", daemon=True)
+        if start:
             self._thread.start()
 
     # ---- public API --------------------------------------------------------------------------
@@ -87,16 +87,15 @@ class AsyncLLMEngine:
         self.check_health()
         if not self._accepting:
             raise RuntimeError("the engine is shutting down and accepts no new requests")
-        with self._lock:
-            if request_id in self._streams or any(s.seq.request_id == request_id for s in self._new):
-                raise ValueError(f"request id {request_id!r} is already in use")
-        seq = self.engine.make_sequence(request_id, list(prompt_token_ids), params, arrival_time, prompt)
-        stream = _Stream(seq, asyncio.get_running_loop(), asyncio.Queue())
-        with self._lock:
-            self._new.append(stream)
-            self._lock.notify()
-        detok = None if seq.detokenizer is not None or delta else IncrementalDetokenizer(self.tokenizer,
-                                                                                          seq.prompt_token_ids)
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params.validate()
+        prompt_token_ids = list(prompt_token_ids)
+        validate_prompt(prompt_token_ids, self.max_model_len, self.vocab_size)
+        metrics = RequestMetrics(arrival_time=time.monotonic() if arrival_time is None else arrival_time)
+        stream = self._streams[request_id] = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._send(("add", request_id, prompt_token_ids, params, metrics.arrival_time, prompt))
+        detok = None if params.stop_strings or delta else IncrementalDetokenizer(self.tokenizer, prompt_token_ids)
         stop_hold = max((len(s) for s in params.stop_strings), default=1) - 1
         tokens: list[int] = []
         logprobs = [] if params.logprobs is not None else None
@@ -121,6 +120,10 @@ class AsyncLLMEngine:
                             new_tops.extend(d.new_top_logprobs)
                 last = deltas[-1]
                 finished = last.finished
+                metrics.first_token_time = last.first_token_time
+                metrics.num_preemptions = last.num_preemptions
+                if finished:
+                    metrics.finished_time = time.monotonic()
                 if detok is not None:
                     detok.add(new_ids)
                     if finished:
@@ -148,115 +151,104 @@ class AsyncLLMEngine:
                     out_lps = list(logprobs) if logprobs is not None else None
                     out_tops = list(tops) if tops is not None else None
                 yield RequestOutput(
-                    request_id=request_id, prompt_token_ids=seq.prompt_token_ids, token_ids=out_ids,
+                    request_id=request_id, prompt_token_ids=prompt_token_ids, token_ids=out_ids,
                     text=out_text, finished=finished, finish_reason=last.finish_reason if finished else None,
                     stop_reason=last.stop_reason if finished else None, logprobs=out_lps, top_logprobs=out_tops,
-                    num_cached_tokens=last.num_cached_tokens, metrics=seq.metrics,
+                    num_cached_tokens=last.num_cached_tokens, metrics=metrics,
                     new_token_ids=new_ids, new_text=new_text, prompt=prompt)
         finally:
             if not finished:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        """Abort a request; its KV blocks are freed on the engine thread's next turn."""
-        with self._lock:
-            self._aborts.append(request_id)
-            self._lock.notify()
+        """Abort a request; its KV blocks are freed on the step loop's next turn."""
+        if self._stopped or self._error is not None:
+            return
+        try:
+            self._send(("abort", request_id))
+        except RuntimeError:  # the engine process just died: it holds no blocks any more
+            pass
 
     def stats(self) -> dict:
-        """The latest engine statistics (a snapshot taken by the engine thread after each step)."""
-        return dict(self._stats)
+        """The engine statistics as of the latest step (``step_times``: the last 64 steps)."""
+        stats = dict(self._stats)
+        stats["step_times"] = list(self._step_times)
+        return stats
+
+    def request_states(self) -> list[tuple]:
+        """In-flight requests, as of at most ``engine_loop.REQUEST_SNAPSHOT_S`` ago (for autoscaling)."""
+        return self._requests
 
     def is_alive(self) -> bool:
-        return self._thread.is_alive() and self._error is None
+        if self._error is not None:
+            return False
+        return self._process.is_alive() if self._process is not None else self._thread.is_alive()
 
     def check_health(self) -> None:
         if self._error is not None:
-            raise RuntimeError(f"the engine loop died: {self._error!r}")
-        if self._thread.ident is not None and not self._thread.is_alive() and not self._stop:
-            raise RuntimeError("the engine loop thread is not running")
+            raise RuntimeError(f"the engine loop died: {self._error}")
+        if not self._stopped and not self.is_alive() and (self._process is not None or self._thread.ident):
+            raise RuntimeError("the engine loop is not running")
 
     async def shutdown(self, timeout_s: float = 30.0) -> None:
         """Refuse new requests, let in-flight ones finish for up to ``timeout_s``, then abort the rest."""
         self._accepting = False
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and (self._streams or self._new) and self.is_alive():
+        while time.monotonic() < deadline and self._streams and self.is_alive():
             await asyncio.sleep(0.05)
-        with self._lock:
-            for rid in list(self._streams):
-                self._aborts.append(rid)
-            self._lock.notify()
+        for rid in list(self._streams):
+            self.abort(rid)
         await asyncio.sleep(0.05)
-        with self._lock:
-            self._stop = True
-            self._lock.notify()
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10.0)
+        self._stopped = True
+        if self._process is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._process.stop)
+        elif self._thread.ident is not None:
+            self._send(("stop",))
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10.0)
 
-    # ---- engine thread -----------------------------------------------------------------------
-    def _run(self) -> None:
+    # ---- the step loop's side (its thread, or the process reader's) -------------------------
+    def _run_thread(self) -> None:
         try:
-            while True:
-                with self._lock:
-                    while not self._stop and not self._new and not self._aborts and not self.engine.has_unfinished():
-                        self._lock.wait()
-                    if self._stop:
-                        break
-                    new, self._new = self._new, []
-                    aborts, self._aborts = self._aborts, []
-                for stream in new:
-                    self._streams[stream.seq.request_id] = stream
-                    self.engine.add_sequence(stream.seq)
-                out: dict[asyncio.AbstractEventLoop, list] = {}
-                for rid in aborts:
-                    self._abort_now(rid, out)
-                if self.engine.has_unfinished():
-                    for seq in self.engine.step():
-                        self._collect(seq, out)
-                self._stats = self.engine.stats()
-                self._deliver(out)
-        except BaseException as e:  # the loop is dead: fail every stream instead of hanging it
+            self._loop.run()
+        except BaseException as e:
             logger.exception("engine loop died")
-            self._error = e
-            err = RuntimeError(f"the engine loop died: {e!r}")
-            for stream in list(self._streams.values()) + self._new:
-                try:
-                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, err)
-                except RuntimeError:
-                    pass
-            self._streams.clear()
+            self._fail(e)
 
-    def _abort_now(self, rid: str, out: dict) -> None:
-        stream = self._streams.get(rid)
-        seq = self.engine.abort(rid)
-        if stream is not None and seq is not None:
-            self._collect(stream.seq, out)
+    def _on_output(self, deltas: list, stats: dict) -> None:
+        self._step_times.extend(stats["step_times"])
+        if "requests" in stats:
+            self._requests = stats["requests"]
+        self._stats = stats
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for rid, delta in deltas:
+            stream = self._streams.get(rid)
+            if stream is None:
+                continue
+            if isinstance(delta, BaseException) or delta.finished:
+                del self._streams[rid]
+            by_loop.setdefault(stream.loop, []).append((stream.queue, delta))
+        _deliver(by_loop)
 
-    def _collect(self, seq: Sequence, out: dict) -> None:
-        stream = self._streams.get(seq.request_id)
-        if stream is None:
+    def _fail(self, error: BaseException | None) -> None:
+        """The loop is gone: fail every open stream instead of hanging it."""
+        if error is None:  # a requested stop
             return
-        n = seq.num_output_tokens
-        new_ids = seq.token_ids[seq.num_prompt_tokens + stream.sent_tokens:]
-        k0 = stream.sent_tokens
-        stream.sent_tokens = n
-        finished = seq.is_finished
-        delta = _Delta(
-            new_token_ids=new_ids, finished=finished, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-            new_logprobs=seq.logprobs[k0:n] if seq.logprobs is not None else None,
-            new_top_logprobs=seq.top_logprobs[k0:n] if seq.top_logprobs is not None else None,
-            engine_text=seq.detokenizer.text if seq.detokenizer is not None else None,
-            num_cached_tokens=seq.num_cached_tokens)
-        out.setdefault(stream.loop, []).append((stream.queue, delta))
-        if finished:
-            self._streams.pop(seq.request_id, None)
+        self._error = error
+        err = RuntimeError(f"the engine loop died: {error}")
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for rid in list(self._streams):
+            stream = self._streams.pop(rid, None)
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream.queue, err))
+        _deliver(by_loop)
 
-    @staticmethod
-    def _deliver(out: dict) -> None:
-        for loop, items in out.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # that event loop is closed: nobody is listening any more
-                pass
+
+def _deliver(by_loop: dict) -> None:
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # that event loop is closed: nobody is listening any more
+            pass
 
 
 def _put_all(items) -> None:

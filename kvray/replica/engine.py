@@ -57,6 +57,17 @@ def _can_look_ahead(step: _Launched) -> bool:
     return step.result is None or isinstance(step.result.token_ids, torch.Tensor)
 
 
+def validate_prompt(prompt_token_ids: list[int], max_model_len: int, vocab_size: int) -> None:
+    """Raise ValueError unless the prompt is non-empty, leaves room for a token, and is in the vocabulary."""
+    if not prompt_token_ids:
+        raise ValueError("the prompt is empty: give at least one token")
+    if len(prompt_token_ids) >= max_model_len:
+        raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens, but this model's context length "
+                         f"(max_model_len) is {max_model_len}; leave room for at least one generated token")
+    if any((not isinstance(t, int)) or t < 0 or t >= vocab_size for t in prompt_token_ids):
+        raise ValueError(f"the prompt has token ids outside the vocabulary [0, {vocab_size})")
+
+
 class LLMEngine:
     """Scheduler + block manager + model runner. Not thread-safe: one thread drives it."""
 
@@ -133,13 +144,7 @@ class LLMEngine:
             request_id = f"req-{next(self._ids)}"
         if request_id in self._seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if not prompt_token_ids:
-            raise ValueError("the prompt is empty: give at least one token")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens, but this model's context length "
-                             f"(max_model_len) is {self.max_model_len}; leave room for at least one generated token")
-        if any((not isinstance(t, int)) or t < 0 or t >= self.vocab_size for t in prompt_token_ids):
-            raise ValueError(f"the prompt has token ids outside the vocabulary [0, {self.vocab_size})")
+        validate_prompt(prompt_token_ids, self.max_model_len, self.vocab_size)
         seq = Sequence(request_id, prompt_token_ids, params, self.config.block_size, arrival_time, prompt)
         if params.stop_strings:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids)

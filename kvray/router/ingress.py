@@ -21,6 +21,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
+from kvray.gil import shorten_switch_interval
 from kvray.platform.config import AppArgs, parse_args
 from kvray.platform.metrics import ServingMetrics
 from kvray.platform.protocol import error_body, models_list
@@ -56,6 +57,7 @@ async def _internal_error(request: Request, exc: Exception):
 @serve.ingress(fastapi_app)
 class Router:
     def __init__(self, llm: DeploymentHandle, args: dict):
+        shorten_switch_interval()  # SSE for hundreds of streams on one event loop, beside Serve's own
         self.args: AppArgs = parse_args(args)
         self._llm = llm
         self._stream = llm.options(stream=True)

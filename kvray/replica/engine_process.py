@@ -1,0 +1,141 @@
+"""Run the engine's step loop in a child process of its own.
+
+The serving replica's process is busy with Ray Serve's work: request calls, streamed token
+batches, stats polls. If the step loop shares that process, the two take turns on one GIL, and
+every request's trip through the replica waits for the loop's host work (scheduling, input
+building, kernel launches) to yield. In a child process the loop has a GIL to itself.
+
+The parent starts ``python -m kvray.replica.engine_process FD`` with one end of a socket pair,
+sends the ``EngineConfig``, and gets back ``("ready", info)`` once the model is loaded (or
+``("error", text)``). From then on it sends ``EngineLoop`` messages; the child sends
+``("out", deltas, stats)`` once per step and ``("error", text)`` if its loop dies. When the
+parent goes away, the child sees the socket close and exits.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+from multiprocessing.connection import Connection
+
+logger = logging.getLogger(__name__)
+
+
+class EngineProcessError(RuntimeError):
+    pass
+
+
+class EngineProcess:
+    """The parent's handle: ``send`` messages; a reader thread calls ``on_output(deltas, stats)``
+    for each step and ``on_exit(error)`` once, when the child dies or its loop fails."""
+
+    def __init__(self, config, on_output, on_exit):
+        import kvray
+
+        ours, theirs = socket.socketpair()
+        src_root = os.path.dirname(os.path.dirname(os.path.abspath(kvray.__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (src_root, env.get("PYTHONPATH")) if p)
+        self.proc = subprocess.Popen([sys.executable, "-m", "kvray.replica.engine_process", str(theirs.fileno())],
+                                     pass_fds=(theirs.fileno(),), env=env)
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        self._send_lock = threading.Lock()
+        self._stopping = False
+        self.send(config)
+        try:
+            msg = self._conn.recv()
+        except EOFError:
+            code = self.proc.wait()
+            raise EngineProcessError(f"the engine process exited with code {code} while loading the model "
+                                     "(its log is above)") from None
+        if msg[0] != "ready":
+            self.proc.wait()
+            raise EngineProcessError(f"the engine process failed to start: {msg[1]}")
+        self.info: dict = msg[1]
+        self._on_output, self._on_exit = on_output, on_exit
+        self._reader = threading.Thread(target=self._read, name="kvray-engine-reader", daemon=True)
+        self._reader.start()
+
+    def send(self, msg) -> None:
+        try:
+            with self._send_lock:
+                self._conn.send(msg)
+        except OSError as e:
+            raise EngineProcessError(f"the engine process is gone: {e}") from None
+
+    def is_alive(self) -> bool:
+        return self.proc.poll() is None and self._reader.is_alive()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Ask the loop to stop, wait for the child, kill it if it does not exit."""
+        self._stopping = True
+        try:
+            self.send(("stop",))
+        except EngineProcessError:
+            pass
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(timeout_s)
+
+    def _read(self) -> None:
+        error = None
+        try:
+            while True:
+                msg = self._conn.recv()
+                if msg[0] == "out":
+                    self._on_output(msg[1], msg[2])
+                else:
+                    error = EngineProcessError(f"the engine loop died: {msg[1]}")
+                    break
+        except (EOFError, OSError):
+            if not self._stopping:
+                code = self.proc.wait()
+                error = EngineProcessError(f"the engine process exited unexpectedly (code {code})")
+        self._conn.close()
+        self._on_exit(error)
+
+
+def _child_main(fd: int) -> int:
+    from kvray.replica.engine import LLMEngine
+    from kvray.replica.engine_loop import EngineLoop
+
+    conn = Connection(fd)
+    config = conn.recv()
+    try:
+        engine = LLMEngine(config)
+    except BaseException as e:
+        logger.exception("the engine failed to load")
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return 1
+    conn.send(("ready", {"tokenizer": engine.tokenizer, "max_model_len": engine.max_model_len,
+                         "vocab_size": engine.vocab_size, "max_num_batched_tokens": engine.max_num_batched_tokens,
+                         "stats": engine.stats()}))
+    loop = EngineLoop(engine, lambda deltas, stats: conn.send(("out", deltas, stats)))
+
+    def receive():
+        try:
+            while True:
+                loop.put(conn.recv())
+        except (EOFError, OSError):  # the parent is gone: nobody will read what we make
+            os._exit(0)
+
+    threading.Thread(target=receive, name="kvray-engine-inbox", daemon=True).start()
+    try:
+        loop.run()
+    except BaseException as e:
+        logger.exception("engine loop died")
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s kvray-engine %(levelname)s %(message)s")
+    raise SystemExit(_child_main(int(sys.argv[1])))
