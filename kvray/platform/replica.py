@@ -14,6 +14,11 @@ autoscaling and cancellation all see real requests). Its tokens travel one of tw
 
 A batch is ``{"ids", "lp", "top", "finish", "stop_reason", "cached"}``.
 
+The engine's step loop runs in a child process (``AsyncLLMEngine(process=True)``), so this
+process's event loop only moves requests and tokens. Batches are built by a per-request
+callback (``_Request.on_delta``) when a step's results arrive: no coroutine is woken per
+request and step.
+
 Also: ``record_routing_stats`` (polled by the Serve controller and broadcast to the routers:
 the engine's stats plus the outstanding-token count and a wall-clock ``time``),
 ``check_health`` (raises once the engine loop died, so Serve replaces the replica) and
@@ -67,6 +72,63 @@ class _Outbox:
         self.event.set()
 
 
+class _Request:
+    """One request's token batches, built on the event loop straight from the engine's deltas
+    (no coroutine wakes per step): into its caller's channel outbox, or its own queue. With a
+    stream interval, batches that come sooner than it after the last one sent are merged into
+    the next (the first and the last go out at once)."""
+
+    __slots__ = ("replica", "request_id", "active", "box", "queue", "done", "finished", "pending", "last_sent")
+
+    def __init__(self, replica: "LLMReplica", request_id: str, active: _Active, box: _Outbox | None):
+        self.replica, self.request_id, self.active, self.box = replica, request_id, active, box
+        self.queue: asyncio.Queue | None = asyncio.Queue() if box is None else None
+        self.done = asyncio.get_running_loop().create_future()
+        self.finished = False
+        self.pending: dict | None = None
+        self.last_sent = 0.0
+
+    def on_delta(self, d) -> None:
+        if isinstance(d, BaseException):
+            self._end(d)
+            return
+        self.active.started = True
+        batch = {"ids": d.new_token_ids, "lp": d.new_logprobs, "top": d.new_top_logprobs,
+                 "finish": d.finish_reason if d.finished else None,
+                 "stop_reason": d.stop_reason if d.finished else None, "cached": d.num_cached_tokens}
+        self.active.generated += len(batch["ids"])
+        if self.replica._first_token_at is None and batch["ids"]:
+            self.replica._first_token_at = time.time()
+        if self.pending is not None:
+            batch = _merge(self.pending, batch)
+            self.pending = None
+        interval = self.replica._interval_s
+        if not d.finished and interval:
+            now = time.monotonic()
+            if self.last_sent and now - self.last_sent < interval:
+                self.pending = batch
+                return
+            self.last_sent = now
+        try:
+            if self.box is not None:
+                self.box.push(self.request_id, batch)
+            else:
+                self.queue.put_nowait(batch)
+        except RuntimeError as e:  # nobody reads this request's channel any more
+            self._end(e)
+            return
+        if d.finished:
+            self.finished = True
+            if not self.done.done():
+                self.done.set_result(None)
+
+    def _end(self, error: BaseException) -> None:
+        if self.queue is not None:
+            self.queue.put_nowait(error)
+        elif not self.done.done():
+            self.done.set_exception(error)
+
+
 class LLMReplica:
     def __init__(self, model: str, engine_options: dict | None = None, shutdown_timeout_s: float = 30.0,
                  stream_interval_ms: float = 0.0):
@@ -108,70 +170,39 @@ class LLMReplica:
                 box = self._outboxes[channel] = _Outbox()
             box.requests += 1
             yield {"replica": self._replica_id}
-        batches = self._batches(request_id, prompt_token_ids, params, hint)
-        try:
-            async for batch in batches:
-                if box is None or "error" in batch:
-                    yield batch
-                else:
-                    box.push(request_id, batch)
-        finally:
-            await batches.aclose()  # aborts the request unless it finished
-            if box is not None:
-                box.requests -= 1
-                box.event.set()  # let an idle channel notice
-
-    async def _batches(self, request_id, prompt_token_ids, params, hint):
         budget = hint.decode_estimate if hint is not None else params.max_tokens
-        active = _Active(len(prompt_token_ids), budget)
-        self._active[request_id] = active
+        req = _Request(self, request_id, _Active(len(prompt_token_ids), budget), box)
         self._num_requests += 1
-        agen = None
-        finished = False
         try:
             try:
-                agen = self.engine.generate(request_id, prompt_token_ids, params, delta=True)
-                out = await agen.__anext__()
+                self.engine.submit(request_id, prompt_token_ids, params, req.on_delta)
             except ValueError as e:  # bad input: refused before touching the engine state
-                finished = True
+                req.finished = True
                 yield {"error": str(e), "status": 400}
                 return
             except RuntimeError as e:  # shutting down, or the engine loop died
-                finished = True
+                req.finished = True
                 yield {"error": str(e), "status": 503}
                 return
-            active.started = True
-            pending = None
-            last_yield = 0.0
-            while True:
-                batch = _batch(out)
-                active.generated += len(batch["ids"])
-                if self._first_token_at is None and batch["ids"]:
-                    self._first_token_at = time.time()
-                if pending is not None:
-                    batch = _merge(pending, batch)
-                    pending = None
-                if out.finished:
-                    finished = True
+            self._active[request_id] = req.active
+            if box is not None:
+                await req.done  # the tokens go through the channel
+            else:
+                while True:
+                    batch = await req.queue.get()
+                    if isinstance(batch, BaseException):
+                        raise batch
                     yield batch
-                    return
-                now = time.monotonic()
-                if self._interval_s and last_yield and now - last_yield < self._interval_s:
-                    pending = batch
-                else:
-                    last_yield = now
-                    yield batch
-                out = await agen.__anext__()
+                    if batch["finish"] is not None:
+                        return
         finally:
             self._active.pop(request_id, None)
-            if agen is not None:
-                if not finished:
-                    self._num_aborted += 1
-                    self.engine.abort(request_id)  # the caller went away (or an error): free the blocks now
-                try:
-                    await agen.aclose()
-                except Exception:  # pragma: no cover
-                    pass
+            if not req.finished:
+                self._num_aborted += 1
+                self.engine.abort(request_id)  # the caller went away (or an error): free the blocks now
+            if box is not None:
+                box.requests -= 1
+                box.event.set()  # let an idle channel notice
 
     async def channel(self, channel: str, hint: RoutingHint | None = None):
         """One caller's token channel: yields lists of ``(request_id, batch)``, one list per wake-up.
@@ -247,17 +278,3 @@ class LLMReplica:
             await self.engine.shutdown(timeout_s=self._shutdown_timeout_s)
         except Exception:  # pragma: no cover
             logger.exception("engine shutdown failed")
-
-
-def _batch(out) -> dict:
-    ids = list(out.new_token_ids)
-    lp = top = None
-    if out.logprobs is not None:
-        k = len(ids)
-        lp = out.logprobs[-k:] if k else []
-        if out.top_logprobs is not None:
-            top = out.top_logprobs[-k:] if k else []
-    return {"ids": ids, "lp": lp, "top": top, "finish": out.finish_reason if out.finished else None,
-            "stop_reason": out.stop_reason if out.finished else None, "cached": out.num_cached_tokens}
-
-

@@ -21,12 +21,13 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 from kvray.gil import shorten_switch_interval
 from kvray.replica.config import EngineConfig
 from kvray.replica.detokenizer import IncrementalDetokenizer
 from kvray.replica.engine import LLMEngine, validate_prompt
-from kvray.replica.engine_loop import EngineLoop
+from kvray.replica.engine_loop import Delta, EngineLoop
 from kvray.replica.outputs import RequestMetrics, RequestOutput
 from kvray.replica.sampling_params import SamplingParams
 
@@ -38,7 +39,7 @@ STEP_TIMES_KEPT = 64
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    sink: Callable[[Delta | BaseException], None]
 
 
 class AsyncLLMEngine:
@@ -84,17 +85,9 @@ class AsyncLLMEngine:
         what it adds (as ``new_token_ids`` does), and text is not decoded here, except for requests
         with stop strings, whose ``new_text`` is the engine's own (cut at the stop string). For
         callers that detokenize downstream, such as the serving router: no per-step copies."""
-        self.check_health()
-        if not self._accepting:
-            raise RuntimeError("the engine is shutting down and accepts no new requests")
-        if request_id in self._streams:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        params.validate()
+        queue: asyncio.Queue = asyncio.Queue()
+        metrics = self.submit(request_id, prompt_token_ids, params, queue.put_nowait, prompt, arrival_time)
         prompt_token_ids = list(prompt_token_ids)
-        validate_prompt(prompt_token_ids, self.max_model_len, self.vocab_size)
-        metrics = RequestMetrics(arrival_time=time.monotonic() if arrival_time is None else arrival_time)
-        stream = self._streams[request_id] = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        self._send(("add", request_id, prompt_token_ids, params, metrics.arrival_time, prompt))
         detok = None if params.stop_strings or delta else IncrementalDetokenizer(self.tokenizer, prompt_token_ids)
         stop_hold = max((len(s) for s in params.stop_strings), default=1) - 1
         tokens: list[int] = []
@@ -104,9 +97,9 @@ class AsyncLLMEngine:
         finished = False
         try:
             while not finished:
-                deltas = [await stream.queue.get()]
-                while not stream.queue.empty():
-                    deltas.append(stream.queue.get_nowait())
+                deltas = [await queue.get()]
+                while not queue.empty():
+                    deltas.append(queue.get_nowait())
                 new_ids: list[int] = []
                 new_lps = [] if logprobs is not None else None
                 new_tops = [] if tops is not None else None
@@ -159,6 +152,27 @@ class AsyncLLMEngine:
         finally:
             if not finished:
                 self.abort(request_id)
+
+    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+               sink: Callable[[Delta | BaseException], None], prompt: str | None = None,
+               arrival_time: float | None = None) -> RequestMetrics:
+        """Start a request without a generator: ``sink`` is called on this thread's event loop with
+        each step's ``Delta`` of it (the last one has ``finished``), or with the exception that
+        ends it. Bad input raises ValueError here, a dead or stopping engine RuntimeError. The
+        leanest path for a caller with many streams (the serving replica); ``generate`` is built
+        on it."""
+        self.check_health()
+        if not self._accepting:
+            raise RuntimeError("the engine is shutting down and accepts no new requests")
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params.validate()
+        prompt_token_ids = list(prompt_token_ids)
+        validate_prompt(prompt_token_ids, self.max_model_len, self.vocab_size)
+        metrics = RequestMetrics(arrival_time=time.monotonic() if arrival_time is None else arrival_time)
+        self._streams[request_id] = _Stream(asyncio.get_running_loop(), sink)
+        self._send(("add", request_id, prompt_token_ids, params, metrics.arrival_time, prompt))
+        return metrics
 
     def abort(self, request_id: str) -> None:
         """Abort a request; its KV blocks are freed on the step loop's next turn."""
@@ -226,7 +240,7 @@ class AsyncLLMEngine:
                 continue
             if isinstance(delta, BaseException) or delta.finished:
                 del self._streams[rid]
-            by_loop.setdefault(stream.loop, []).append((stream.queue, delta))
+            by_loop.setdefault(stream.loop, []).append((stream.sink, delta))
         _deliver(by_loop)
 
     def _fail(self, error: BaseException | None) -> None:
@@ -239,7 +253,7 @@ class AsyncLLMEngine:
         for rid in list(self._streams):
             stream = self._streams.pop(rid, None)
             if stream is not None:
-                by_loop.setdefault(stream.loop, []).append((stream.queue, err))
+                by_loop.setdefault(stream.loop, []).append((stream.sink, err))
         _deliver(by_loop)
 
 
@@ -252,5 +266,8 @@ def _deliver(by_loop: dict) -> None:
 
 
 def _put_all(items) -> None:
-    for queue, delta in items:
-        queue.put_nowait(delta)
+    for sink, delta in items:
+        try:
+            sink(delta)
+        except Exception:  # one caller's bug must not starve the others of their tokens
+            logger.exception("a request's output sink failed")
