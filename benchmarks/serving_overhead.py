@@ -9,7 +9,8 @@ Legs, each in its own processes so that every one gets the whole GPU:
   loop and the load generator, which slows both; the process layout is the baseline of the table;
 * one HTTP leg per ``--http`` spec ``NAME:ROUTERS:INGRESS``, where INGRESS is
   ``haproxy`` (``RAY_SERVE_ENABLE_HA_PROXY=1``: HAProxy on the config's port spreads connections over
-  the Router replicas, which serve HTTP themselves), ``direct`` (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``
+  the Router replicas, which serve HTTP themselves), ``haproxy-actor`` (the same, with the Router's
+  calls to LLMReplica as Ray actor calls rather than gRPC), ``direct`` (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``
   with one Router replica, whose own port is 30000) or ``proxy`` (Serve's default Python proxy).
 
 Every leg runs each ``--concurrency`` with ``--rounds`` x concurrency requests of ``--input-len`` prompt
@@ -39,6 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVING = str(ROOT / "benchmarks" / "serving.py")
 INGRESS_ENV = {
     "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    # the same, with Router -> LLMReplica calls as Ray actor calls instead of the gRPC transport
+    # that RAY_SERVE_THROUGHPUT_OPTIMIZED turns on
+    "haproxy-actor": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+                      "RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"},
     "direct": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
     "proxy": {},
 }

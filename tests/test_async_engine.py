@@ -184,3 +184,36 @@ def test_delta_outputs_carry_only_new_tokens(engine):
     assert [lp for o in deltas for lp in o.logprobs] == full[-1].logprobs
     assert all(o.token_ids == o.new_token_ids and o.text == "" for o in deltas)
     assert deltas[-1].finished and deltas[-1].finish_reason == "length"
+
+
+def test_the_engine_process_exits_with_its_parent():
+    """No orphaned engine (holding a GPU's memory) when its parent is killed outright."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    code = ("import time\n"
+            "from kvray.replica.async_engine import AsyncLLMEngine\n"
+            "from kvray.replica.config import EngineConfig\n"
+            "e = AsyncLLMEngine(EngineConfig(model='kvray:tiny-qwen3', max_model_len=128), process=True)\n"
+            "print(e._process.proc.pid, flush=True)\n"
+            "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+
+    def running(pid):
+        try:
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.time() + 30
+    while running(child) and time.time() < deadline:
+        time.sleep(0.2)
+    alive = running(child)
+    if alive:
+        os.kill(child, 9)
+    assert not alive, "the engine process outlived its parent"

@@ -61,11 +61,35 @@ class ServeRun:
         self._reader.join(5)
 
 
+def engine_processes() -> dict[int, int]:
+    """pid -> parent pid of every running engine child process (``kvray.replica.engine_process``)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if b"kvray.replica.engine_process" in cmd:
+            found[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return found
+
+
+def wait_until(cond, timeout_s: float, what: str):
+    deadline = time.time() + timeout_s
+    while not cond():
+        assert time.time() < deadline, what
+        time.sleep(0.5)
+
+
 def _local_config() -> dict:
     return yaml.safe_load((ROOT / "cluster-configs" / "local.yaml").read_text())
 
 
 def test_serve_run_local_yaml(tmp_path):
+    before = set(engine_processes())
     run = ServeRun(_local_config(), tmp_path)
     try:
         deadline = time.time() + 240
@@ -84,8 +108,21 @@ def test_serve_run_local_yaml(tmp_path):
             assert time.time() < deadline + 60, replicas
             time.sleep(1)
         assert len(replicas) == 2
+        # each replica runs its engine in a child process; one whose replica dies goes with it,
+        # and Serve's replacement serves again
+        ours = {pid: ppid for pid, ppid in engine_processes().items() if pid not in before}
+        assert len(ours) == 2, ours
+        victim, replica_pid = next(iter(ours.items()))
+        os.kill(replica_pid, signal.SIGKILL)
+        wait_until(lambda: victim not in engine_processes(), 30, "the dead replica's engine process lingers")
+        wait_until(lambda: len([p for p in engine_processes() if p not in before]) == 2, 180,
+                   "Serve did not replace the replica")
+        wait_until(run.healthy, 60, "unhealthy after the replica was replaced")
+        r = requests.post(run.url + "/v1/completions", json={"model": "tiny-qwen3", "prompt": "Hello", "max_tokens": 5})
+        assert r.status_code == 200
     finally:
         run.stop()
+    wait_until(lambda: not set(engine_processes()) - before, 30, "engine processes outlived `serve run`")
 
 
 def test_serve_run_rejects_an_unknown_arg(tmp_path):
