@@ -16,7 +16,9 @@ Legs, each in its own processes so that every one gets the whole GPU:
 Every leg runs each ``--concurrency`` with ``--rounds`` x concurrency requests of ``--input-len`` prompt
 and ``--output-len`` output tokens (ignore_eos, greedy, logprobs=0 so every token is a chunk).
 Writes OUT/<leg>_c<N>.json (serving.py's reports) and OUT/summary.json, and prints a markdown
-table of throughput and TTFT against the engine leg.
+table of throughput and TTFT against the baseline leg. ``--repeat R`` runs all legs R times in
+turn (files OUT/<leg>_r<i>_c<N>.json) and adds the median and range of each leg's overhead
+against the baseline of the same repeat: the machine drifts between runs by more than a few ms.
 
   python benchmarks/serving_overhead.py --config cluster-configs/gpu.yaml --http haproxy4:4:haproxy \\
       --concurrency 64 256
@@ -27,6 +29,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,10 +64,10 @@ def load_args(a, c: int) -> list[str]:
             str(a.output_len), "--warmup", str(a.warmup)]
 
 
-def engine_leg(a, name: str, out: Path) -> dict:
+def engine_leg(a, name: str, out: Path, tag: str = "") -> dict:
     res = {}
     for c in a.concurrency:
-        path = out / f"{name}_c{c}"
+        path = out / f"{name}{tag}_c{c}"
         extra = ["--engine-process"] if name == "engine-process" else []
         subprocess.run([sys.executable, SERVING, "--engine-direct", *extra, "--config", a.config, *load_args(a, c),
                         "--out", str(path)], check=True)
@@ -86,7 +89,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
     raise RuntimeError(f"{url} never became healthy")
 
 
-def http_leg(a, name: str, routers: int, ingress: str, out: Path) -> dict:
+def http_leg(a, name: str, routers: int, ingress: str, out: Path, tag: str = "") -> dict:
     cfg = yaml.safe_load(open(a.config))
     for d in cfg["applications"][0]["deployments"]:
         if d["name"] == "Router":
@@ -99,7 +102,7 @@ def http_leg(a, name: str, routers: int, ingress: str, out: Path) -> dict:
     cfg_path = Path(tempfile.mkdtemp()) / "app.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, **INGRESS_ENV[ingress]}
-    log = open(out / f"{name}_serve.log", "w")
+    log = open(out / f"{name}{tag}_serve.log", "w")
     proc = subprocess.Popen([*cli("serve"), "run", str(cfg_path)], env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -108,7 +111,7 @@ def http_leg(a, name: str, routers: int, ingress: str, out: Path) -> dict:
         wait_healthy(url, proc, a.startup_timeout)
         time.sleep(2 * routers)  # every Router replica ready, not just the first to answer
         for c in a.concurrency:
-            path = out / f"{name}_c{c}"
+            path = out / f"{name}{tag}_c{c}"
             subprocess.run([sys.executable, SERVING, "--base-url", url, "--client-procs", str(a.client_procs),
                             *load_args(a, c), "--out", str(path)], check=True)
             res[c] = json.loads(path.with_suffix(".json").read_text())["runs"][0]["summary"]
@@ -138,6 +141,22 @@ def table(results: dict, concurrency: list[int], baseline: str) -> str:
     return "\n".join(rows)
 
 
+def paired_summary(runs: list[dict], concurrency: list[int], baseline: str) -> str:
+    """Over repeats: each HTTP leg's overhead against the baseline leg of the same repeat (the
+    machine drifts between repeats more than the overhead itself), as median and range."""
+    rows = [f"| leg | concurrency | repeats | throughput vs {baseline}: median (range) "
+            f"| TTFT p50 - {baseline}: median (range) |", "|---|---|---|---|---|"]
+    for c in concurrency:
+        for leg in runs[0]:
+            if leg == baseline:
+                continue
+            ratio = sorted(r[leg][c]["output_tok_s"] / r[baseline][c]["output_tok_s"] for r in runs)
+            over = sorted((r[leg][c]["ttft_s"]["p50"] - r[baseline][c]["ttft_s"]["p50"]) * 1000 for r in runs)
+            rows.append(f"| {leg} | {c} | {len(runs)} | {statistics.median(ratio):.1%} ({ratio[0]:.1%} to {ratio[-1]:.1%}) "
+                        f"| {statistics.median(over):+.1f} ms ({over[0]:+.1f} to {over[-1]:+.1f}) |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "cluster-configs" / "gpu.yaml"))
@@ -151,22 +170,31 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=16)
     p.add_argument("--client-procs", type=int, default=4)
     p.add_argument("--startup-timeout", type=float, default=300)
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run every leg this many times, alternating, and summarize the paired overheads")
     p.add_argument("--out", default="out/serving_overhead")
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {}
     concurrencies = a.concurrency
-    for name in a.engine:
-        results[name] = engine_leg(a, name, out)
-    for spec in a.http:
-        name, routers, ingress = spec.split(":")
-        results[name] = http_leg(a, name, int(routers), ingress, out)
-    md = table(results, concurrencies, a.engine[0] if a.engine else next(iter(results)))
+    runs: list[dict] = []
+    for r in range(a.repeat):
+        tag = f"_r{r}" if a.repeat > 1 else ""
+        results: dict = {}
+        for name in a.engine:
+            results[name] = engine_leg(a, name, out, tag)
+        for spec in a.http:
+            name, routers, ingress = spec.split(":")
+            results[name] = http_leg(a, name, int(routers), ingress, out, tag)
+        runs.append(results)
+    baseline = a.engine[0] if a.engine else next(iter(runs[0]))
+    md = "\n\n".join(table(res, concurrencies, baseline) for res in runs)
+    if a.repeat > 1:
+        md += "\n\n" + paired_summary(runs, concurrencies, baseline)
     print(md)
-    (out / "summary.json").write_text(json.dumps({"args": vars(a), "results": results, "table": md}, indent=1,
+    (out / "summary.json").write_text(json.dumps({"args": vars(a), "runs": runs, "table": md}, indent=1,
                                                  default=str))
-    return results
+    return runs
 
 
 if __name__ == "__main__":
