@@ -32,6 +32,7 @@ import asyncio
 import logging
 import time
 
+from kvray import tracing
 from kvray.replica.sampling_params import SamplingParams
 from kvray.router.channels import merge_batches as _merge
 from kvray.router.hints import RoutingHint
@@ -92,6 +93,8 @@ class _Request:
         if isinstance(d, BaseException):
             self._end(d)
             return
+        if tracing.ENABLED and not self.active.started:
+            tracing.trace(self.request_id, "replica_delta")
         self.active.started = True
         batch = {"ids": d.new_token_ids, "lp": d.new_logprobs, "top": d.new_top_logprobs,
                  "finish": d.finish_reason if d.finished else None,
@@ -170,6 +173,8 @@ class LLMReplica:
                 box = self._outboxes[channel] = _Outbox()
             box.requests += 1
             yield {"replica": self._replica_id}
+        if tracing.ENABLED:
+            tracing.trace(request_id, "replica_in")
         budget = hint.decode_estimate if hint is not None else params.max_tokens
         req = _Request(self, request_id, _Active(len(prompt_token_ids), budget), box)
         self._num_requests += 1

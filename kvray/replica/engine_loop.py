@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from kvray import tracing
 from kvray.replica.engine import LLMEngine
 from kvray.replica.sequence import Sequence
 
@@ -76,6 +77,8 @@ class EngineLoop:
             for msg in inbox:
                 if msg[0] == "add":
                     _, rid, prompt_ids, params, arrival, prompt = msg
+                    if tracing.ENABLED:
+                        tracing.trace(rid, "engine_add")
                     try:
                         seq = engine.make_sequence(rid, prompt_ids, params, arrival, prompt)
                     except ValueError as e:  # the front end validates first; refuse just this one
@@ -92,7 +95,17 @@ class EngineLoop:
             if engine.has_unfinished():
                 for seq in engine.step():
                     self._collect(seq, deltas)
+            if tracing.ENABLED:
+                self._trace_first_tokens(deltas)
             self._emit(deltas, self._stats())
+
+    @staticmethod
+    def _trace_first_tokens(deltas: list) -> None:
+        now = time.monotonic()
+        for rid, d in deltas:
+            if isinstance(d, Delta) and d.first_token_time is not None:
+                tracing.trace(rid, "engine_first_token", d.first_token_time, first_only=True)
+                tracing.trace(rid, "engine_emit", now, first_only=True)
 
     def _stats(self) -> dict:
         stats = self.engine.stats()

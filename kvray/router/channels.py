@@ -16,6 +16,8 @@ import uuid
 from collections import deque
 from typing import Any, Callable
 
+from kvray import tracing
+
 logger = logging.getLogger(__name__)
 
 _ENDED = object()
@@ -100,6 +102,8 @@ class TokenChannels:
             async for items in stream:
                 queues = self._queues
                 for rid, batch in items:
+                    if tracing.ENABLED:
+                        tracing.trace(rid, "router_channel_recv", first_only=True)
                     q = queues.get(rid)
                     if q is not None:
                         q.put(batch)

@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Callable
 
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from kvray import tracing
 from kvray.platform.metrics import ServingMetrics
 from kvray.platform.protocol import (APIError, ChatCompletionRequest, CompletionRequest, chat_chunk, chat_response,
                                      completion_chunk, completion_response, parse_request, usage, usage_chunk)
@@ -151,9 +152,13 @@ class OpenAIServing:
         slo_label = "none"
         try:
             p = self._prepare(kind, body, headers, t0)
+            if tracing.ENABLED:
+                tracing.trace(p.rid, "router_in", t0)
             slo_label = p.slo.name
             hint = await self._admitted_hint(p)
             stream = self.submit(p.rid, p.prompt_ids, p.params, hint)
+            if tracing.ENABLED:
+                tracing.trace(p.rid, "router_submitted")
         except APIError as e:
             self.metrics.request_done(endpoint=kind, status=e.status, slo_class=slo_label)
             return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
@@ -163,6 +168,8 @@ class OpenAIServing:
         run = _Run(p, self, hint)
         try:  # the first batch decides between an error status and a 200
             first_out = run.add(await stream.__anext__())
+            if tracing.ENABLED:
+                tracing.trace(p.rid, "router_first_out")
         except asyncio.CancelledError:
             stream.close(abort=True)
             self._done(run, 499)

@@ -27,6 +27,7 @@ from typing import List, Optional
 
 from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
 
+from kvray import tracing
 from kvray.router import registry
 from kvray.router.hints import hint_from_call
 
@@ -65,6 +66,8 @@ class KVRayRequestRouter(RequestRouter):
         pending_request.routing_context.should_backoff = True
         book = self._book()
         hint = hint_from_call(pending_request.args, pending_request.kwargs)
+        if tracing.ENABLED and hint is not None and hint.pin_replica is None:
+            tracing.trace(hint.request_id, "route_chosen", first_only=True)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         if hint is not None and hint.pin_replica is not None:
             r = by_id.get(hint.pin_replica)
@@ -79,6 +82,8 @@ class KVRayRequestRouter(RequestRouter):
         if hint is not None and hint.pin_replica is not None:
             return  # a token channel, not a request: no load of its own
         key = pending_request.metadata.internal_request_id
+        if tracing.ENABLED and hint is not None:
+            tracing.trace(hint.request_id, "route_sent")
         self._book().on_dispatch(key, replica_id.unique_id, hint)
         self._kvray_policy.on_dispatch(hint, replica_id.unique_id)
         if hint is not None:
