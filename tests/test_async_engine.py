@@ -217,3 +217,21 @@ def test_the_engine_process_exits_with_its_parent():
     if alive:
         os.kill(child, 9)
     assert not alive, "the engine process outlived its parent"
+
+
+def test_the_serving_side_of_an_engine_process_does_not_load_torch():
+    """A replica's own process holds tokens, not tensors: about 70 MB instead of 350."""
+    import subprocess
+    import sys
+
+    code = ("import asyncio, sys\n"
+            "from kvray import SamplingParams\n"
+            "from kvray.platform.replica import LLMReplica\n"
+            "r = LLMReplica('kvray:tiny-qwen3', {'max_model_len': 128})\n"
+            "async def main():\n"
+            "    items = [b async for b in r.generate('a', [1, 2, 3], SamplingParams(max_tokens=4, ignore_eos=True))]\n"
+            "    await r.__del__()\n"
+            "    return sum(len(b['ids']) for b in items)\n"
+            "print(asyncio.run(main()), 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["4", "False"], out.stdout + out.stderr[-2000:]

@@ -137,7 +137,7 @@ class LLMReplica:
                  stream_interval_ms: float = 0.0):
         from kvray.platform.autoscaling import pin_replica_gpus
         pin_replica_gpus()  # before torch touches CUDA: a replica sees only the GPUs Ray gave it
-        from kvray.replica.async_engine import AsyncLLMEngine  # torch & co. load here, not at import
+        from kvray.replica.async_engine import AsyncLLMEngine  # the engine process loads torch, not this one
         from kvray.replica.config import EngineConfig
 
         self.engine = AsyncLLMEngine(EngineConfig(model=model, **(engine_options or {})), process=True)

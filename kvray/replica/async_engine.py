@@ -26,10 +26,10 @@ from typing import Callable
 from kvray.gil import shorten_switch_interval
 from kvray.replica.config import EngineConfig
 from kvray.replica.detokenizer import IncrementalDetokenizer
-from kvray.replica.engine import LLMEngine, validate_prompt
 from kvray.replica.engine_loop import Delta, EngineLoop
 from kvray.replica.outputs import RequestMetrics, RequestOutput
 from kvray.replica.sampling_params import SamplingParams
+from kvray.replica.sequence import validate_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class AsyncLLMEngine:
         self._step_times: deque = deque(maxlen=STEP_TIMES_KEPT)
         self._requests: list[tuple] = []
         self._process = None
-        self.engine: LLMEngine | None = None  # the in-process engine (thread mode only)
+        self.engine = None  # the in-process LLMEngine (thread mode only; process mode never imports torch here)
         if start:
             shorten_switch_interval()
         if process:
@@ -66,6 +66,7 @@ class AsyncLLMEngine:
             self._stats: dict = info["stats"]
             self._send = self._process.send
             return
+        from kvray.replica.engine import LLMEngine
         self.engine = LLMEngine(config)
         self.tokenizer, self.max_model_len = self.engine.tokenizer, self.engine.max_model_len
         self.vocab_size, self.max_num_batched_tokens = self.engine.vocab_size, self.engine.max_num_batched_tokens

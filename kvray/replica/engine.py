@@ -21,7 +21,7 @@ from kvray.replica.sampler import SampleResult
 from kvray.replica.scheduler import Scheduler, SchedulerOutput
 from kvray.replica import deadline_policy  # noqa: F401  (registers the "deadline" policy)
 from kvray.replica.scheduling_policy import make_policy
-from kvray.replica.sequence import Sequence, SequenceStatus
+from kvray.replica.sequence import Sequence, SequenceStatus, validate_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -55,17 +55,6 @@ def _can_look_ahead(step: _Launched) -> bool:
     """The next step can be launched before this one's tokens are read: they are a tensor to
     gather from (a sampler that hands back host lists, like a test's stand-in, runs synchronously)."""
     return step.result is None or isinstance(step.result.token_ids, torch.Tensor)
-
-
-def validate_prompt(prompt_token_ids: list[int], max_model_len: int, vocab_size: int) -> None:
-    """Raise ValueError unless the prompt is non-empty, leaves room for a token, and is in the vocabulary."""
-    if not prompt_token_ids:
-        raise ValueError("the prompt is empty: give at least one token")
-    if len(prompt_token_ids) >= max_model_len:
-        raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens, but this model's context length "
-                         f"(max_model_len) is {max_model_len}; leave room for at least one generated token")
-    if any((not isinstance(t, int)) or t < 0 or t >= vocab_size for t in prompt_token_ids):
-        raise ValueError(f"the prompt has token ids outside the vocabulary [0, {vocab_size})")
 
 
 class LLMEngine:

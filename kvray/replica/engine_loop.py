@@ -13,10 +13,13 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kvray import tracing
-from kvray.replica.engine import LLMEngine
 from kvray.replica.sequence import Sequence
+
+if TYPE_CHECKING:  # the step loop's module stays light: the serving replica unpickles its Delta
+    from kvray.replica.engine import LLMEngine
 
 REQUEST_SNAPSHOT_S = 0.1
 

@@ -100,3 +100,14 @@ class Sequence:
     def __repr__(self) -> str:
         return (f"Sequence({self.request_id!r}, tokens={self.num_tokens}, computed={self.num_computed_tokens}, "
                 f"blocks={len(self.block_table)}, status={self.status.value})")
+
+
+def validate_prompt(prompt_token_ids: list[int], max_model_len: int, vocab_size: int) -> None:
+    """Raise ValueError unless the prompt is non-empty, leaves room for a token, and is in the vocabulary."""
+    if not prompt_token_ids:
+        raise ValueError("the prompt is empty: give at least one token")
+    if len(prompt_token_ids) >= max_model_len:
+        raise ValueError(f"the prompt has {len(prompt_token_ids)} tokens, but this model's context length "
+                         f"(max_model_len) is {max_model_len}; leave room for at least one generated token")
+    if any((not isinstance(t, int)) or t < 0 or t >= vocab_size for t in prompt_token_ids):
+        raise ValueError(f"the prompt has token ids outside the vocabulary [0, {vocab_size})")
