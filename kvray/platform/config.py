@@ -114,7 +114,11 @@ class AppArgs(BaseModel):
 
 
 class ConfigError(ValueError):
-    """Bad application args; the message names every offending field."""
+    """Bad application args; the message names every offending field, ``problems`` lists them."""
+
+    def __init__(self, headline: str, problems: list[str] | None = None):
+        self.problems = problems or [headline]
+        super().__init__(headline + "".join("\n  " + p for p in problems or []))
 
 
 def _describe(err: dict) -> str:
@@ -137,7 +141,7 @@ def parse_args(args: dict | AppArgs | None) -> AppArgs:
         return AppArgs.model_validate(args)
     except ValidationError as e:
         lines = [_describe(err) for err in e.errors()]
-        raise ConfigError("invalid kvray application args:\n  " + "\n  ".join(lines)) from None
+        raise ConfigError("invalid kvray application args:", lines) from None
 
 
 KVRAY_BUILDERS = ("kvray.platform:build_app", "kvray.platform.app:build_app")
@@ -164,6 +168,5 @@ def serve_config_errors(doc) -> list[str]:
         try:
             parse_args(app.get("args"))
         except ConfigError as e:
-            lines = str(e).splitlines()[1:] or [str(e)]
-            errors += [f"applications[{i}] ({app.get('name')}): {line.strip()}" for line in lines]
+            errors += [f"applications[{i}] ({app.get('name')}): {p}" for p in e.problems]
     return errors

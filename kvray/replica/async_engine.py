@@ -26,7 +26,7 @@ from typing import Callable
 from kvray.gil import shorten_switch_interval
 from kvray.replica.config import EngineConfig
 from kvray.replica.detokenizer import IncrementalDetokenizer
-from kvray.replica.engine_loop import Delta, EngineLoop
+from kvray.replica.engine_loop import Delta, EngineLoop, engine_info
 from kvray.replica.outputs import RequestMetrics, RequestOutput
 from kvray.replica.sampling_params import SamplingParams
 from kvray.replica.sequence import validate_prompt
@@ -61,20 +61,18 @@ class AsyncLLMEngine:
             from kvray.replica.engine_process import EngineProcess
             self._process = EngineProcess(config, self._on_output, self._fail)
             info = self._process.info
-            self.tokenizer, self.max_model_len = info["tokenizer"], info["max_model_len"]
-            self.vocab_size, self.max_num_batched_tokens = info["vocab_size"], info["max_num_batched_tokens"]
-            self._stats: dict = info["stats"]
             self._send = self._process.send
-            return
-        from kvray.replica.engine import LLMEngine
-        self.engine = LLMEngine(config)
-        self.tokenizer, self.max_model_len = self.engine.tokenizer, self.engine.max_model_len
-        self.vocab_size, self.max_num_batched_tokens = self.engine.vocab_size, self.engine.max_num_batched_tokens
-        self._stats = self.engine.stats()
-        self._loop = EngineLoop(self.engine, self._on_output)
-        self._send = self._loop.put
-        self._thread = threading.Thread(target=self._run_thread, name="kvray-engine", daemon=True)
-        if start:
+        else:
+            from kvray.replica.engine import LLMEngine
+            self.engine = LLMEngine(config)
+            info = engine_info(self.engine)
+            self._loop = EngineLoop(self.engine, self._on_output)
+            self._send = self._loop.put
+            self._thread = threading.Thread(target=self._run_thread, name="kvray-engine", daemon=True)
+        self.tokenizer, self.max_model_len = info["tokenizer"], info["max_model_len"]
+        self.vocab_size, self.max_num_batched_tokens = info["vocab_size"], info["max_num_batched_tokens"]
+        self._stats: dict = info["stats"]
+        if start and not process:
             self._thread.start()
 
     # ---- public API --------------------------------------------------------------------------

@@ -53,6 +53,12 @@ def request_states(engine: LLMEngine) -> list[tuple]:
     return states
 
 
+def engine_info(engine: LLMEngine) -> dict:
+    """What the serving side needs of a loaded engine: its tokenizer, limits and first stats."""
+    return {"tokenizer": engine.tokenizer, "max_model_len": engine.max_model_len, "vocab_size": engine.vocab_size,
+            "max_num_batched_tokens": engine.max_num_batched_tokens, "stats": engine.stats()}
+
+
 class EngineLoop:
     def __init__(self, engine: LLMEngine, emit):
         self.engine = engine

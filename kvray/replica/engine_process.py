@@ -104,7 +104,7 @@ class EngineProcess:
 
 def _child_main(fd: int) -> int:
     from kvray.replica.engine import LLMEngine
-    from kvray.replica.engine_loop import EngineLoop
+    from kvray.replica.engine_loop import EngineLoop, engine_info
 
     conn = Connection(fd)
     config = conn.recv()
@@ -114,9 +114,7 @@ def _child_main(fd: int) -> int:
         logger.exception("the engine failed to load")
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return 1
-    conn.send(("ready", {"tokenizer": engine.tokenizer, "max_model_len": engine.max_model_len,
-                         "vocab_size": engine.vocab_size, "max_num_batched_tokens": engine.max_num_batched_tokens,
-                         "stats": engine.stats()}))
+    conn.send(("ready", engine_info(engine)))
     loop = EngineLoop(engine, lambda deltas, stats: conn.send(("out", deltas, stats)))
 
     def receive():
