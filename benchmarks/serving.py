@@ -383,50 +383,48 @@ def engine_from_args(a):
     return AsyncLLMEngine(EngineConfig(model=model, **options), process=a.engine_process)
 
 
-async def run_mode(a, rates: list[float | None]) -> tuple[list[dict], dict]:
+async def run_load(a, one, vocab: int, max_len: int, mode: str, rates: list[float | None]) -> tuple[list[dict], dict]:
+    """Warm up with ``a.warmup`` requests, then run the workload at each rate through ``one``."""
     runs, raw = [], {}
     slo = parse_slo(a.slo)
+    if a.warmup:  # the workload's own first requests, with different token ids, all at once
+        dataset = "random" if a.dataset == "azure-mix" else a.dataset
+        warm = build_workload(argparse.Namespace(**{**vars(a), "num_requests": a.warmup, "seed": a.seed + 1,
+                                                    "dataset": dataset}), None, vocab, max_len)
+        await drive(warm, one, a.warmup)
+    for rate in rates:
+        reqs = build_workload(a, rate, vocab, max_len)
+        if a.client_procs > 1 and mode == "http":
+            results, duration = await asyncio.to_thread(drive_processes, a, reqs)
+        else:
+            results, duration = await drive(reqs, one, a.concurrency)
+        label = f"{mode} " + (f"c={a.concurrency}" if a.concurrency else f"{rate or 'trace'} req/s")
+        s = summarize(results, duration, slo)
+        print_summary(label, s)
+        runs.append({"mode": mode, "label": label, "rate": rate, "concurrency": a.concurrency, "summary": s})
+        raw[label] = {"ttft": [r.ttft for r in results if r.ok], "tpot": [r.tpot for r in results if r.tpot],
+                      "itl": [x for r in results if r.ok for x in r.itls],
+                      "e2e": [r.e2e for r in results if r.ok]}
+    return runs, raw
+
+
+async def run_mode(a, rates: list[float | None]) -> tuple[list[dict], dict]:
     if a.engine_direct:
         engine = engine_from_args(a)
-        vocab = engine.vocab_size
-        max_len, mode, ctx = engine.max_model_len, "engine", None
-        one = engine_runner(engine, a)
-    else:
-        import aiohttp
-        conn = aiohttp.TCPConnector(limit=0)
-        ctx = aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=a.timeout))
-        async with ctx.get(a.base_url.rstrip("/") + "/v1/models") as resp:
+        try:
+            return await run_load(a, engine_runner(engine, a), engine.vocab_size, engine.max_model_len, "engine",
+                                  rates)
+        finally:
+            await engine.shutdown(timeout_s=5)
+    import aiohttp
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     timeout=aiohttp.ClientTimeout(total=a.timeout)) as session:
+        async with session.get(a.base_url.rstrip("/") + "/v1/models") as resp:
             info = (await resp.json())["data"][0]
         a.model = a.model or info["id"]
         vocab = a.vocab_size or info.get("vocab_size") or 1000
         max_len = a.max_model_len or info.get("max_model_len") or 2048
-        mode = "http"
-        one = http_runner(a, ctx)
-    try:
-        if a.warmup:  # the workload's own first requests, with different token ids, all at once
-            dataset = "random" if a.dataset == "azure-mix" else a.dataset
-            warm = build_workload(argparse.Namespace(**{**vars(a), "num_requests": a.warmup, "seed": a.seed + 1,
-                                                        "dataset": dataset}), None, vocab, max_len)
-            await drive(warm, one, a.warmup)
-        for rate in rates:
-            reqs = build_workload(a, rate, vocab, max_len)
-            if a.client_procs > 1 and not a.engine_direct:
-                results, duration = await asyncio.to_thread(drive_processes, a, reqs)
-            else:
-                results, duration = await drive(reqs, one, a.concurrency)
-            label = f"{mode} " + (f"c={a.concurrency}" if a.concurrency else f"{rate or 'trace'} req/s")
-            s = summarize(results, duration, slo)
-            print_summary(label, s)
-            runs.append({"mode": mode, "label": label, "rate": rate, "concurrency": a.concurrency, "summary": s})
-            raw[label] = {"ttft": [r.ttft for r in results if r.ok], "tpot": [r.tpot for r in results if r.tpot],
-                          "itl": [x for r in results if r.ok for x in r.itls],
-                          "e2e": [r.e2e for r in results if r.ok]}
-    finally:
-        if ctx is not None:
-            await ctx.close()
-        if a.engine_direct:
-            await engine.shutdown(timeout_s=5)
-    return runs, raw
+        return await run_load(a, http_runner(a, session), vocab, max_len, "http", rates)
 
 
 def parse_range(s: str) -> tuple[int, int]:
@@ -434,7 +432,7 @@ def parse_range(s: str) -> tuple[int, int]:
     return int(lo), int(hi or lo)
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
     p.add_argument("--model", default=None, help="model name to send (default: the first of /v1/models)")
@@ -470,7 +468,11 @@ def main(argv=None):
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="serving_results", help="writes OUT.json and OUT.png")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    a = parser().parse_args(argv)
     rates = [float(x) for x in a.request_rate.split(",")] if a.request_rate else [None]
     if a.concurrency:
         rates = [None]

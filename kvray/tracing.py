@@ -17,10 +17,11 @@ EVENTS = (
     "route_chosen",         # kvray's RequestRouter plug-in is asked for a replica
     "route_sent",           # Serve has sent the call to the replica (which accepted it)
     "replica_in",           # LLMReplica.generate starts
+    "engine_submit",        # AsyncLLMEngine.submit sends it to the step loop
     "engine_add",           # the step loop takes the request in
     "engine_first_token",   # its first token is sampled (the step's end)
     "engine_emit",          # the step's results leave the step loop
-    "replica_delta",        # LLMReplica turns the first results into a batch
+    "engine_delta",         # AsyncLLMEngine hands its first results to its sink, on the event loop
     "router_channel_recv",  # the Router reads the first batch from its token channel
     "router_first_out",     # the Router has the first output, about to answer
 )

@@ -1,10 +1,12 @@
 """LLMReplica outside Serve: token batches, the token channel, aborts, stats, health, shutdown."""
 import asyncio
+from types import SimpleNamespace
 
 import pytest
 
 from kvray import SamplingParams
-from kvray.platform.replica import LLMReplica
+from kvray.platform.replica import LLMReplica, _Active, _Outbox, _Request
+from kvray.replica.engine_loop import Delta
 from kvray.router.hints import RoutingHint
 
 ENGINE = {"max_num_seqs": 16, "max_model_len": 256, "device": "cpu", "num_kv_blocks": 256}
@@ -50,6 +52,34 @@ def test_batches_stats_and_errors():
     asyncio.run(main())
 
 
+def test_first_batches_go_ahead_in_the_channel():
+    """A request's first batch is put before the batches of streams already running, so the
+    Router starts its response before it writes their chunks (TTFT under load)."""
+    replica = SimpleNamespace(_interval_s=0.0, _first_token_at=None)
+
+    def delta(ids, finished=False):
+        return Delta(new_token_ids=ids, finished=finished, finish_reason="length" if finished else None)
+
+    async def main():
+        box = _Outbox()
+        box.readers = 1
+        reqs = {rid: _Request(replica, rid, _Active(4, 8), box) for rid in "abc"}
+        reqs["a"].on_delta(delta([1]))  # a: first batch
+        assert [rid for rid, _ in box.take()] == ["a"]
+        reqs["a"].on_delta(delta([2]))  # a: running now
+        reqs["b"].on_delta(delta([3]))  # b and c: first batches, after a's in the same step
+        reqs["a"].on_delta(delta([4]))
+        reqs["c"].on_delta(delta([5]))
+        items = box.take()
+        assert [(rid, b["ids"]) for rid, b in items] == [("b", [3]), ("c", [5]), ("a", [2]), ("a", [4])]
+        reqs["b"].on_delta(delta([6], finished=True))
+        reqs["c"].on_delta(delta([7]))
+        assert [rid for rid, _ in box.take()] == ["b", "c"]  # both running: arrival order
+        assert reqs["b"].done.done() and not reqs["c"].done.done()
+
+    asyncio.run(main())
+
+
 def test_stream_interval_merges_steps():
     async def main():
         r = make(stream_interval_ms=10_000)
@@ -91,9 +121,9 @@ def test_channel_carries_every_request():
             await asyncio.gather(*(one(i) for i in range(3)))
             await asyncio.wait_for(task, 30)
             assert {k: len(v) for k, v in got.items()} == {"r0": 10, "r1": 11, "r2": 12}
-            # errors still come back on the request's own stream
+            # errors still come back on the request's own stream (refused before it is bound to a channel)
             items = [b async for b in r.generate("bad", [], greedy(3), channel="c1")]
-            assert items[0] == {"replica": "local"} and items[1]["status"] == 400
+            assert len(items) == 1 and items[0]["status"] == 400
             await chan.aclose()
         finally:
             await r.__del__()

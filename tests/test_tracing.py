@@ -36,8 +36,9 @@ def test_engine_events_and_breakdown(tmp_path, monkeypatch):
     bd = _breakdown_module()
     reqs = bd.load(str(tmp_path))
     assert set(reqs) == {"t0", "t1", "t2"}
-    for ev in reqs.values():  # the step loop's events, in order, each recorded once
-        assert ev["engine_add"] <= ev["engine_first_token"] <= ev["engine_emit"]
+    for ev in reqs.values():  # the engine's events, in order, each recorded once
+        assert ev["engine_submit"] <= ev["engine_add"] <= ev["engine_first_token"] <= ev["engine_emit"] \
+            <= ev["engine_delta"]
     rows = {(r["from"], r["to"]): r for r in bd.breakdown(reqs)}
     assert rows[("engine_add", "engine_first_token")]["requests"] == 3
     assert rows[("engine_add", "engine_first_token")]["p50_ms"] > 0

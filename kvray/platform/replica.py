@@ -10,7 +10,8 @@ autoscaling and cancellation all see real requests). Its tokens travel one of tw
   of an engine step in one item. Ray Serve's cost per streamed item is far larger than the
   per-token work, so at hundreds of streams this is what keeps the Router and the replica's
   event loop from becoming the bottleneck. The request's own stream then carries only
-  ``{"replica": id}`` at the start and ``{"error", "status"}`` if the engine refuses it.
+  ``{"replica": id}`` once the engine has the request, or ``{"error", "status"}`` instead if
+  the engine refuses it. A request's first batch goes ahead of the others in the channel.
 
 A batch is ``{"ids", "lp", "top", "finish", "stop_reason", "cached"}``.
 
@@ -57,20 +58,32 @@ class _Active:
 
 
 class _Outbox:
-    """Batches waiting for one caller's channel."""
+    """Batches waiting for one caller's channel. A request's first batch goes ahead of the
+    batches of requests already streaming: the caller hands a channel item's batches to its
+    streams in order, so a new request's first token (its TTFT) does not wait behind the
+    SSE chunks of every running stream."""
 
     def __init__(self):
         self.items: list = []
+        self.num_first = 0  # items[:num_first] are first batches
         self.event = asyncio.Event()
         self.readers = 0
         self.requests = 0
         self.last_read = time.monotonic()
 
-    def push(self, request_id: str, batch: dict) -> None:
+    def push(self, request_id: str, batch: dict, first: bool = False) -> None:
         if not self.readers and time.monotonic() - self.last_read > ORPHAN_TIMEOUT_S:
             raise RuntimeError("no token channel has read this request's output for too long")
-        self.items.append((request_id, batch))
+        if first:
+            self.items.insert(self.num_first, (request_id, batch))
+            self.num_first += 1
+        else:
+            self.items.append((request_id, batch))
         self.event.set()
+
+    def take(self) -> list:
+        items, self.items, self.num_first = self.items, [], 0
+        return items
 
 
 class _Request:
@@ -79,7 +92,8 @@ class _Request:
     stream interval, batches that come sooner than it after the last one sent are merged into
     the next (the first and the last go out at once)."""
 
-    __slots__ = ("replica", "request_id", "active", "box", "queue", "done", "finished", "pending", "last_sent")
+    __slots__ = ("replica", "request_id", "active", "box", "queue", "done", "finished", "pending", "last_sent",
+                 "sent_any")
 
     def __init__(self, replica: "LLMReplica", request_id: str, active: _Active, box: _Outbox | None):
         self.replica, self.request_id, self.active, self.box = replica, request_id, active, box
@@ -88,13 +102,12 @@ class _Request:
         self.finished = False
         self.pending: dict | None = None
         self.last_sent = 0.0
+        self.sent_any = False
 
     def on_delta(self, d) -> None:
         if isinstance(d, BaseException):
             self._end(d)
             return
-        if tracing.ENABLED and not self.active.started:
-            tracing.trace(self.request_id, "replica_delta")
         self.active.started = True
         batch = {"ids": d.new_token_ids, "lp": d.new_logprobs, "top": d.new_top_logprobs,
                  "finish": d.finish_reason if d.finished else None,
@@ -114,12 +127,13 @@ class _Request:
             self.last_sent = now
         try:
             if self.box is not None:
-                self.box.push(self.request_id, batch)
+                self.box.push(self.request_id, batch, first=not self.sent_any)
             else:
                 self.queue.put_nowait(batch)
         except RuntimeError as e:  # nobody reads this request's channel any more
             self._end(e)
             return
+        self.sent_any = True
         if d.finished:
             self.finished = True
             if not self.done.done():
@@ -166,19 +180,20 @@ class LLMReplica:
     # ---- requests ------------------------------------------------------------------------------
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                        hint: RoutingHint | None = None, channel: str | None = None):
+        if tracing.ENABLED:
+            tracing.trace(request_id, "replica_in")
         box = None
         if channel is not None:
             box = self._outboxes.get(channel)
             if box is None:
                 box = self._outboxes[channel] = _Outbox()
             box.requests += 1
-            yield {"replica": self._replica_id}
-        if tracing.ENABLED:
-            tracing.trace(request_id, "replica_in")
         budget = hint.decode_estimate if hint is not None else params.max_tokens
         req = _Request(self, request_id, _Active(len(prompt_token_ids), budget), box)
         self._num_requests += 1
         try:
+            # The engine gets the request before anything goes back to the caller: its first
+            # step does not wait on Serve sending the stream's first item.
             try:
                 self.engine.submit(request_id, prompt_token_ids, params, req.on_delta)
             except ValueError as e:  # bad input: refused before touching the engine state
@@ -191,6 +206,7 @@ class LLMReplica:
                 return
             self._active[request_id] = req.active
             if box is not None:
+                yield {"replica": self._replica_id}  # the caller binds the request to our channel
                 await req.done  # the tokens go through the channel
             else:
                 while True:
@@ -233,7 +249,7 @@ class LLMReplica:
                         await box.event.wait()
                 box.event.clear()
                 if box.items:
-                    items, box.items = box.items, []
+                    items = box.take()
                     box.last_read = time.monotonic()
                     yield items
         finally:

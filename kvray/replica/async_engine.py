@@ -23,6 +23,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
+from kvray import tracing
 from kvray.gil import shorten_switch_interval
 from kvray.replica.config import EngineConfig
 from kvray.replica.detokenizer import IncrementalDetokenizer
@@ -170,6 +171,8 @@ class AsyncLLMEngine:
         validate_prompt(prompt_token_ids, self.max_model_len, self.vocab_size)
         metrics = RequestMetrics(arrival_time=time.monotonic() if arrival_time is None else arrival_time)
         self._streams[request_id] = _Stream(asyncio.get_running_loop(), sink)
+        if tracing.ENABLED:
+            tracing.trace(request_id, "engine_submit")
         self._send(("add", request_id, prompt_token_ids, params, metrics.arrival_time, prompt))
         return metrics
 
@@ -239,7 +242,7 @@ class AsyncLLMEngine:
                 continue
             if isinstance(delta, BaseException) or delta.finished:
                 del self._streams[rid]
-            by_loop.setdefault(stream.loop, []).append((stream.sink, delta))
+            by_loop.setdefault(stream.loop, []).append((rid, stream.sink, delta))
         _deliver(by_loop)
 
     def _fail(self, error: BaseException | None) -> None:
@@ -252,7 +255,7 @@ class AsyncLLMEngine:
         for rid in list(self._streams):
             stream = self._streams.pop(rid, None)
             if stream is not None:
-                by_loop.setdefault(stream.loop, []).append((stream.sink, err))
+                by_loop.setdefault(stream.loop, []).append((rid, stream.sink, err))
         _deliver(by_loop)
 
 
@@ -265,7 +268,11 @@ def _deliver(by_loop: dict) -> None:
 
 
 def _put_all(items) -> None:
-    for sink, delta in items:
+    if tracing.ENABLED:
+        for rid, _, delta in items:
+            if not isinstance(delta, BaseException) and delta.first_token_time is not None:
+                tracing.trace(rid, "engine_delta", first_only=True)
+    for _, sink, delta in items:
         try:
             sink(delta)
         except Exception:  # one caller's bug must not starve the others of their tokens

@@ -13,6 +13,7 @@ parent goes away, the child sees the socket close and exits.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -103,9 +104,13 @@ class EngineProcess:
 
 
 def _child_main(fd: int) -> int:
+    from kvray.gil import shorten_switch_interval
     from kvray.replica.engine import LLMEngine
     from kvray.replica.engine_loop import EngineLoop, engine_info
 
+    # The inbox thread takes each request in while the step loop runs Python: without this it
+    # can wait out CPython's 5 ms switch interval before the request reaches the loop.
+    shorten_switch_interval()
     conn = Connection(fd)
     config = conn.recv()
     try:
@@ -114,6 +119,10 @@ def _child_main(fd: int) -> int:
         logger.exception("the engine failed to load")
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return 1
+    # What loading made (modules, weights' Python objects, CUDA graphs) lives as long as the
+    # process: out of the collector's sight, so full collections in the step loop stay short.
+    gc.collect()
+    gc.freeze()
     conn.send(("ready", engine_info(engine)))
     loop = EngineLoop(engine, lambda deltas, stats: conn.send(("out", deltas, stats)))
 
