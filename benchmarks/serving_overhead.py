@@ -243,7 +243,7 @@ def main(argv=None) -> dict:
     p.add_argument("--input-len", default="384:640")
     p.add_argument("--output-len", default="96:160")
     p.add_argument("--warmup", type=int, default=16)
-    p.add_argument("--repeat", type=int, default=3, help="pairs of passes per concurrency")
+    p.add_argument("--repeat", type=int, default=3, help="pairs of passes per load")
     p.add_argument("--num-kv-blocks", type=int, default=20000, help="the KV cache of each engine")
     p.add_argument("--client-procs", type=int, default=4, help="HTTP load generator processes")
     p.add_argument("--startup-timeout", type=float, default=300)
