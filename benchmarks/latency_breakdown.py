@@ -44,15 +44,18 @@ def breakdown(reqs: dict[str, dict[str, float]]) -> list[dict]:
     return rows
 
 
+def markdown(rows: list[dict]) -> str:
+    return "| from | to | requests | p50 | p90 |\n|---|---|---|---|---|\n" + "\n".join(
+        f"| {r['from']} | {r['to']} | {r['requests']} | {r['p50_ms']:.2f} ms | {r['p90_ms']:.2f} ms |" for r in rows)
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("trace_dir")
     p.add_argument("--json", help="also write the rows to this file")
     a = p.parse_args(argv)
     rows = breakdown(load(a.trace_dir))
-    print("| from | to | requests | p50 | p90 |\n|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['from']} | {r['to']} | {r['requests']} | {r['p50_ms']:.2f} ms | {r['p90_ms']:.2f} ms |")
+    print(markdown(rows))
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     return rows

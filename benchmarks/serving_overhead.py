@@ -198,9 +198,7 @@ def breakdown_tables(trace_dir: str) -> str:
         d = Path(trace_dir) / target
         if d.is_dir():
             rows = latency_breakdown.breakdown(latency_breakdown.load(str(d)))
-            out.append(f"{target}:\n\n| from | to | requests | p50 | p90 |\n|---|---|---|---|---|\n" + "\n".join(
-                f"| {r['from']} | {r['to']} | {r['requests']} | {r['p50_ms']:.2f} ms | {r['p90_ms']:.2f} ms |"
-                for r in rows))
+            out.append(f"{target}:\n\n" + latency_breakdown.markdown(rows))
     return "\n\n".join(out)
 
 

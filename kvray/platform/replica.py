@@ -92,8 +92,7 @@ class _Request:
     stream interval, batches that come sooner than it after the last one sent are merged into
     the next (the first and the last go out at once)."""
 
-    __slots__ = ("replica", "request_id", "active", "box", "queue", "done", "finished", "pending", "last_sent",
-                 "sent_any")
+    __slots__ = ("replica", "request_id", "active", "box", "queue", "done", "finished", "pending", "last_sent")
 
     def __init__(self, replica: "LLMReplica", request_id: str, active: _Active, box: _Outbox | None):
         self.replica, self.request_id, self.active, self.box = replica, request_id, active, box
@@ -102,12 +101,12 @@ class _Request:
         self.finished = False
         self.pending: dict | None = None
         self.last_sent = 0.0
-        self.sent_any = False
 
     def on_delta(self, d) -> None:
         if isinstance(d, BaseException):
             self._end(d)
             return
+        first = not self.active.started  # the first batch is never held back by the stream interval
         self.active.started = True
         batch = {"ids": d.new_token_ids, "lp": d.new_logprobs, "top": d.new_top_logprobs,
                  "finish": d.finish_reason if d.finished else None,
@@ -127,13 +126,12 @@ class _Request:
             self.last_sent = now
         try:
             if self.box is not None:
-                self.box.push(self.request_id, batch, first=not self.sent_any)
+                self.box.push(self.request_id, batch, first=first)
             else:
                 self.queue.put_nowait(batch)
         except RuntimeError as e:  # nobody reads this request's channel any more
             self._end(e)
             return
-        self.sent_any = True
         if d.finished:
             self.finished = True
             if not self.done.done():
