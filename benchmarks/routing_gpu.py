@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -193,7 +192,7 @@ def main(argv=None) -> dict:
     except ImportError:
         print("no matplotlib: re-plot with --plot-only OUT/summary.json")
     base = summary["policies"].get("p2c", {}).get("goodput_rps")
-    print(f"\n| policy | goodput (req/s) | vs p2c |\n|---|---|---|")
+    print("\n| policy | goodput (req/s) | vs p2c |\n|---|---|---|")
     for policy, s in summary["policies"].items():
         g = s["goodput_rps"]
         ratio = f"{g / base:.2f}x" if g and base else "-"

@@ -1,10 +1,18 @@
 """Helpers for the end-to-end tests that run kvray on a local Ray + Serve (CPU)."""
 import contextlib
+import os
 import random
+import signal
 import socket
+import subprocess
+import threading
 import time
+from pathlib import Path
 
 import requests
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -48,3 +56,114 @@ def running_app(args: dict, num_replicas: int = 2):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+class ServeRun:
+    """``serve run CONFIG`` as a user runs it, in a subprocess (its own local Ray, on a free port);
+    ``env`` adds environment variables (an ingress choice, say)."""
+
+    def __init__(self, cfg: dict, tmp_path: Path, env: dict | None = None):
+        self.port = free_port()
+        cfg["http_options"]["port"] = self.port
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        env = {**os.environ, "RAY_ADDRESS": "local", "RAY_DEDUP_LOGS": "0", **(env or {})}
+        self.proc = subprocess.Popen(["serve", "run", str(path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def healthy(self) -> bool:
+        try:
+            return requests.get(self.url + "/health", timeout=5).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)  # `serve run` shuts Serve and its Ray down on Ctrl-C
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._reader.join(5)
+
+
+def engine_processes() -> dict[int, int]:
+    """pid -> parent pid of every running engine child process (``kvray.replica.engine_process``)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if b"kvray.replica.engine_process" in cmd:
+            found[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return found
+
+
+def wait_until(cond, timeout_s: float, what: str):
+    deadline = time.time() + timeout_s
+    while not cond():
+        assert time.time() < deadline, what
+        time.sleep(0.5)
+
+
+def local_config() -> dict:
+    """cluster-configs/local.yaml, parsed (tests change the port and what they need)."""
+    return yaml.safe_load((ROOT / "cluster-configs" / "local.yaml").read_text())
+
+
+def burst_of_streams(url: str, n: int, headers: dict | None = None, max_tokens: int = 48,
+                     timeout_s: float = 60.0) -> tuple[list[float], list[float]]:
+    """``n`` streamed completions at once. Each must complete (every chunk, then [DONE]) or get a
+    429 in the OpenAI error shape with a Retry-After header; no failure, no client timeout.
+    Returns (seconds to completion of each completed request, seconds to each 429)."""
+    import asyncio
+    import json
+
+    import aiohttp
+
+    async def one(session, i):
+        body = {"model": "tiny-qwen3", "prompt": f"stream {i} under load", "max_tokens": max_tokens,
+                "ignore_eos": True, "stream": True}
+        t0 = time.monotonic()
+        async with session.post(url + "/v1/completions", json=body, headers=headers or {}) as r:
+            if r.status == 429:
+                err = (await r.json())["error"]
+                assert set(err) == {"message", "type", "param", "code"} and err["type"] == "rate_limit_error", err
+                assert int(r.headers["Retry-After"]) >= 1
+                return "429", time.monotonic() - t0
+            assert r.status == 200, await r.text()
+            done = False
+            async for raw in r.content:
+                if raw.strip() == b"data: [DONE]":
+                    done = True
+                elif raw.startswith(b"data: "):
+                    assert "error" not in json.loads(raw[6:]), raw
+            assert done
+            return "ok", time.monotonic() - t0
+
+    async def main():
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                         timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+            return await asyncio.gather(*(one(session, i) for i in range(n)), return_exceptions=True)
+
+    results = asyncio.run(main())
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert not errors, errors[:3]  # no timeouts, no failures
+    return [t for k, t in results if k == "ok"], [t for k, t in results if k == "429"]

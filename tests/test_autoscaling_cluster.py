@@ -49,7 +49,10 @@ FAKE_PROVIDER = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMulti
 
 ARGS = {
     "model": "kvray:tiny-qwen3", "served_model_name": "tiny-qwen3",
-    "engine": {"max_num_seqs": 4, "max_model_len": 512},  # device auto: CPU here, the GPU is fake
+    # device auto: CPU here, the GPU is fake. The queue holds the whole burst while new replicas start
+    # (the default, max_num_seqs = 4 waiting, would answer the rest 429 at once, which is the point
+    # of a bounded queue but not of this test: scaling up on sustained load).
+    "engine": {"max_num_seqs": 4, "max_model_len": 512, "max_queued_requests": 2 * BURST_CONCURRENCY},
     "slo_classes": {"interactive": {"ttft_ms": 60000, "tpot_ms": 10000}},
     "router": {"policy": "least_load", "stats_period_s": 0.5},
     "graceful_shutdown_timeout_s": 30,

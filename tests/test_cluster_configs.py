@@ -286,3 +286,15 @@ def test_ray_cluster_launcher_config():
     assert workers and all(0 <= t["min_workers"] <= t["max_workers"] for t in workers)
     assert llm["autoscaling_config"]["max_replicas"] <= sum(t["max_workers"] for t in workers)
     assert sum(t["max_workers"] for t in workers) <= cfg["max_workers"]
+
+
+@pytest.mark.parametrize("path", KUBERAY_FILES, ids=lambda p: p.name)
+def test_every_pod_takes_the_api_key_from_a_secret(path):
+    for doc in yaml.safe_load_all(path.read_text()):
+        if not doc or doc.get("kind") != "RayService":
+            continue
+        for _, group, _ in _groups(doc):
+            for c in group["template"]["spec"]["containers"]:
+                env = {e["name"]: e for e in c.get("env", [])}
+                ref = env["KVRAY_API_KEY"]["valueFrom"]["secretKeyRef"]
+                assert ref["name"] == "kvray-api-key" and ref["key"] == "api-key", c["name"]

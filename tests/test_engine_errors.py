@@ -18,7 +18,28 @@ BAD_PARAMS = [
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"),
     (dict(top_k=0), "top_k"),
+    (dict(seed=2**80), "seed"),
+    (dict(seed=-2**64), "seed"),
+    (dict(top_k=2**40), "top_k"),
+    (dict(logprobs=21), "logprobs"),
+    (dict(min_tokens=50, max_tokens=10), "min_tokens"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(stop_token_ids=[-1]), "stop_token_ids"),
 ]
+
+
+@pytest.mark.parametrize("kw,name", BAD_PARAMS)
+def test_sampling_params_refuse_out_of_range_values(kw, name):
+    with pytest.raises(ValueError, match=name):
+        SamplingParams(**kw)
+
+
+def _mutated(kw: dict) -> SamplingParams:
+    """Valid params changed afterwards: the engine must still refuse them (it validates again)."""
+    p = SamplingParams()
+    for k, v in kw.items():
+        object.__setattr__(p, k, v)
+    return p
 
 
 @pytest.fixture(scope="module", params=["thread", "process"])
@@ -47,7 +68,7 @@ def test_bad_requests_fail_cleanly_while_a_stream_runs(engine):
         errors = []
         cases = [([], None, "empty"), (list(range(1, 129)), None, "context length"),
                  ([vocab + 10], None, "vocabulary")]
-        cases += [(good, SamplingParams(**kw), name) for kw, name in BAD_PARAMS]
+        cases += [(good, _mutated(kw), name) for kw, name in BAD_PARAMS]
         for i, (prompt, p, needle) in enumerate(cases):
             with pytest.raises(ValueError, match=needle):
                 async for _ in engine.generate(f"bad-{i}", prompt, p or params):

@@ -81,7 +81,11 @@ def test_build_app_sets_overridable_defaults():
 
     a = parse_args({"model": "m", "engine": {"max_num_seqs": 32}, "router": {"stats_period_s": 2}})
     opts = replica_options(a)
-    assert opts["max_ongoing_requests"] == 64 and "num_replicas" not in opts and "autoscaling_config" not in opts
+    # the engine's batch + its bounded queue (default max_num_seqs) + token-channel room: the engine's own
+    # queue limit answers (429) before Serve would hold a request at the handle
+    assert opts["max_ongoing_requests"] == 32 + 32 + 32 and "num_replicas" not in opts and "autoscaling_config" not in opts
+    assert replica_options(parse_args({"model": "m", "engine": {"max_num_seqs": 32, "max_queued_requests": 8}}))[
+        "max_ongoing_requests"] == 32 + 8 + 32
     rc = opts["request_router_config"]
     assert rc.get_request_router_class().__name__ == KVRayRequestRouter.__name__
     assert rc.request_router_kwargs == {"policy": "least_load", "policy_options": {}}

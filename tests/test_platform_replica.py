@@ -42,7 +42,9 @@ def test_batches_stats_and_errors():
             for prompt in ([], list(range(300))):
                 items = [b async for b in r.generate(f"bad{len(prompt)}", prompt, greedy(4))]
                 assert len(items) == 1 and items[0]["status"] == 400 and items[0]["error"]
-            bad = [b async for b in r.generate("bad-params", [1, 2], SamplingParams(max_tokens=0))]
+            params = SamplingParams()
+            params.max_tokens = 0  # changed after construction: the engine validates again
+            bad = [b async for b in r.generate("bad-params", [1, 2], params)]
             assert bad[0]["status"] == 400
             info = await r.model_info()
             assert info["max_model_len"] == 256 and info["block_size"] == 16 and info["tokenizer"] is not None

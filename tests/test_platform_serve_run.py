@@ -6,91 +6,18 @@ Ray instance instead of joining one that may be running here.
 """
 import os
 import signal
-import subprocess
-import threading
 import time
-from pathlib import Path
 
 import pytest
 import requests
-import yaml
 
 pytest.importorskip("ray")
 
-from serve_app import free_port  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-class ServeRun:
-    def __init__(self, cfg: dict, tmp_path: Path):
-        self.port = free_port()
-        cfg["http_options"]["port"] = self.port
-        path = tmp_path / "config.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        env = {**os.environ, "RAY_ADDRESS": "local", "RAY_DEDUP_LOGS": "0"}
-        self.proc = subprocess.Popen(["serve", "run", str(path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def healthy(self) -> bool:
-        try:
-            return requests.get(self.url + "/health", timeout=5).status_code == 200
-        except requests.RequestException:
-            return False
-
-    def stop(self):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)  # `serve run` shuts Serve and its Ray down on Ctrl-C
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self._reader.join(5)
-
-
-def engine_processes() -> dict[int, int]:
-    """pid -> parent pid of every running engine child process (``kvray.replica.engine_process``)."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().split(b"\0")
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if b"kvray.replica.engine_process" in cmd:
-            found[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    return found
-
-
-def wait_until(cond, timeout_s: float, what: str):
-    deadline = time.time() + timeout_s
-    while not cond():
-        assert time.time() < deadline, what
-        time.sleep(0.5)
-
-
-def _local_config() -> dict:
-    return yaml.safe_load((ROOT / "cluster-configs" / "local.yaml").read_text())
-
+from serve_app import ServeRun, engine_processes, local_config, wait_until  # noqa: E402
 
 def test_serve_run_local_yaml(tmp_path):
     before = set(engine_processes())
-    run = ServeRun(_local_config(), tmp_path)
+    run = ServeRun(local_config(), tmp_path)
     try:
         deadline = time.time() + 240
         while not run.healthy():
@@ -126,7 +53,7 @@ def test_serve_run_local_yaml(tmp_path):
 
 
 def test_serve_run_rejects_an_unknown_arg(tmp_path):
-    cfg = _local_config()
+    cfg = local_config()
     cfg["applications"][0]["args"]["bogus_key"] = 1
     run = ServeRun(cfg, tmp_path)
     try:

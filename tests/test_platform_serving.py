@@ -5,6 +5,7 @@ One app serves every test in this module (started once, ~20 s); Ray shuts down a
 import asyncio
 import json
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -335,6 +336,10 @@ def test_dropped_streams_free_every_kv_block(base):
     while _metric(base, "kvray_requests_total", status="499") < aborted_before + 20:
         assert time.time() < deadline, "the router did not record the 20 disconnects"
         time.sleep(0.2)
+    # and the disconnects left no asyncio noise in any Serve process's log
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    noisy = [f.name for f in logs.glob("worker-*") if b"exception was never retrieved" in f.read_bytes()]
+    assert not noisy, noisy
 
 
 # ---- metrics ----------------------------------------------------------------------------------

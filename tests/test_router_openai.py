@@ -5,6 +5,7 @@ refusals (429), stop strings cut on the router side, and the exact response shap
 """
 import asyncio
 import json
+import threading
 
 import pytest
 
@@ -185,3 +186,90 @@ def test_validation_happens_before_dispatch(tok):
     resp = run(s.handle("completions", b'{"prompt": "x"}', {"x-slo-tpot-ms": "nope"}))
     assert resp.status_code == 400 and json.loads(resp.body)["error"]["param"] == "x-slo-tpot-ms"
     assert not calls
+
+
+class ThreadRecordingTokenizer:
+    """The tokenizer, noting the thread of every encode and chat-template call."""
+
+    def __init__(self, tok):
+        self._tok = tok
+        self.threads = []
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def __len__(self):
+        return len(self._tok)
+
+    def __call__(self, *a, **k):
+        self.threads.append(threading.get_ident())
+        return self._tok(*a, **k)
+
+    def apply_chat_template(self, *a, **k):
+        self.threads.append(threading.get_ident())
+        return self._tok.apply_chat_template(*a, **k)
+
+
+def test_long_prompts_are_tokenized_off_the_event_loop_and_huge_ones_not_at_all(tok):
+    from kvray.router.openai_serving import INLINE_TOKENIZE_CHARS
+
+    rec = ThreadRecordingTokenizer(tok)
+    metrics = ServingMetrics("tiny")
+    s = OpenAIServing(info=ModelInfo(rec, 4096, 16, len(tok)), model_names=["tiny"],
+                      slo_classes={"interactive": SLOTarget("interactive", 500, 50)}, default_slo_class="interactive",
+                      decode_estimate_cap=64, submit=lambda *a: FakeStream([batch([1], "length")]), metrics=metrics)
+
+    async def main():
+        loop_thread = threading.get_ident()
+        short = json.dumps({"prompt": "a short prompt", "max_tokens": 1}).encode()
+        long = json.dumps({"prompt": "word " * (INLINE_TOKENIZE_CHARS // 4), "max_tokens": 1}).encode()
+        chat = json.dumps({"messages": [{"role": "user", "content": "word " * (INLINE_TOKENIZE_CHARS // 4)}],
+                           "max_tokens": 1}).encode()
+        await s.handle("completions", short, {})
+        assert rec.threads == [loop_thread]
+        await s.handle("completions", long, {})
+        await s.handle("chat", chat, {})
+        assert len(rec.threads) == 4 and all(t != loop_thread for t in rec.threads[1:])
+        huge = json.dumps({"prompt": "x" * (4096 * s.info.max_token_chars + 1)}).encode()
+        resp = await s.handle("completions", huge, {})
+        assert resp.status_code == 400 and json.loads(resp.body)["error"]["code"] == "context_length_exceeded"
+        assert len(rec.threads) == 4  # refused by its length in characters: never tokenized
+
+    run(main())
+
+
+def test_a_replica_that_fails_before_the_first_token_is_left_out_on_a_retry(tok):
+    attempts = []
+    outcomes = iter([FakeStream([], fail_after=0),  # the replica died
+                     FakeStream([{"error": "engine died", "status": 503, "replica": "r2"}]),
+                     FakeStream([batch([5]), batch([6], "length")])])
+
+    def factory():
+        return next(outcomes)
+
+    s, calls, _ = serving(tok, factory)
+    s.replica_of = lambda rid: "r1"
+    resp = run(s.handle("completions", b'{"prompt": [1, 2], "max_tokens": 2}', {}))
+    assert resp.status_code == 200 and json.loads(resp.body)["usage"]["completion_tokens"] == 2
+    assert len(calls) == 3
+    hint = calls[-1][3]
+    assert hint.avoid == ("r1", "r2")  # both failed replicas are left out of the last dispatch
+
+
+def test_full_replicas_mean_a_429_at_once(tok):
+    full = {"error": "the engine's queue is full", "status": 429, "retry_after": 1.0}
+    replies = iter([FakeStream([{**full, "replica": "r1"}]), FakeStream([{**full, "replica": "r2"}])])
+    s, calls, _ = serving(tok, lambda: next(replies))
+    s.replica_ids = lambda: ["r1", "r2"]
+    resp = run(s.handle("completions", b'{"prompt": [1, 2], "max_tokens": 2}', {}))
+    assert resp.status_code == 429 and resp.headers["retry-after"] == "1"
+    assert json.loads(resp.body)["error"]["code"] == "queue_full" and len(calls) == 2  # each replica tried once
+    # a Router that alone holds as many requests as the replicas admit refuses before parsing
+    s2, calls2, _ = serving(tok, lambda: FakeStream([batch([5], "length")]))
+    s2.capacity = lambda: 3
+    s2.num_in_flight = 3
+    resp = run(s2.handle("completions", b"not even json", {}))
+    assert resp.status_code == 429 and resp.headers["retry-after"] == "1" and not calls2
+    s2.num_in_flight = 2
+    assert run(s2.handle("completions", b'{"prompt": [1], "max_tokens": 1}', {})).status_code == 200
+    assert s2.num_in_flight == 2  # back to where it was once that request finished

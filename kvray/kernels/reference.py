@@ -40,7 +40,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     q [num_q_tokens, num_heads, d]; sequence i owns q rows query_start_loc[i]:query_start_loc[i+1],
     which are the last q_len_i positions of its seq_lens[i]-long context.
     """
-    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_heads, _head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     if out is None:

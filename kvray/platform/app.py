@@ -5,10 +5,13 @@ deployment options, which the Serve config file overrides key by key (a key unde
 ``deployments:`` replaces the code's value; ``ray_actor_options`` and
 ``request_router_config`` are replaced as a whole):
 
-* LLMReplica: ``max_ongoing_requests = 2 * engine.max_num_seqs`` (requests beyond the engine's
-  batch wait in its queue, beyond that in the router), ``graceful_shutdown_timeout_s`` from the
-  args, the kvray request router with the args' policy, routing stats every
-  ``router.stats_period_s``, a health check every 10 s.
+* LLMReplica: ``max_ongoing_requests`` above what the engine admits (its batch, ``max_num_seqs``,
+  plus its bounded queue, ``max_queued_requests``, plus room for the Routers' token channels),
+  so the engine's own limit answers first, at once, with a 429 the Router passes on, and no
+  request waits unboundedly at a handle; ``graceful_shutdown_timeout_s`` from the args, the kvray
+  request router with the args' policy, routing stats every ``router.stats_period_s``, a health
+  check every 2 s (a replica whose engine died exits by itself; the check finds it gone), no
+  access log (the Router logs each HTTP request; these are its internal calls).
 * Router: ``max_ongoing_requests = 4096`` (it only waits on streams).
 
 Replica counts, resources and autoscaling are never set here: they belong to the config file.
@@ -27,12 +30,20 @@ from kvray.router.serve_router import PLUGIN_PATH
 ROUTER_MAX_ONGOING = 4096
 
 
+CHANNEL_SLOTS = 32  # ongoing calls beyond the engine's limit: token channels, refusals on their way back
+
+
 def replica_options(a: AppArgs) -> dict:
     max_num_seqs = a.engine.max_num_seqs
+    queued = a.engine.max_queued_requests or max_num_seqs
     return dict(
-        max_ongoing_requests=max(8, 2 * max_num_seqs),
+        max_ongoing_requests=max_num_seqs + queued + CHANNEL_SLOTS,
         graceful_shutdown_timeout_s=a.graceful_shutdown_timeout_s + 5.0,
-        health_check_period_s=10.0,
+        health_check_period_s=2.0,
+        # Every request makes a generate call here and streams through a token channel: an
+        # access-log line per internal call costs more CPU than the call under load. The
+        # Router's log keeps one line per HTTP request.
+        logging_config={"enable_access_log": False},
         request_router_config=RequestRouterConfig(
             request_router_class=PLUGIN_PATH,
             request_router_kwargs={"policy": a.router.policy, "policy_options": a.router.policy_options},

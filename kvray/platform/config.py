@@ -8,6 +8,7 @@ classes and the router policy. Unknown keys anywhere are errors naming the key.
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from typing import Any
 
@@ -66,6 +67,7 @@ class RouterArgs(BaseModel):
         return self
 
 
+API_KEY_ENV = "KVRAY_API_KEY"
 _DEFAULT_SLO = {"interactive": {"ttft_ms": 500.0, "tpot_ms": 50.0}, "batch": {"ttft_ms": 10000.0, "tpot_ms": 200.0}}
 
 
@@ -86,6 +88,14 @@ class AppArgs(BaseModel):
                                       "this long since the last send (0: send every engine step)")
     graceful_shutdown_timeout_s: PositiveFloat = Field(30.0, description="on replica shutdown, how long in-flight "
                                                        "requests may keep running before they are aborted")
+    max_request_body_bytes: int = Field(16 * 2**20, ge=1024, description="larger request bodies get a 413 before "
+                                        "they are parsed")
+    api_keys: list[str] = Field(default_factory=list, description="accepted `Authorization: Bearer` keys; with "
+                                "none here, in $KVRAY_API_KEY or in api_keys_file, the API is open")
+    api_keys_file: str | None = Field(None, description="a file with one accepted API key per line (a mounted "
+                                      "Kubernetes Secret, say); read when the Router starts")
+    metrics_require_api_key: bool = Field(False, description="GET /metrics needs the API key too (default: open "
+                                          "to Prometheus scrapers); /health is always open")
 
     @model_validator(mode="after")
     def _check(self) -> "AppArgs":
@@ -100,8 +110,23 @@ class AppArgs(BaseModel):
                              f"({', '.join(self.slo_classes)})")
         if self.served_model_name is None:
             self.served_model_name = self.model
+        if any(not k or k != k.strip() for k in self.api_keys):
+            raise ValueError("api_keys: each key must be a non-empty string without surrounding spaces")
         self.engine_config()  # the engine's own checks (ranges, choices), with its messages
         return self
+
+    def resolved_api_keys(self) -> list[str]:
+        """Every accepted API key: ``api_keys``, ``$KVRAY_API_KEY`` (comma-separated) and the lines
+        of ``api_keys_file``. Empty: no key is needed."""
+        keys = list(self.api_keys)
+        keys += [k.strip() for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip()]
+        if self.api_keys_file:
+            try:
+                with open(self.api_keys_file) as f:
+                    keys += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+            except OSError as e:
+                raise ConfigError(f"args.api_keys_file: cannot read {self.api_keys_file!r}: {e}") from None
+        return keys
 
     def engine_options(self) -> dict[str, Any]:
         return self.engine.model_dump(exclude_unset=True)

@@ -12,6 +12,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from kvray.replica.sampling_params import MAX_INT, MAX_LOGPROBS, MAX_STOP_STRINGS, SEED_MAX, SEED_MIN
+
+MAX_JSON_DEPTH = 32  # deeper bodies get a 400 before any model validation recurses into them
+
 
 # ---- errors -------------------------------------------------------------------------------------
 class APIError(Exception):
@@ -73,20 +77,20 @@ class _SamplingRequest(BaseModel):
     model: str | None = None
     temperature: float | None = None
     top_p: float | None = None
-    n: int | None = 1
+    n: int | None = Field(1, ge=-MAX_INT, le=MAX_INT)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # kvray / vLLM-style extensions
-    top_k: int | None = None
-    min_tokens: int | None = None
+    top_k: int | None = Field(None, ge=-MAX_INT, le=MAX_INT)
+    min_tokens: int | None = Field(None, ge=-MAX_INT, le=MAX_INT)
     ignore_eos: bool | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(None, max_length=1024)
     slo_class: str | None = None
 
     def common_checks(self) -> None:
@@ -103,14 +107,14 @@ class _SamplingRequest(BaseModel):
         if self.logit_bias:
             raise APIError(400, "logit_bias is not supported", param="logit_bias")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        if len(stops) > 16 or any(not s for s in stops):
-            raise APIError(400, "stop must be up to 16 non-empty strings", param="stop")
+        if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
+            raise APIError(400, f"stop must be up to {MAX_STOP_STRINGS} non-empty strings", param="stop")
         if self.top_k is not None and (self.top_k == 0 or self.top_k < -1):
             raise APIError(400, f"top_k={self.top_k} must be -1 or >= 1", param="top_k")
         if self.min_tokens is not None and self.min_tokens < 0:
             raise APIError(400, f"min_tokens={self.min_tokens} must be >= 0", param="min_tokens")
-        if self.stop_token_ids and any(t < 0 for t in self.stop_token_ids):
-            raise APIError(400, "stop_token_ids must be non-negative", param="stop_token_ids")
+        if self.stop_token_ids and any(not 0 <= t <= MAX_INT for t in self.stop_token_ids):
+            raise APIError(400, f"stop_token_ids must be in [0, {MAX_INT}]", param="stop_token_ids")
 
     @property
     def include_usage(self) -> bool:
@@ -119,18 +123,18 @@ class _SamplingRequest(BaseModel):
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    max_tokens: int | None = Field(16, ge=-MAX_INT, le=MAX_INT)
+    logprobs: int | None = Field(None, ge=-MAX_INT, le=MAX_INT)
     echo: bool | None = False
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=-MAX_INT, le=MAX_INT)
     suffix: str | None = None
 
     def checks(self) -> None:
         self.common_checks()
         if self.max_tokens is not None and self.max_tokens < 1:
             raise APIError(400, f"max_tokens={self.max_tokens} must be >= 1", param="max_tokens")
-        if self.logprobs is not None and not (0 <= self.logprobs <= 20):
-            raise APIError(400, f"logprobs={self.logprobs} must be in [0, 20]", param="logprobs")
+        if self.logprobs is not None and not (0 <= self.logprobs <= MAX_LOGPROBS):
+            raise APIError(400, f"logprobs={self.logprobs} must be in [0, {MAX_LOGPROBS}]", param="logprobs")
         if self.echo:
             raise APIError(400, "echo is not supported", param="echo")
         if self.best_of not in (None, 1):
@@ -167,10 +171,10 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = Field(None, ge=-MAX_INT, le=MAX_INT)
+    max_completion_tokens: int | None = Field(None, ge=-MAX_INT, le=MAX_INT)
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=-MAX_INT, le=MAX_INT)
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
@@ -185,8 +189,9 @@ class ChatCompletionRequest(_SamplingRequest):
             if v is not None and v < 1:
                 raise APIError(400, f"{name}={v} must be >= 1", param=name)
         if self.top_logprobs is not None:
-            if not (0 <= self.top_logprobs <= 20):
-                raise APIError(400, f"top_logprobs={self.top_logprobs} must be in [0, 20]", param="top_logprobs")
+            if not (0 <= self.top_logprobs <= MAX_LOGPROBS):
+                raise APIError(400, f"top_logprobs={self.top_logprobs} must be in [0, {MAX_LOGPROBS}]",
+                               param="top_logprobs")
             if not self.logprobs:
                 raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
         if self.tools:
@@ -197,6 +202,53 @@ class ChatCompletionRequest(_SamplingRequest):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+def parse_json(body: bytes) -> Any:
+    """The request body as JSON, or an APIError 400: not JSON, not UTF-8, a lone surrogate
+    (text no tokenizer can encode), numbers out of range, nesting deeper than MAX_JSON_DEPTH."""
+    try:
+        obj = _loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    check_json_values(obj)
+    return obj
+
+
+def check_json_values(obj: Any) -> None:
+    """Walk a parsed body once (iteratively: no recursion): depth limit, and every string (keys
+    too) must be encodable as UTF-8 (the stdlib parser lets lone surrogates through)."""
+    stack = [(obj, 1, "")]
+    while stack:
+        x, depth, path = stack.pop()
+        if isinstance(x, str):
+            if not x.isascii():
+                try:
+                    x.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise APIError(400, f"invalid text at '{path or 'body'}': it is not valid Unicode (a lone "
+                                   "surrogate?)", param=path.split(".")[0] or None, code="invalid_value") from None
+            continue
+        if not isinstance(x, (dict, list)):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels",
+                           param=path.split(".")[0] or None, code="invalid_json")
+        items = x.items() if isinstance(x, dict) else enumerate(x)
+        for k, v in items:
+            if isinstance(k, str):
+                stack.append((k, depth, path))
+            stack.append((v, depth + 1, f"{path}.{k}" if path else str(k)))
+
+
+try:
+    import orjson
+
+    _loads = orjson.loads  # rejects lone surrogates, NaN and out-of-range numbers itself; no recursion limit
+except ImportError:  # pragma: no cover
+    import json
+
+    _loads = json.loads
 
 
 def parse_request(model_cls: type[BaseModel], obj: Any) -> BaseModel:

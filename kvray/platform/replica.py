@@ -31,15 +31,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
 
 from kvray import tracing
+from kvray.replica.async_engine import QueueFull
 from kvray.replica.sampling_params import SamplingParams
 from kvray.router.channels import merge_batches as _merge
 from kvray.router.hints import RoutingHint
 
 logger = logging.getLogger(__name__)
 
+EXIT_GRACE_S = 1.0  # after the engine died: time for the error to reach every open stream, then exit
 CHANNEL_IDLE_CLOSE_S = 5.0  # a channel with no requests closes (so a draining replica can finish)
 ORPHAN_TIMEOUT_S = 60.0  # requests whose channel never (re)connects are aborted after this
 
@@ -142,6 +146,19 @@ class _Request:
             self.queue.put_nowait(error)
         elif not self.done.done():
             self.done.set_exception(error)
+            self.done.exception()  # retrieved: if the caller is already gone, nobody else will
+
+
+def _exit_soon(error: BaseException) -> None:
+    """The engine is gone and this replica can serve nothing more: report unhealthy from now on
+    (``check_health`` raises), and exit the process after ``EXIT_GRACE_S``, so the controller sees
+    the actor die and starts a replacement at its next health check instead of waiting for
+    several failed ones. Requests sent here meanwhile get a 503, which the Router retries on
+    another replica."""
+    logger.error("the engine died (%s): this replica exits in %.1f s so Serve replaces it", error, EXIT_GRACE_S)
+    timer = threading.Timer(EXIT_GRACE_S, os._exit, args=(1,))
+    timer.daemon = True
+    timer.start()
 
 
 class LLMReplica:
@@ -152,7 +169,14 @@ class LLMReplica:
         from kvray.replica.async_engine import AsyncLLMEngine  # the engine process loads torch, not this one
         from kvray.replica.config import EngineConfig
 
-        self.engine = AsyncLLMEngine(EngineConfig(model=model, **(engine_options or {})), process=True)
+        try:
+            from ray import serve
+            self._replica_id = serve.get_replica_context().replica_id.unique_id
+            in_serve = True
+        except Exception:  # outside Serve (tests)
+            self._replica_id, in_serve = "local", False
+        self.engine = AsyncLLMEngine(EngineConfig(model=model, **(engine_options or {})), process=True,
+                                     on_death=_exit_soon if in_serve else None)
         self._shutdown_timeout_s = shutdown_timeout_s
         self._interval_s = max(0.0, stream_interval_ms) / 1000.0
         self._active: dict[str, _Active] = {}
@@ -161,11 +185,6 @@ class LLMReplica:
         self._num_aborted = 0  # requests that ended before the engine finished them (caller gone)
         self._started_at = time.time()  # wall clock: when this replica's engine was ready
         self._first_token_at: float | None = None  # wall clock of the first token it produced
-        try:
-            from ray import serve
-            self._replica_id = serve.get_replica_context().replica_id.unique_id
-        except Exception:  # outside Serve (tests)
-            self._replica_id = "local"
 
     async def model_info(self) -> dict:
         """What the Router needs before it can tokenize: the tokenizer itself and the limits."""
@@ -198,9 +217,13 @@ class LLMReplica:
                 req.finished = True
                 yield {"error": str(e), "status": 400}
                 return
-            except RuntimeError as e:  # shutting down, or the engine loop died
+            except QueueFull as e:  # at its queue limit: the caller may try another replica, then 429
                 req.finished = True
-                yield {"error": str(e), "status": 503}
+                yield {"error": str(e), "status": 429, "retry_after": e.retry_after_s, "replica": self._replica_id}
+                return
+            except RuntimeError as e:  # shutting down, or the engine loop died: retry elsewhere
+                req.finished = True
+                yield {"error": str(e), "status": 503, "replica": self._replica_id}
                 return
             self._active[request_id] = req.active
             if box is not None:
@@ -272,6 +295,7 @@ class LLMReplica:
         stats["time"] = time.time()
         stats["outstanding_tokens"] = sum(a.outstanding() for a in self._active.values())
         stats["num_active_requests"] = len(self._active)
+        stats["max_queued_requests"] = self.engine.max_queued_requests
         stats["num_requests_total"] = self._num_requests
         stats["num_aborted_total"] = self._num_aborted
         stats["num_channels"] = sum(1 for b in self._outboxes.values() if b.readers)

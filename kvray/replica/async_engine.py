@@ -35,6 +35,16 @@ from kvray.replica.sequence import validate_prompt
 logger = logging.getLogger(__name__)
 
 STEP_TIMES_KEPT = 64
+QUEUE_FULL_RETRY_AFTER_S = 1.0
+
+
+class QueueFull(RuntimeError):
+    """The engine's queue is at its limit (``max_queued_requests`` / ``max_queued_prompt_tokens``):
+    the request was refused before it touched the engine. Retry later, or elsewhere."""
+
+    def __init__(self, message: str, retry_after_s: float = QUEUE_FULL_RETRY_AFTER_S):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 @dataclass
@@ -44,7 +54,12 @@ class _Stream:
 
 
 class AsyncLLMEngine:
-    def __init__(self, config: EngineConfig, start: bool = True, process: bool = False):
+    def __init__(self, config: EngineConfig, start: bool = True, process: bool = False,
+                 on_death: Callable[[BaseException], None] | None = None):
+        """``on_death(error)`` is called once, on the step loop's side, if the loop dies (after
+        every open stream got the error): the serving replica exits then, so Serve replaces it
+        at once instead of after several failed health checks."""
+        self._on_death = on_death
         self.model_name = config.model
         self.block_size = config.block_size
         self.scheduling_policy = config.scheduling_policy
@@ -73,6 +88,11 @@ class AsyncLLMEngine:
         self.tokenizer, self.max_model_len = info["tokenizer"], info["max_model_len"]
         self.vocab_size, self.max_num_batched_tokens = info["vocab_size"], info["max_num_batched_tokens"]
         self._stats: dict = info["stats"]
+        self.max_num_seqs = config.max_num_seqs
+        self.max_queued_requests = config.max_queued_requests or config.max_num_seqs
+        self.max_queued_prompt_tokens = config.max_queued_prompt_tokens or 16 * self.max_num_batched_tokens
+        self._num_submitted = 0
+        self._in_transit: deque[tuple[int, int]] = deque()  # (submit number, prompt tokens) not yet in stats
         if start and not process:
             self._thread.start()
 
@@ -169,12 +189,36 @@ class AsyncLLMEngine:
         params.validate()
         prompt_token_ids = list(prompt_token_ids)
         validate_prompt(prompt_token_ids, self.max_model_len, self.vocab_size)
+        self._check_queue(len(prompt_token_ids))
         metrics = RequestMetrics(arrival_time=time.monotonic() if arrival_time is None else arrival_time)
         self._streams[request_id] = _Stream(asyncio.get_running_loop(), sink)
         if tracing.ENABLED:
             tracing.trace(request_id, "engine_submit")
         self._send(("add", request_id, prompt_token_ids, params, metrics.arrival_time, prompt))
+        self._num_submitted += 1
+        self._in_transit.append((self._num_submitted, len(prompt_token_ids)))
         return metrics
+
+    def queue_depth(self) -> tuple[int, int]:
+        """(requests, prompt tokens) waiting for a batch slot: the step loop's latest count plus
+        what was submitted since it last reported (which takes free batch slots first)."""
+        stats = self._stats
+        taken = stats.get("num_added_total", 0)
+        transit = self._in_transit
+        while transit and transit[0][0] <= taken:
+            transit.popleft()
+        running, waiting = stats.get("num_running", 0), stats.get("num_waiting", 0)
+        requests = max(waiting, running + waiting + len(transit) - self.max_num_seqs)
+        return requests, stats.get("queued_prefill_tokens", 0) + sum(n for _, n in transit)
+
+    def _check_queue(self, prompt_tokens: int) -> None:
+        requests, tokens = self.queue_depth()
+        if requests >= self.max_queued_requests:
+            raise QueueFull(f"the engine's queue is full ({requests} requests waiting, limit "
+                            f"max_queued_requests={self.max_queued_requests})")
+        if requests and tokens + prompt_tokens > self.max_queued_prompt_tokens:
+            raise QueueFull(f"the engine's queue is full ({tokens} prompt tokens waiting, limit "
+                            f"max_queued_prompt_tokens={self.max_queued_prompt_tokens})")
 
     def abort(self, request_id: str) -> None:
         """Abort a request; its KV blocks are freed on the step loop's next turn."""
@@ -257,6 +301,8 @@ class AsyncLLMEngine:
             if stream is not None:
                 by_loop.setdefault(stream.loop, []).append((rid, stream.sink, err))
         _deliver(by_loop)
+        if self._on_death is not None:
+            self._on_death(error)
 
 
 def _deliver(by_loop: dict) -> None:

@@ -1,7 +1,7 @@
 """Engine options: the keyword arguments of ``kvray.LLM``, validated in one place."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 _POLICIES = ("fcfs", "deadline")
 
@@ -29,6 +29,14 @@ class EngineConfig:
     # Hides the host's scheduling, input building and stop checks behind the GPU; output is
     # token-for-token that of the synchronous path (greedy and seeded sampling).
     async_scheduling: bool = True
+    # The online engine's queue (``AsyncLLMEngine``, what a serving replica runs; offline
+    # ``LLM.generate`` queues everything it is given): a request that would make more than
+    # ``max_queued_requests`` requests, or more than ``max_queued_prompt_tokens`` prompt tokens,
+    # wait for a batch slot is refused at once (the Router answers 429 with Retry-After) instead
+    # of queueing without bound. None: ``max_num_seqs`` requests (one more batch's worth) and 16
+    # steps' worth of prompt tokens (16 * max_num_batched_tokens).
+    max_queued_requests: int | None = None
+    max_queued_prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -40,7 +48,8 @@ class EngineConfig:
             raise bad("block_size", "must be one of 8, 16, 32, 64, 128")
         if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
             raise bad("max_num_seqs", "must be an integer >= 1")
-        for name in ("max_model_len", "max_num_batched_tokens", "num_kv_blocks"):
+        for name in ("max_model_len", "max_num_batched_tokens", "num_kv_blocks", "max_queued_requests",
+                     "max_queued_prompt_tokens"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise bad(name, "must be a positive integer or null")
@@ -56,7 +65,3 @@ class EngineConfig:
             raise bad("attention_backend", "must be null, 'reference' or 'triton'")
         if self.cpu_kv_cache_gib <= 0:
             raise bad("cpu_kv_cache_gib", "must be > 0")
-
-    @classmethod
-    def option_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]

@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 
 STEP_HISTORY = 256
 PLACEHOLDER = -1  # the host's id of a token sampled by the step in flight, until it is read back
+# A step that raises fails the requests it carried and the loop goes on; this many failed steps
+# in a row mean the engine itself is broken (a CUDA error is sticky), and step() raises.
+MAX_STEP_FAILURES = 3
 
 
 @dataclass
@@ -103,6 +106,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._inflight: _Launched | None = None  # the step launched, not yet completed (async scheduling)
         self._last_step_end = 0.0
+        self._step_failures = 0
         logger.info("engine ready: model=%s device=%s dtype=%s max_model_len=%d KV=%d tokens", config.model,
                     self.device, dtype, self.max_model_len, num_blocks * config.block_size)
 
@@ -163,6 +167,46 @@ class LLMEngine:
     def step(self) -> list[Sequence]:
         """Run one step. Returns the sequences that gained a token or finished.
 
+        A request can never take the engine down: what fails while handling one sequence (its
+        stop checks, its detokenizer) fails that sequence alone, and a step that raises as a
+        whole fails the sequences it was running (``seq.error`` says why; they end as
+        ``"abort"``) while waiting requests carry on. Only ``MAX_STEP_FAILURES`` failed steps in
+        a row raise from here.
+        """
+        try:
+            done = self._step()
+        except Exception as e:  # noqa: BLE001 - any failure of the step: fail its requests, not the engine
+            self._step_failures += 1
+            if self._step_failures >= MAX_STEP_FAILURES:
+                raise
+            logger.exception("engine step failed; failing the requests it ran")
+            return self._fail_running(e)
+        self._step_failures = 0
+        return done
+
+    def _fail_running(self, error: BaseException) -> list[Sequence]:
+        """After a failed step: end every sequence it may have touched (the running ones, and
+        any holding a placeholder for a token that will never be read)."""
+        self._inflight = None
+        sched = self.scheduler
+        touched = list(sched.running) + [s for s in sched.waiting if s.token_ids and s.token_ids[-1] == PLACEHOLDER]
+        for seq in touched:
+            self._fail(seq, error)
+        return touched
+
+    def _fail(self, seq: Sequence, error: BaseException) -> None:
+        """End one request with an error; its blocks are freed at once."""
+        if seq.token_ids and seq.token_ids[-1] == PLACEHOLDER:
+            seq.token_ids.pop()
+        seq.error = f"{type(error).__name__}: {error}"
+        self.scheduler.abort(seq.request_id)
+        seq.finish_reason = "abort"
+        seq.metrics.finished_time = time.monotonic()
+        self._seqs.pop(seq.request_id, None)
+
+    def _step(self) -> list[Sequence]:
+        """One step; see ``step``.
+
         With ``async_scheduling`` the step completed here is the one the previous call launched
         (the first call launches one itself). Before waiting for its tokens, this call schedules
         and launches the next step, assuming every sequence sampled in the step in flight gains
@@ -222,7 +266,11 @@ class LLMEngine:
         for i, seq in enumerate(step.sample_seqs):
             if seq.is_finished:
                 continue  # finished at the previous step or aborted since: the token is discarded
-            self._append_token(seq, result, i, now, seq in pending)
+            try:
+                self._append_token(seq, result, i, now, seq in pending)
+            except Exception as e:  # noqa: BLE001 - this request's own failure (stop checks, detokenizer)
+                logger.exception("request %s failed", seq.request_id)
+                self._fail(seq, e)
             done.append(seq)
         duration = now - max(step.t_launch, self._last_step_end)
         self._last_step_end = now
@@ -345,15 +393,23 @@ class LLM:
                 seqs.append(eng.make_sequence(None, ids, p, prompt=text))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
-        for seq in seqs:
-            eng.add_sequence(seq)
         bar = tqdm(total=len(seqs), desc="generate", disable=not use_tqdm, unit="req")
-        done = 0
-        while eng.has_unfinished():
-            eng.step()
-            finished = sum(s.is_finished for s in seqs)
-            if finished > done:
-                bar.update(finished - done)
-                done = finished
-        bar.close()
+        try:
+            for seq in seqs:
+                eng.add_sequence(seq)
+            done = 0
+            while eng.has_unfinished():
+                eng.step()
+                finished = sum(s.is_finished for s in seqs)
+                if finished > done:
+                    bar.update(finished - done)
+                    done = finished
+        finally:  # whatever happened, leave no request of this call behind: the LLM stays usable
+            bar.close()
+            for seq in seqs:
+                if not seq.is_finished:
+                    eng.abort(seq.request_id)
+        failed = [(i, s.error) for i, s in enumerate(seqs) if s.error is not None]
+        if failed:
+            raise RuntimeError("the engine failed " + "; ".join(f"prompt {i}: {e}" for i, e in failed))
         return [eng.make_output(s) for s in seqs]

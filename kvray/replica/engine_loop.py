@@ -68,6 +68,7 @@ class EngineLoop:
         self._sent: dict[str, int] = {}  # request id -> output tokens already emitted
         self._last_step_t = 0.0
         self._last_snapshot = 0.0
+        self._num_added = 0  # "add" messages taken in (admitted or refused): the queue limit counts on it
 
     def put(self, msg: tuple) -> None:
         with self._cond:
@@ -86,15 +87,16 @@ class EngineLoop:
             for msg in inbox:
                 if msg[0] == "add":
                     _, rid, prompt_ids, params, arrival, prompt = msg
+                    self._num_added += 1
                     if tracing.ENABLED:
                         tracing.trace(rid, "engine_add")
                     try:
                         seq = engine.make_sequence(rid, prompt_ids, params, arrival, prompt)
-                    except ValueError as e:  # the front end validates first; refuse just this one
-                        deltas.append((rid, e))
+                        engine.add_sequence(seq)
+                    except Exception as e:  # noqa: BLE001 - the front end validates first; refuse just this one
+                        deltas.append((rid, e if isinstance(e, ValueError) else RuntimeError(f"{type(e).__name__}: {e}")))
                         continue
                     self._sent[rid] = 0
-                    engine.add_sequence(seq)
                 elif msg[0] == "abort":
                     seq = engine.abort(msg[1])
                     if seq is not None:
@@ -118,6 +120,7 @@ class EngineLoop:
 
     def _stats(self) -> dict:
         stats = self.engine.stats()
+        stats["num_added_total"] = self._num_added
         stats["step_times"] = [r for r in stats["step_times"] if r[0] > self._last_step_t]
         if stats["step_times"]:
             self._last_step_t = stats["step_times"][-1][0]
@@ -130,6 +133,10 @@ class EngineLoop:
     def _collect(self, seq: Sequence, deltas: list) -> None:
         rid = seq.request_id
         if rid not in self._sent:
+            return
+        if seq.error is not None:  # the engine failed this request (it carried on without it)
+            del self._sent[rid]
+            deltas.append((rid, RuntimeError(f"the engine failed this request: {seq.error}")))
             return
         k0, n = self._sent[rid], seq.num_output_tokens
         finished = seq.is_finished

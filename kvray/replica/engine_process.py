@@ -25,6 +25,9 @@ from multiprocessing.connection import Connection
 logger = logging.getLogger(__name__)
 
 
+CPU_ENGINE_NICENESS = 10
+
+
 class EngineProcessError(RuntimeError):
     pass
 
@@ -119,6 +122,12 @@ def _child_main(fd: int) -> int:
         logger.exception("the engine failed to load")
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return 1
+    if engine.device.type == "cpu":
+        # On a CPU-only machine the model's matmuls would otherwise take the cores from the
+        # processes that accept requests and stream tokens (HTTP, Serve): those are latency
+        # bound, the step loop is throughput bound, so it yields to them. (With a GPU the step
+        # loop's host work is the GPU's critical path: it keeps its priority.)
+        os.nice(CPU_ENGINE_NICENESS)
     # What loading made (modules, weights' Python objects, CUDA graphs) lives as long as the
     # process: out of the collector's sight, so full collections in the step loop stay short.
     gc.collect()

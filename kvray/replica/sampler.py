@@ -81,7 +81,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         """``logits`` [N, V] float32, one row per sequence in ``seqs``."""
         params = [s.params for s in seqs]
-        n = len(seqs)
+        len(seqs)
         if all(p.greedy for p in params):
             tokens = logits.argmax(dim=-1)
         else:
@@ -104,7 +104,7 @@ class Sampler:
         temp = _to_device([1.0 if p.greedy else p.temperature for p in params], torch.float32, dev)
         x = logits / temp[:, None]
         vocab = x.shape[-1]
-        top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
+        top_k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
         top_p = [p.top_p for p in params]
         if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
             x = self._truncate(x, _to_device(top_k, torch.int64, dev), _to_device(top_p, torch.float32, dev))

@@ -1,15 +1,23 @@
 """Per-request sampling options (the shape vLLM users know)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+MAX_INT = 2**31 - 1              # bound of every count a request may carry (max_tokens, top_k, ...)
+SEED_MIN, SEED_MAX = -2**63, 2**64 - 1  # what torch.Generator.manual_seed accepts
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
 
 
 @dataclass
 class SamplingParams:
     """How to sample one request. ``temperature=0`` means greedy.
 
-    ``validate()`` raises ``ValueError`` naming the bad field; the engine calls it on every
-    request before the request touches any shared state.
+    Construction raises ``ValueError`` naming the bad field, and so does ``validate()``, which
+    the engine calls again on every request before the request touches any shared state (the
+    fields may have been changed since). Every integer has a range: nothing a client sends can
+    overflow a tensor or a random generator in the step loop.
     """
 
     temperature: float = 1.0
@@ -32,8 +40,11 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self._stop_list = [self.stop]
-        else:
-            self._stop_list = list(self.stop or [])
+        elif isinstance(self.stop, (list, tuple)):
+            self._stop_list = list(self.stop)
+        elif self.stop is not None:
+            raise ValueError(f"invalid sampling parameter stop={self.stop!r}: must be a string or a list of strings")
+        self.validate()
 
     @property
     def stop_strings(self) -> list[str]:
@@ -47,27 +58,41 @@ class SamplingParams:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"invalid sampling parameter {name}={getattr(self, name)!r}: {why}")
 
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
-            raise bad("max_tokens", "must be an integer >= 1")
-        if self.temperature is None or not (self.temperature >= 0.0) or self.temperature != self.temperature:
-            raise bad("temperature", "must be >= 0")
-        if not (0.0 < self.top_p <= 1.0):
-            raise bad("top_p", "must be in (0, 1]")
-        if not isinstance(self.top_k, int) or (self.top_k < 1 and self.top_k != -1) or self.top_k == 0:
+        def integer(name: str, lo: int, hi: int, allow_none: bool = False) -> None:
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+                raise bad(name, f"must be an integer in [{lo}, {hi}]")
+
+        def number(name: str, ok, why: str) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+                raise bad(name, why)
+
+        integer("max_tokens", 1, MAX_INT)
+        number("temperature", lambda v: v >= 0.0, "must be a finite number >= 0")
+        number("top_p", lambda v: 0.0 < v <= 1.0, "must be in (0, 1]")
+        integer("top_k", -1, MAX_INT)
+        if self.top_k == 0:
             raise bad("top_k", "must be -1 (disabled) or an integer >= 1")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0 or self.logprobs > 20):
-            raise bad("logprobs", "must be an integer in [0, 20]")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", "must be an integer")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            raise bad("min_tokens", "must be an integer >= 0")
+        integer("logprobs", 0, MAX_LOGPROBS, allow_none=True)
+        integer("seed", SEED_MIN, SEED_MAX, allow_none=True)
+        integer("min_tokens", 0, self.max_tokens)
+        if not isinstance(self.ignore_eos, bool):
+            raise bad("ignore_eos", "must be a boolean")
+        if len(self._stop_list) > MAX_STOP_STRINGS:
+            raise ValueError(f"invalid sampling parameter stop: at most {MAX_STOP_STRINGS} stop strings")
         for s in self._stop_list:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"invalid sampling parameter stop={self.stop!r}: stop strings must be non-empty strings")
-        for t in self.stop_token_ids or []:
-            if not isinstance(t, int) or t < 0:
-                raise bad("stop_token_ids", "must be non-negative integers")
-        if self.ttft_ms is not None and self.ttft_ms <= 0:
-            raise bad("ttft_ms", "must be > 0")
-        if self.tpot_ms is not None and self.tpot_ms <= 0:
-            raise bad("tpot_ms", "must be > 0")
+        if self.stop_token_ids is not None:
+            if not isinstance(self.stop_token_ids, (list, tuple)):
+                raise bad("stop_token_ids", "must be a list of token ids")
+            for t in self.stop_token_ids:
+                if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t <= MAX_INT:
+                    raise bad("stop_token_ids", f"must be integers in [0, {MAX_INT}]")
+        for name in ("ttft_ms", "tpot_ms"):
+            if getattr(self, name) is not None:
+                number(name, lambda v: v > 0, "must be > 0")
+        number("priority", lambda v: v > 0, "must be > 0")

@@ -28,7 +28,7 @@ class Sequence:
         "request_id", "token_ids", "num_prompt_tokens", "params", "status", "num_computed_tokens",
         "block_table", "num_cached_tokens", "finish_reason", "stop_reason", "metrics", "logprobs",
         "top_logprobs", "generator", "detokenizer", "_block_hashes", "block_size", "deadline",
-        "prompt", "np_table", "np_src",
+        "prompt", "np_table", "np_src", "error",
     )
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -57,6 +57,7 @@ class Sequence:
         # block_table is replaced, which the block manager does on free).
         self.np_table = None
         self.np_src = None
+        self.error: str | None = None  # why the engine failed this request (it then ends as "abort")
 
     # ---- sizes -----------------------------------------------------------------------------
     @property
@@ -93,9 +94,6 @@ class Sequence:
             i = len(hashes)
             hashes.append(hash_block(hashes[-1] if hashes else None, self.token_ids[i * bs:(i + 1) * bs]))
         return hashes
-
-    def block_tokens(self, i: int) -> list[int]:
-        return self.token_ids[i * self.block_size:(i + 1) * self.block_size]
 
     def __repr__(self) -> str:
         return (f"Sequence({self.request_id!r}, tokens={self.num_tokens}, computed={self.num_computed_tokens}, "

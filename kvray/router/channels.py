@@ -153,10 +153,10 @@ class ChannelRequestStream:
     async def _watch_call(self) -> None:
         try:
             async for item in self._call:
-                if "replica" in item:
-                    self._channels.bind(self._rid, item["replica"])
-                else:  # {"error", "status"}
+                if "error" in item:  # {"error", "status", ...}: refused by the replica
                     self._q.put(item)
+                else:  # {"replica": id}: the tokens come through that replica's channel
+                    self._channels.bind(self._rid, item["replica"])
             self._q.put(_ENDED)
         except asyncio.CancelledError:
             raise

@@ -26,6 +26,9 @@ class RoutingHint:
     # Route to exactly this replica (unique id) and leave it out of the load accounting: the
     # router's per-replica token channels use it. None: the policy chooses.
     pin_replica: str | None = None
+    # Replicas (unique ids) not to route to: they refused this request or failed it before its
+    # first token, and the Router is trying another (unless no other replica is left).
+    avoid: tuple[str, ...] = ()
 
     def cost(self, cached_blocks: int = 0) -> int:
         """Outstanding tokens this request adds to a replica where ``cached_blocks`` prefix blocks hit."""

@@ -11,6 +11,8 @@ or downloads the model itself.
 """
 
 import asyncio
+import hmac
+import ipaddress
 import logging
 import time
 
@@ -54,6 +56,22 @@ async def _internal_error(request: Request, exc: Exception):
     return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
 
 
+def _warn_if_exposed() -> None:
+    """Log a warning when Serve's HTTP listener binds a non-loopback address and no API key is set."""
+    try:
+        from ray.serve.context import _get_global_client
+        host = _get_global_client().http_config.host
+    except Exception:  # not inside Serve, or the controller cannot say
+        return
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        logger.warning("kvray serves on %s with no API key: anyone who can reach this address can use the model. "
+                       "Set args.api_keys, args.api_keys_file or $KVRAY_API_KEY, or bind 127.0.0.1.", host)
+
+
 @serve.ingress(fastapi_app)
 class Router:
     def __init__(self, llm: DeploymentHandle, args: dict):
@@ -69,6 +87,23 @@ class Router:
         self._channels: TokenChannels | None = None
         self._ready_lock: asyncio.Lock | None = None
         self._started = time.time()
+        self._api_keys = [k.encode() for k in self.args.resolved_api_keys()]
+        if not self._api_keys:
+            _warn_if_exposed()
+
+    # ---- access ----------------------------------------------------------------------------------
+    def _denied(self, request: Request) -> Response | None:
+        """None if the request may pass: no keys are configured, or it carries one of them."""
+        if not self._api_keys:
+            return None
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = token.strip().encode() if scheme.lower() == "bearer" else b""
+        if given and any(hmac.compare_digest(given, k) for k in self._api_keys):
+            return None
+        msg = ("Incorrect API key provided." if given else
+               "You didn't provide an API key: send it as 'Authorization: Bearer YOUR_KEY'.")
+        return JSONResponse(error_body(msg, "invalid_request_error", code="invalid_api_key"), status_code=401,
+                            headers={"WWW-Authenticate": "Bearer"})
 
     # ---- startup -------------------------------------------------------------------------------
     async def _ensure_ready(self, timeout_s: float | None = None) -> OpenAIServing:
@@ -86,7 +121,8 @@ class Router:
                     info=ModelInfo(info["tokenizer"], info["max_model_len"], info["block_size"], info["vocab_size"]),
                     model_names=names, slo_classes=a.slo_targets(), default_slo_class=a.default_slo_class,
                     decode_estimate_cap=a.router.decode_estimate_cap, submit=self._submit, metrics=self.metrics,
-                    admit=self._admit, events=self)
+                    admit=self._admit, events=self, replica_of=self._book.replica_of,
+                    replica_ids=self._book.replica_ids, capacity=self._book.capacity)
         return self.serving
 
     def _submit(self, request_id, prompt_token_ids, params, hint):
@@ -120,14 +156,38 @@ class Router:
             policy.on_finish(hint, num_generated, status, t)
 
     async def _serve(self, kind: str, request: Request) -> Response:
+        denied = self._denied(request)
+        if denied is not None:
+            self.metrics.request_done(endpoint=kind, status=401, slo_class="none")
+            return denied
+        body = await self._read_body(request)
+        if body is None:
+            self.metrics.request_done(endpoint=kind, status=413, slo_class="none")
+            limit = self.args.max_request_body_bytes
+            return JSONResponse(error_body(f"the request body is larger than {limit} bytes "
+                                           "(max_request_body_bytes)", code="request_too_large"), status_code=413)
         try:
             serving = await self._ensure_ready()
         except Exception as e:
             logger.exception("model info unavailable")
             return JSONResponse(error_body(f"the model is not ready: {type(e).__name__}", "service_unavailable"),
                                 status_code=503)
-        body = await request.body()
         return await serving.handle(kind, body, request.headers)
+
+    async def _read_body(self, request: Request) -> bytes | None:
+        """The body, or None as soon as it is known to exceed ``max_request_body_bytes`` (from its
+        Content-Length, or while it streams in): nothing that large is buffered whole or parsed."""
+        limit = self.args.max_request_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            return None
+        parts, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return None
+            parts.append(chunk)
+        return b"".join(parts)
 
     # ---- routes --------------------------------------------------------------------------------
     @fastapi_app.post("/v1/completions")
@@ -139,7 +199,10 @@ class Router:
         return await self._serve("chat", request)
 
     @fastapi_app.get("/v1/models")
-    async def models(self) -> Response:
+    async def models(self, request: Request) -> Response:
+        denied = self._denied(request)
+        if denied is not None:
+            return denied
         body = models_list([self.args.served_model_name], int(self._started))
         try:  # like vLLM, say how long a context is; kvray also gives the vocabulary size
             info = (await self._ensure_ready(timeout_s=5.0)).info
@@ -157,12 +220,18 @@ class Router:
         return JSONResponse({"status": "ok", "model": self.args.served_model_name})
 
     @fastapi_app.get("/metrics")
-    async def metrics_endpoint(self) -> Response:
+    async def metrics_endpoint(self, request: Request) -> Response:
+        denied = self._denied(request) if self.args.metrics_require_api_key else None
+        if denied is not None:
+            return denied
         data, ctype = self.metrics.render()
         return Response(data, media_type=ctype)
 
     @fastapi_app.get("/v1/kvray/replicas")
-    async def replicas(self) -> Response:
+    async def replicas(self, request: Request) -> Response:
+        denied = self._denied(request)
+        if denied is not None:
+            return denied
         body = {"time": time.time(), "replicas": self._book.snapshot()}
         policy = registry.get_policy(*self._policy_key)
         if policy is not None and hasattr(policy, "snapshot"):  # what an SLO-aware policy predicts from

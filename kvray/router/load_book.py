@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from kvray.router.hints import RoutingHint
 
+ROUTED_KEPT = 10_000
 _STAT_KEYS_INT = ("num_running", "num_waiting", "num_free_blocks", "num_total_blocks", "tokens_in_flight",
                   "queued_prefill_tokens", "outstanding_tokens", "num_active_requests")
 
@@ -149,6 +150,7 @@ class LoadBook:
         self._where: dict[str, _Dispatch] = {}  # request key -> dispatch
         self._max_prefix_hashes = max_prefix_hashes
         self._clock = clock
+        self._routed: OrderedDict[str, str] = OrderedDict()  # request id -> replica, the latest routings
 
     # ---- replica set and snapshots -------------------------------------------------------------
     def sync(self, stats_by_replica: dict[str, dict | None]) -> None:
@@ -193,6 +195,28 @@ class LoadBook:
             st.dispatched_total += 1
             if hint is not None and hint.block_hashes:
                 st.remember_prefix(hint.block_hashes)
+            if hint is not None:
+                self._routed[hint.request_id] = replica_id
+                self._routed.move_to_end(hint.request_id)
+                if len(self._routed) > ROUTED_KEPT:
+                    self._routed.popitem(last=False)
+
+    def capacity(self) -> int | None:
+        """Requests the healthy replicas admit in all (batch slots plus queue limit, as each
+        reports); None while a replica has not reported them yet, or none is healthy."""
+        with self._lock:
+            total = 0
+            for st in self._replicas.values():
+                if st.stats is None or "max_queued_requests" not in st.stats.raw:
+                    return None
+                if st.stats.healthy:
+                    total += int(st.stats.raw.get("max_num_seqs", 0)) + int(st.stats.raw["max_queued_requests"])
+            return total or None
+
+    def replica_of(self, request_id: str) -> str | None:
+        """The replica the request was last routed to (kept for the latest ROUTED_KEPT routings)."""
+        with self._lock:
+            return self._routed.get(request_id)
 
     def on_complete(self, key: str, replica_id: str | None = None) -> None:
         """``key`` finished; with ``replica_id``, only if that is where it was dispatched (a

@@ -13,6 +13,7 @@ import asyncio
 import inspect
 import json
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from kvray import tracing
 from kvray.platform.metrics import ServingMetrics
 from kvray.platform.protocol import (APIError, ChatCompletionRequest, CompletionRequest, chat_chunk, chat_response,
-                                     completion_chunk, completion_response, parse_request, usage, usage_chunk)
+                                     completion_chunk, completion_response, parse_json, parse_request, usage,
+                                     usage_chunk)
 from kvray.replica.block_hash import prefix_block_hashes
 from kvray.replica.sampling_params import SamplingParams
 from kvray.router.hints import RoutingHint
@@ -48,12 +50,30 @@ def _sse(obj: Any) -> bytes:
     return b"data: " + _dumps(obj) + b"\n\n"
 
 
+INLINE_TOKENIZE_CHARS = 16384  # longer prompts are tokenized (and chat-templated) off the event loop
+QUEUE_FULL_RETRY_AFTER_S = 1
+MAX_ATTEMPTS = 3  # dispatches of one request: a replica that is full or gone before its first token is skipped
+
+
 @dataclass
 class ModelInfo:
     tokenizer: Any
     max_model_len: int
     block_size: int
     vocab_size: int
+
+    def __post_init__(self) -> None:
+        # The most characters one token can stand for (vocabulary strings hold at least one
+        # character per character of text): a prompt of more than max_model_len * this many
+        # characters cannot fit, and is refused without being tokenized. x2 for normalizers.
+        vocab = self.tokenizer.get_vocab() if hasattr(self.tokenizer, "get_vocab") else {}
+        self.max_token_chars = 2 * max((len(t) for t in vocab), default=64)
+
+    def check_prompt_chars(self, num_chars: int, param: str) -> None:
+        if num_chars > self.max_model_len * self.max_token_chars:
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens, but the "
+                           f"prompt has {num_chars} characters, more than that many tokens can hold.",
+                           param=param, code="context_length_exceeded")
 
 
 @dataclass
@@ -129,9 +149,16 @@ class OpenAIServing:
                  default_slo_class: str, decode_estimate_cap: int,
                  submit: Callable[[str, list[int], SamplingParams, RoutingHint], Any],  # -> a RequestStream
                  metrics: ServingMetrics, admit: Callable[[RoutingHint], Any] | None = None,
-                 events: Any = None):
+                 events: Any = None, replica_of: Callable[[str], str | None] | None = None,
+                 replica_ids: Callable[[], list[str]] | None = None,
+                 capacity: Callable[[], int | None] | None = None):
         """``admit(hint)`` -> ``(ok, retry_after_s)`` or an awaitable of it, asked before dispatch
-        (an SLO-aware policy may wait there, or refuse: 429 with Retry-After). ``events``, if
+        (an SLO-aware policy may wait there, or refuse: 429 with Retry-After). ``replica_of(request_id)``
+        names the replica a request was last routed to and ``replica_ids()`` the live ones (for
+        retries that leave a failed replica out). ``capacity()``: how many requests the replicas
+        admit in all; with that many of this Router's own in flight, a new one gets a 429 at
+        once, before it is parsed (the replicas' own queue limits catch what several Routers
+        send together). ``events``, if
         given, gets ``on_first_token(hint, t)`` and ``on_finish(hint, num_generated, status, t)``
         (``time.monotonic()`` times) for every dispatched request."""
         self.info = info
@@ -143,6 +170,10 @@ class OpenAIServing:
         self.metrics = metrics
         self.admit = admit
         self.events = events
+        self.replica_of = replica_of
+        self.replica_ids = replica_ids
+        self.capacity = capacity
+        self.num_in_flight = 0  # requests of this Router dispatched (or being dispatched), not yet done
         self.decoder = FastDecoder.wrap(info.tokenizer)
         self.strings = TokenStrings(self.decoder)
 
@@ -151,14 +182,12 @@ class OpenAIServing:
         t0 = time.monotonic()
         slo_label = "none"
         try:
-            p = self._prepare(kind, body, headers, t0)
+            self._shed_if_full()
+            p = await self._prepare(kind, body, headers, t0)
             if tracing.ENABLED:
                 tracing.trace(p.rid, "router_in", t0)
             slo_label = p.slo.name
             hint = await self._admitted_hint(p)
-            stream = self.submit(p.rid, p.prompt_ids, p.params, hint)
-            if tracing.ENABLED:
-                tracing.trace(p.rid, "router_submitted")
         except APIError as e:
             self.metrics.request_done(endpoint=kind, status=e.status, slo_class=slo_label)
             return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
@@ -166,37 +195,75 @@ class OpenAIServing:
             self.metrics.request_done(endpoint=kind, status=499, slo_class=slo_label)
             raise
         run = _Run(p, self, hint)
+        self.num_in_flight += 1
         try:  # the first batch decides between an error status and a 200
-            first_out = run.add(await stream.__anext__())
+            stream, first = await self._dispatch(p, hint)
+            first_out = run.add(first)
             if tracing.ENABLED:
                 tracing.trace(p.rid, "router_first_out")
         except asyncio.CancelledError:
-            stream.close(abort=True)
             self._done(run, 499)
             raise
-        except Exception as e:
-            stream.close(abort=True)
-            if isinstance(e, APIError):
-                err = e
-            elif isinstance(e, StopAsyncIteration):
-                err = APIError(500, "the replica ended the stream without output")
-            else:  # the replica died, an engine error...
-                logger.exception("request %s failed", p.rid)
-                err = APIError(503, f"the model replica failed: {type(e).__name__}")
+        except APIError as err:
             self._done(run, err.status)
             return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
         if p.req.stream:
-            return StreamingResponse(self._sse(run, stream, first_out), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return _EventStream(self._sse(run, stream, first_out), media_type="text/event-stream",
+                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await self._collect(run, stream, first_out)
 
+    def _shed_if_full(self) -> None:
+        limit = self.capacity() if self.capacity is not None else None
+        if limit is not None and self.num_in_flight >= limit:
+            raise APIError(429, f"the model is at capacity ({self.num_in_flight} requests in flight, every replica's "
+                           "queue is full); retry later", code="queue_full",
+                           headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)})
+
+    async def _dispatch(self, p: _Prepared, hint: RoutingHint) -> tuple[Any, dict]:
+        """Send the request to a replica and wait for its first batch. A replica that answers
+        before any token that it is full (429) or cannot serve (503: its engine died), or that
+        is gone (the call fails), is left out and the request goes to another one, up to
+        ``MAX_ATTEMPTS`` dispatches; a full queue everywhere is a 429 with Retry-After at once."""
+        for attempt in range(MAX_ATTEMPTS):
+            if tracing.ENABLED:
+                tracing.trace(p.rid, "router_submitted")
+            stream = self.submit(p.rid, p.prompt_ids, p.params, hint)
+            try:
+                item = await stream.__anext__()
+            except asyncio.CancelledError:
+                stream.close(abort=True)
+                raise
+            except StopAsyncIteration:
+                stream.close(abort=True)
+                raise APIError(500, "the replica ended the stream without output") from None
+            except Exception as e:  # noqa: BLE001 - the replica died, a lost channel...
+                stream.close(abort=True)
+                replica = self.replica_of(p.rid) if self.replica_of is not None else None
+                logger.warning("request %s: replica %s failed before its first token (%s: %s)", p.rid, replica,
+                               type(e).__name__, e)
+                err = APIError(503, f"the model replica failed: {type(e).__name__}")
+                status = 503
+            else:
+                if not item.get("error"):
+                    return stream, item
+                stream.close(abort=True)
+                status, replica = int(item.get("status", 500)), item.get("replica")
+                headers = None
+                if status == 429:
+                    headers = {"Retry-After": str(max(1, math.ceil(item.get("retry_after") or 1)))}
+                err = APIError(status, item["error"], code="queue_full" if status == 429 else None,
+                               headers=headers)
+            if status not in (429, 503) or attempt + 1 >= MAX_ATTEMPTS:
+                raise err
+            avoid = hint.avoid + ((replica,) if replica else ())
+            if status == 429 and self.replica_ids is not None and not set(self.replica_ids()) - set(avoid):
+                raise err  # every replica is full: answer now, the client retries later
+            hint.avoid = avoid
+        raise AssertionError("unreachable")
+
     # ---- request preparation -----------------------------------------------------------------
-    def _prepare(self, kind: str, body: bytes, headers, t0: float) -> _Prepared:
-        try:
-            obj = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
-        req = parse_request(CompletionRequest if kind == "completions" else ChatCompletionRequest, obj)
+    async def _prepare(self, kind: str, body: bytes, headers, t0: float) -> _Prepared:
+        req = parse_request(CompletionRequest if kind == "completions" else ChatCompletionRequest, parse_json(body))
         if req.model is not None and req.model not in self.model_names:
             raise APIError(404, f"The model '{req.model}' does not exist. Served: {', '.join(self.model_names)}",
                            param="model", code="model_not_found")
@@ -206,7 +273,7 @@ class OpenAIServing:
                               header_tpot_ms=headers.get("x-slo-tpot-ms"))
         except SLOError as e:
             raise APIError(400, str(e), param=e.param) from None
-        prompt_ids = self._completion_prompt(req) if kind == "completions" else self._chat_prompt(req)
+        prompt_ids = await (self._completion_prompt(req) if kind == "completions" else self._chat_prompt(req))
         n = len(prompt_ids)
         limit = self.info.max_model_len
         if n == 0:
@@ -231,20 +298,19 @@ class OpenAIServing:
             logprobs = req.logprobs
         else:
             logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = SamplingParams(
-            temperature=1.0 if req.temperature is None else float(req.temperature),
-            top_p=1.0 if req.top_p is None else float(req.top_p), top_k=-1 if req.top_k is None else req.top_k,
-            max_tokens=max_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids,
-            ignore_eos=bool(req.ignore_eos), seed=req.seed, logprobs=logprobs, min_tokens=req.min_tokens or 0,
-            slo_class=slo.name, ttft_ms=slo.ttft_ms, tpot_ms=slo.tpot_ms, priority=slo.priority)
         try:
-            params.validate()
+            params = SamplingParams(
+                temperature=1.0 if req.temperature is None else float(req.temperature),
+                top_p=1.0 if req.top_p is None else float(req.top_p), top_k=-1 if req.top_k is None else req.top_k,
+                max_tokens=max_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids,
+                ignore_eos=bool(req.ignore_eos), seed=req.seed, logprobs=logprobs, min_tokens=req.min_tokens or 0,
+                slo_class=slo.name, ttft_ms=slo.ttft_ms, tpot_ms=slo.tpot_ms, priority=slo.priority)
         except ValueError as e:
             raise APIError(400, str(e)) from None
         rid = f"{'cmpl' if kind == 'completions' else 'chatcmpl'}-{uuid.uuid4().hex}"
         return _Prepared(kind, req, rid, prompt_ids, params, slo, t0)
 
-    def _completion_prompt(self, req: CompletionRequest) -> list[int]:
+    async def _completion_prompt(self, req: CompletionRequest) -> list[int]:
         prompt = req.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
@@ -252,24 +318,31 @@ class OpenAIServing:
                                "prompt per request", param="prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
-            return list(self.info.tokenizer(prompt).input_ids)
+            self.info.check_prompt_chars(len(prompt), "prompt")
+            return await _off_loop_if(len(prompt), lambda: list(self.info.tokenizer(prompt).input_ids))
         vocab = self.info.vocab_size
         for t in prompt:
             if t < 0 or t >= vocab:
                 raise APIError(400, f"prompt token id {t} is outside the vocabulary [0, {vocab})", param="prompt")
         return list(prompt)
 
-    def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+    async def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
         messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                     for m in req.messages]
+        chars = sum(len(m["content"]) for m in messages)
+        self.info.check_prompt_chars(chars, "messages")
         tok = self.info.tokenizer
-        try:
-            text = tok.apply_chat_template(messages, tokenize=False,
-                                           add_generation_prompt=req.add_generation_prompt is not False,
-                                           **(req.chat_template_kwargs or {}))
-        except Exception as e:  # no template, a template that rejects these messages...
-            raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
-        return list(tok(text, add_special_tokens=False).input_ids)
+
+        def render() -> list[int]:
+            try:
+                text = tok.apply_chat_template(messages, tokenize=False,
+                                               add_generation_prompt=req.add_generation_prompt is not False,
+                                               **(req.chat_template_kwargs or {}))
+                return list(tok(text, add_special_tokens=False).input_ids)
+            except Exception as e:  # no template, a template that rejects these messages, bad kwargs...
+                raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
+
+        return await _off_loop_if(chars, render)
 
     async def _admitted_hint(self, p: _Prepared) -> RoutingHint:
         bs = self.info.block_size
@@ -293,6 +366,7 @@ class OpenAIServing:
 
     # ---- responses ---------------------------------------------------------------------------
     def _done(self, run: _Run, status: int) -> None:
+        self.num_in_flight -= 1
         p = run.p
         if self.events is not None:
             self.events.on_finish(run.hint, run.num_generated, status, time.monotonic())
@@ -393,6 +467,29 @@ class OpenAIServing:
             # not finished there: the client is gone, an error, or a stop string seen here first
             stream.close(abort=not run.engine_finished)
             self._done(run, status)
+
+
+class _EventStream(StreamingResponse):
+    """An SSE response whose client may leave at any time. Under Ray Serve, waiting for the
+    disconnect raises (the proxy's receive call is cancelled) instead of returning a disconnect
+    message; that ends the wait the same way here, so the stream is cancelled and cleaned up as
+    on any disconnect and no exception escapes into Serve's request task (whose future nobody
+    retrieves: "Future exception was never retrieved" in the replica log)."""
+
+    async def listen_for_disconnect(self, receive) -> None:
+        try:
+            await super().listen_for_disconnect(receive)
+        except Exception:  # noqa: BLE001 - the client is gone
+            pass
+
+
+async def _off_loop_if(num_chars: int, fn: Callable[[], Any]) -> Any:
+    """``fn()`` inline for short text; in a worker thread for long text, so that tokenizing a large
+    prompt never stalls the event loop that streams every other request's tokens (the
+    tokenizers library releases the GIL while it works)."""
+    if num_chars <= INLINE_TOKENIZE_CHARS:
+        return fn()
+    return await asyncio.to_thread(fn)
 
 
 def _merge_logprobs(kind: str, parts: list[dict]) -> dict | None:

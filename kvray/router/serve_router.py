@@ -52,6 +52,17 @@ class KVRayRequestRouter(RequestRouter):
     def update_replicas(self, replicas: List[RunningReplica]) -> None:
         super().update_replicas(replicas)
         self._book().sync({r.replica_id.unique_id: (r.routing_stats or None) for r in replicas})
+        # Keep Serve's own queue-length cache warm from the routing stats. Serve checks it before
+        # each send, and where it has no entry (none yet, or none for 10 s: the first burst after
+        # a quiet spell) it probes the replica with an actor call and a 0.1 s deadline, which a
+        # replica busy taking in a burst misses ("Failed to get queue length"), backing off
+        # every request. An entry Serve already keeps from its own sends and replies wins.
+        cache = self.replica_queue_len_cache
+        for r in replicas:
+            stats = r.routing_stats or {}
+            if "num_active_requests" in stats and cache.get(r.replica_id) is None:
+                self.on_new_queue_len_info(r.replica_id, int(stats["num_active_requests"]) +
+                                           int(stats.get("num_channels", 0)))
 
     async def choose_replicas(
         self,
@@ -72,6 +83,8 @@ class KVRayRequestRouter(RequestRouter):
         if hint is not None and hint.pin_replica is not None:
             r = by_id.get(hint.pin_replica)
             return [[r]] if r is not None else []
+        if hint is not None and hint.avoid:  # a retry: leave out the replicas that failed it
+            by_id = {rid: r for rid, r in by_id.items() if rid not in hint.avoid} or by_id
         order = self._kvray_policy.rank(hint, book.views(list(by_id), hint))
         ranks = [[by_id[rid]] for rid in order if rid in by_id]
         return ranks or [candidate_replicas]
