@@ -295,3 +295,17 @@ def test_a_5mb_prompt_is_refused_fast_and_stalls_nobody(base):
     baseline = base_times[len(base_times) // 2]
     assert all(s == 200 for s, _, _ in smalls)
     assert max(t for _, _, t in smalls) < 2 * baseline + 0.05, (baseline, [t for _, _, t in smalls])
+
+
+def test_a_public_bind_without_a_key_logs_a_warning(monkeypatch, caplog):
+    import ray.serve.context as ctx
+    from types import SimpleNamespace
+
+    from kvray.router.ingress import _warn_if_exposed
+
+    for host, warned in (("0.0.0.0", True), ("10.1.2.3", True), ("127.0.0.1", False), ("localhost", False)):
+        monkeypatch.setattr(ctx, "_get_global_client", lambda: SimpleNamespace(http_config=SimpleNamespace(host=host)))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="kvray.router.ingress"):
+            _warn_if_exposed()
+        assert ("no API key" in caplog.text) is warned, (host, caplog.text)
