@@ -84,6 +84,15 @@ def build_requests(rng: random.Random, lengths: list[tuple[int, int]] | None, *,
     return reqs
 
 
+def parse_rates(spec: str, passes: int) -> list[tuple[float, int]]:
+    """``"25x5,50,100"`` -> [(25, 5), (50, passes), (100, passes)]: a rate, and its passes if given."""
+    out = []
+    for part in filter(None, (x.strip() for x in spec.split(","))):
+        rate, _, n = part.partition("x")
+        out.append((float(rate), int(n) if n else passes))
+    return out
+
+
 def parse_pair(spec: str) -> tuple[float, float]:
     a, _, b = spec.partition(":")
     return float(a), float(b)
@@ -338,8 +347,7 @@ async def run(a, report: dict) -> None:
             for name in names:
                 await serving.drive(warm, targets[name]["one"], None)
         rng = random.Random(a.seed)
-        rates = [float(x) for x in a.rates.split(",") if x.strip()]
-        loads = [(rate, p) for rate in rates for p in range(a.passes)]
+        loads = [(rate, p) for rate, n in parse_rates(a.rates, a.passes) for p in range(n)]
         loads += [(None, p) for p in range(a.passes)] if a.all_at_once else []
         for rate, p in loads:
             reqs = build_requests(rng, lengths, rate=rate, duration=a.duration, n=a.all_at_once, **shape)
@@ -423,9 +431,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt", type=int, default=4096)
     p.add_argument("--max-output", type=int, default=1024)
     p.add_argument("--fixed", default=None, help="PROMPT:OUTPUT lengths instead of the trace's")
-    p.add_argument("--rates", default="25,50,100", help="comma list of arrival rates, req/s")
+    p.add_argument("--rates", default="25,50,100", help="comma list of arrival rates, req/s; RATExN: N passes of it")
     p.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per pass")
-    p.add_argument("--passes", type=int, default=1, help="passes per rate (and of --all-at-once)")
+    p.add_argument("--passes", type=int, default=1, help="passes per rate without its own xN (and of --all-at-once)")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps (1 = Poisson)")
     p.add_argument("--all-at-once", type=int, default=0, help="also N requests arriving at t=0")
     p.add_argument("--warmup", type=int, default=8)

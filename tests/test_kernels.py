@@ -292,3 +292,43 @@ def test_write_kv_cache_rejects_bad_inputs(change, exc, match):
     args.update(change)
     with pytest.raises(exc, match=match):
         K.write_kv_cache(**args)
+
+
+@needs_triton
+@pytest.mark.parametrize("q_lens,seq_lens,pad_tokens,pad_seqs,decode", [
+    ([1, 1, 1], [5, 40, 130], 5, 5, True),             # a decode graph bucket of 8: 5 padding sequences
+    ([1, 7, 1, 20], [64, 7, 300, 52], 35, 12, False),  # mixed: decodes, a new prompt, a chunk over a prefix
+    ([33], [33], 31, 7, False),                         # one prefill, most of the bucket padding
+])
+def test_attention_on_a_padded_graph_bucket(q_lens, seq_lens, pad_tokens, pad_seqs, decode):
+    """A step padded to its CUDA-graph bucket, with the bucket's worst-case hints: padding tokens
+    belong to no sequence (the query-start offsets stop at the real tokens), padding sequences
+    have no query tokens and length 0. The real rows equal the reference; nothing else is read."""
+    q, kc, vc, bt, qsl, sl = make_batch(q_lens, seq_lens, seed=5)
+    t, b = q.shape[0], len(q_lens)
+    T, S = t + pad_tokens, b + pad_seqs
+    qp = torch.cat([q, torch.full((pad_tokens, *q.shape[1:]), float("nan"))])
+    btp = torch.cat([bt, torch.zeros(pad_seqs, bt.shape[1], dtype=bt.dtype)])
+    qslp = torch.cat([qsl, torch.full((pad_seqs,), t, dtype=qsl.dtype)])
+    slp = torch.cat([sl, torch.zeros(pad_seqs, dtype=sl.dtype)])
+    out = torch.full_like(qp, float("nan"))
+    K.paged_attention(qp, kc, vc, btp, qslp, slp, 1.0 / math.sqrt(q.shape[-1]), out=out,
+                      max_query_len=1 if decode else T, max_seq_len=bt.shape[1] * kc.shape[1])
+    ref = R.paged_attention(q, kc, vc, bt, qsl, sl, 1.0 / math.sqrt(q.shape[-1]))
+    assert torch.isfinite(out[:t]).all()
+    torch.testing.assert_close(out[:t], ref, rtol=2e-5, atol=2e-5)
+
+
+@needs_triton
+def test_padding_tokens_write_no_kv():
+    key = torch.randn(6, 2, 32)
+    kc = torch.zeros(4, 16, 2, 32)
+    vc = torch.zeros_like(kc)
+    slots = torch.tensor([3, 17, 40, -1, -1, -1])  # three real tokens, three padding
+    K.write_kv_cache(key, key + 1, kc, vc, slots)
+    flat_k, flat_v = kc.view(-1, 2, 32), vc.view(-1, 2, 32)
+    torch.testing.assert_close(flat_k[slots[:3]], key[:3])
+    torch.testing.assert_close(flat_v[slots[:3]], key[:3] + 1)
+    written = torch.zeros(flat_k.shape[0], dtype=torch.bool)
+    written[slots[:3]] = True
+    assert (flat_k[~written] == 0).all() and (flat_v[~written] == 0).all()

@@ -194,3 +194,7 @@ def test_offline_throughput_repeats_report_min_median_and_every_run():
     assert s["kvray_tok_s"] == s["kvray_tok_s_median"] == 1000.0 and s["kvray_tok_s_min"] == 900.0
     assert s["of_floor_min"] == pytest.approx(0.45) and s["of_floor_median"] == pytest.approx(0.5)
     assert s["kvray_tok_s_repeats"] == [900.0, 1100.0, 1000.0]
+
+
+def test_rates_with_their_own_passes():
+    assert online.parse_rates("25x5, 50,100x2", 1) == [(25.0, 5), (50.0, 1), (100.0, 2)]

@@ -26,7 +26,7 @@ from kvray.kernels import reference
 from kvray.kernels._checks import check_paged_attention, check_write_kv_cache
 
 __all__ = ["paged_attention", "write_kv_cache", "rms_norm", "qk_norm_rope", "silu_and_mul",
-           "set_attention_backend", "get_attention_backend", "reference", "triton_impl"]
+           "set_attention_backend", "get_attention_backend", "reference", "triton_impl", "compiled_variants"]
 
 BACKENDS = ("auto", "triton", "reference")
 ENV_BACKEND = "KVRAY_ATTENTION_BACKEND"
@@ -97,6 +97,22 @@ def triton_impl(interpret: bool = False) -> types.SimpleNamespace:
                 os.environ["TRITON_INTERPRET"] = prev
         _impls[interpret] = impl
     return impl
+
+
+def compiled_variants() -> int:
+    """How many Triton kernel variants this process has compiled (or loaded from Triton's disk
+    cache) for the GPU: the number grows only at a first launch of a new specialization, so it
+    must not move once the engine has started (every variant is built while CUDA graphs are
+    captured)."""
+    impl = _impls.get(False)
+    if impl is None:
+        return 0
+    n = 0
+    for mod in (impl.attention, impl.cache, impl.fused):
+        for obj in vars(mod).values():
+            for cache in (getattr(obj, "device_caches", None) or {}).values():
+                n += len(cache[0])
+    return n
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

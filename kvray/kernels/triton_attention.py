@@ -48,7 +48,10 @@ if _max_combine is None or _sum_combine is None:  # pragma: no cover - other tri
         return a + b
 
 
-@triton.jit
+# Runtime integers that change from step to step must not be specialized on (Triton compiles a
+# variant for an int == 1 and for one divisible by 16): every variant would be a compile while
+# serving. The strides stay specialized: they are fixed by the model and the engine's buffers.
+@triton.jit(do_not_specialize=["num_seqs"])
 def _paged_attn_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     bt_ptr, qsl_ptr, sl_ptr,
@@ -203,7 +206,7 @@ def _paged_attn_kernel(
         tl.store(o_ptr + o_rows[:, None] + offs_d[None, :], o.to(o_ptr.dtype.element_ty), mask=o_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _combine_kernel(
     part_ptr, lse_ptr, o_ptr, num_splits, num_heads,
     stride_pt, stride_ph, stride_psplit, stride_lt, stride_lsplit, stride_ot, stride_oh,

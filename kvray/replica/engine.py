@@ -30,6 +30,12 @@ PLACEHOLDER = -1  # the host's id of a token sampled by the step in flight, unti
 # A step that raises fails the requests it carried and the loop goes on; this many failed steps
 # in a row mean the engine itself is broken (a CUDA error is sticky), and step() raises.
 MAX_STEP_FAILURES = 3
+# The step budget with chunked prefill (max_num_batched_tokens unset): the largest prefill chunk a
+# step carries next to the running decodes. Measured on an H200 with qwen3-0.6b and CUDA graphs
+# (benchmarks/profile_step.py --chunks; benchmarks/RESULTS.md, "Step budget"): see the figures
+# there. Larger chunks barely raise prefill throughput (the GEMMs are already compute bound at 2k
+# tokens) but every decode in such a step waits for the whole chunk, so TPOT grows with it.
+DEFAULT_STEP_TOKENS = 2048
 
 
 @dataclass
@@ -64,6 +70,7 @@ class LLMEngine:
     """Scheduler + block manager + model runner. Not thread-safe: one thread drives it."""
 
     def __init__(self, config: EngineConfig):
+        t_start = time.monotonic()
         self.config = config
         path = resolve_model(config.model)
         hf_config = load_config(path)
@@ -83,7 +90,8 @@ class LLMEngine:
             raise ValueError(f"invalid engine option max_model_len={config.max_model_len}: the model supports at most {limit} positions")
         self.max_model_len = config.max_model_len or limit
         self.max_num_batched_tokens = config.max_num_batched_tokens or (
-            max(8192, config.max_num_seqs) if config.enable_chunked_prefill else max(self.max_model_len, config.max_num_seqs))
+            max(DEFAULT_STEP_TOKENS, config.max_num_seqs) if config.enable_chunked_prefill
+            else max(self.max_model_len, config.max_num_seqs))
         if not config.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError("invalid engine option max_num_batched_tokens: without chunked prefill it must be >= max_model_len")
         num_blocks = config.num_kv_blocks or self.runner.profile_num_blocks(
@@ -107,8 +115,9 @@ class LLMEngine:
         self._inflight: _Launched | None = None  # the step launched, not yet completed (async scheduling)
         self._last_step_end = 0.0
         self._step_failures = 0
-        logger.info("engine ready: model=%s device=%s dtype=%s max_model_len=%d KV=%d tokens", config.model,
-                    self.device, dtype, self.max_model_len, num_blocks * config.block_size)
+        logger.info("engine ready in %.1f s: model=%s device=%s dtype=%s max_model_len=%d KV=%d tokens, step budget "
+                    "%d tokens", time.monotonic() - t_start, config.model, self.device, dtype, self.max_model_len,
+                    num_blocks * config.block_size, self.max_num_batched_tokens)
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()

@@ -12,7 +12,7 @@ from kvray.replica.models.loader import load_model
 from kvray.replica.sampler import Sampler, SampleResult
 from kvray.replica.sequence import Sequence
 from kvray.replica.step_inputs import StepInputBuilder
-from kvray.replica.cuda_graphs import DecodeGraphs
+from kvray.replica.cuda_graphs import StepGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -65,13 +65,18 @@ class ModelRunner:
             return max(1, int(self.config.cpu_kv_cache_gib * 2**30) // per_block)
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
+        weights = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         self._dummy_step(max_num_batched_tokens, max_num_seqs, max_model_len)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
+        torch.cuda.empty_cache()  # the largest step's activations go back: the graphs' pool takes its own
         free, total = torch.cuda.mem_get_info(self.device)
         non_torch = max(0, (total - free) - torch.cuda.memory_reserved(self.device))
-        budget = total * self.config.gpu_memory_utilization - peak - non_torch
+        # The CUDA graphs keep a private pool as large as the largest step's activations, beside
+        # the eager allocator's: count them twice when graphs will be captured.
+        graphs = 0 if self.config.enforce_eager else peak - weights
+        budget = total * self.config.gpu_memory_utilization - peak - graphs - non_torch
         budget = min(budget, free - 256 * 2**20)
         if budget <= per_block:
             raise ValueError(f"no GPU memory left for the KV cache: model+activations peak {peak / 2**30:.2f} GiB of "
@@ -105,14 +110,14 @@ class ModelRunner:
 
     # ---- one step --------------------------------------------------------------------------
     def prepare(self, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int) -> None:
-        """Allocate the step buffers and, on CUDA unless enforce_eager, capture decode graphs.
-        Call after the KV cache is allocated."""
+        """Allocate the step buffers and, on CUDA unless enforce_eager, capture the CUDA graphs of
+        every step shape (decode and mixed). Call after the KV cache is allocated."""
         max_blocks = -(-max_model_len // self.block_size)
         self.inputs = StepInputBuilder(self.device, self.block_size, max(max_num_batched_tokens, max_num_seqs),
                                        max_num_seqs, max_blocks)
         self.graphs = None
         if self.device.type == "cuda" and not self.config.enforce_eager:
-            self.graphs = DecodeGraphs(self.model, self.device, min(max_num_seqs, 512), max_blocks, max_model_len)
+            self.graphs = StepGraphs(self.model, self.inputs, max_num_seqs, max_num_batched_tokens, max_model_len)
 
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Sequence, int]], pending: dict[Sequence, int] | None = None,
@@ -120,9 +125,13 @@ class ModelRunner:
         """Launch the step; return the sequences that reached their end and the token sampled for each
         (still on the device, its copy to the host started). ``pending``: sequences whose last token
         id is the row of ``prev_tokens`` given (async scheduling; see ``StepInputBuilder.build``)."""
-        step = self.inputs.build(scheduled, pending, prev_tokens)
-        if self.graphs is not None and self.graphs.can_run(step):
-            hidden = self.graphs.run(step)
+        bucket = None
+        if self.graphs is not None:
+            num_tokens = sum(n for _, n in scheduled)
+            bucket = self.graphs.bucket(num_tokens, len(scheduled))
+        step = self.inputs.build(scheduled, pending, prev_tokens, bucket[:2] if bucket else None)
+        if bucket is not None:
+            hidden = self.graphs.replay(bucket, step.num_tokens)
         else:
             with forward_context(step.ctx):
                 hidden = self.model(step.input_ids, step.positions)

@@ -9,6 +9,10 @@ be queued (always the case under async scheduling, and after a step that sampled
 Under async scheduling a decode's input token may not be known on the host yet: the engine
 passes ``pending`` (sequence -> row of the previous step's sampled-token tensor, whose last
 token id is a placeholder) and that tensor, and the ids are gathered on the device.
+
+For a CUDA-graph replay the step is padded to its graph's bucket ``(tokens, sequences)``: the
+padding tokens write no KV (slot -1) and belong to no sequence, the padding sequences have no
+query tokens, and the graph reads the device buffers themselves (``kvray.replica.cuda_graphs``).
 """
 from __future__ import annotations
 
@@ -29,7 +33,6 @@ class StepInputs:
     num_tokens: int
     sample_seqs: list[Sequence]
     sample_index: torch.Tensor | None  # device rows of the hidden states to sample; None: every row
-    is_decode: bool                    # every sequence computes exactly one token
 
 
 class _Staging:
@@ -67,7 +70,7 @@ class StepInputBuilder:
         self.d_idx = dev((3, max_seqs), torch.int64)
 
     def build(self, scheduled: list[tuple[Sequence, int]], pending: dict[Sequence, int] | None = None,
-              prev_tokens: torch.Tensor | None = None) -> StepInputs:
+              prev_tokens: torch.Tensor | None = None, pad: tuple[int, int] | None = None) -> StepInputs:
         st = self._staging[self._turn]
         self._turn ^= 1
         if st.event is not None:
@@ -123,18 +126,25 @@ class StepInputBuilder:
         tok[2, :t] = slots
         seqa[0, :b + 1] = qsl
         seqa[1, :b] = lens
+        nt, ns = t, b
+        if pad is not None:  # to the graph's bucket: copied whole, as the graph reads it
+            nt, ns = pad
+            tok[:2, t:nt] = 0
+            tok[2, t:nt] = -1
+            seqa[0, b + 1:ns + 1] = t
+            seqa[1, b:ns] = 0
         if s:
             idx[0, :s] = sample_rows
         if g:
             idx[1, :g] = gather_dst
             idx[2, :g] = gather_src
         k = max(s, g)
-        if self.on_cpu:  # no device copies: slices of the host buffers (cloned: the next step reuses them)
+        if self.on_cpu and pad is None:  # no device copies: slices of the host buffers (cloned: reused next step)
             d_tok, d_seq, d_tables = st.tok[:, :t].clone(), st.seq.clone(), st.tables[:b, :max_blocks].clone()
             d_idx = st.idx[:, :k].clone()
         else:
-            self.d_tok[:, :t].copy_(st.tok[:, :t], non_blocking=True)
-            self.d_seq[:, :b + 1].copy_(st.seq[:, :b + 1], non_blocking=True)
+            self.d_tok[:, :nt].copy_(st.tok[:, :nt], non_blocking=True)
+            self.d_seq[:, :ns + 1].copy_(st.seq[:, :ns + 1], non_blocking=True)
             self.d_tables[:b, :max_blocks].copy_(st.tables[:b, :max_blocks], non_blocking=True)
             if k:
                 self.d_idx[:, :k].copy_(st.idx[:, :k], non_blocking=True)
@@ -145,7 +155,7 @@ class StepInputBuilder:
             d_tok[0].index_copy_(0, d_idx[1, :g], prev_tokens.index_select(0, d_idx[2, :g]).to(torch.int64))
         ctx = ForwardContext(slot_mapping=d_tok[2], block_tables=d_tables, query_start_loc=d_seq[0, :b + 1],
                              seq_lens=d_seq[1, :b], max_query_len=max_q, max_seq_len=max(lens))
-        return StepInputs(d_tok[0], d_tok[1], ctx, t, sample_seqs, d_idx[0, :s] if s else None, max_q == 1)
+        return StepInputs(d_tok[0], d_tok[1], ctx, t, sample_seqs, d_idx[0, :s] if s else None)
 
 
 def _np_table(seq: Sequence) -> np.ndarray:
