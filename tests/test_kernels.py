@@ -306,7 +306,7 @@ def test_attention_on_a_padded_graph_bucket(q_lens, seq_lens, pad_tokens, pad_se
     have no query tokens and length 0. The real rows equal the reference; nothing else is read."""
     q, kc, vc, bt, qsl, sl = make_batch(q_lens, seq_lens, seed=5)
     t, b = q.shape[0], len(q_lens)
-    T, S = t + pad_tokens, b + pad_seqs
+    T = t + pad_tokens
     qp = torch.cat([q, torch.full((pad_tokens, *q.shape[1:]), float("nan"))])
     btp = torch.cat([bt, torch.zeros(pad_seqs, bt.shape[1], dtype=bt.dtype)])
     qslp = torch.cat([qsl, torch.full((pad_seqs,), t, dtype=qsl.dtype)])

@@ -12,7 +12,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import online  # noqa: E402
-import serving  # noqa: E402
 
 TRACE_ROWS = [(100, 10), (5000, 2000), (300, 700), (7, 1)]
 

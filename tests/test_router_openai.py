@@ -239,7 +239,6 @@ def test_long_prompts_are_tokenized_off_the_event_loop_and_huge_ones_not_at_all(
 
 
 def test_a_replica_that_fails_before_the_first_token_is_left_out_on_a_retry(tok):
-    attempts = []
     outcomes = iter([FakeStream([], fail_after=0),  # the replica died
                      FakeStream([{"error": "engine died", "status": 503, "replica": "r2"}]),
                      FakeStream([batch([5]), batch([6], "length")])])
