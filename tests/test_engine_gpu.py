@@ -24,7 +24,7 @@ NOISE = 0.15  # log-prob gap that bf16 rounding of the logits can flip
 def test_teacher_forced_bf16_agreement(preset):
     from transformers import AutoModelForCausalLM
 
-    llm = LLM(f"kvray:{preset}", max_model_len=2048, gpu_memory_utilization=0.5)
+    llm = LLM(f"kvray:{preset}", max_model_len=2048, gpu_memory_utilization=0.5, max_num_seqs=32)
     vocab = len(llm.tokenizer)
     rng = random.Random(5)
     prompts = [[rng.randrange(vocab) for _ in range(rng.randint(16, 400))] for _ in range(16)]
@@ -78,7 +78,8 @@ def test_cuda_graph_decode_matches_eager():
     params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
     outs = {}
     for eager in (True, False):
-        llm = LLM("kvray:qwen3-0.6b", max_model_len=1024, gpu_memory_utilization=0.4, enforce_eager=eager)
+        llm = LLM("kvray:qwen3-0.6b", max_model_len=1024, gpu_memory_utilization=0.4, enforce_eager=eager,
+                  max_num_seqs=64, max_num_batched_tokens=1024)
         assert (llm.engine.runner.graphs is None) == eager
         outs[eager] = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         del llm
@@ -101,7 +102,8 @@ def test_async_scheduling_matches_sync_with_cuda_graphs():
     lengths = [SamplingParams(temperature=0.0, max_tokens=rng.randint(1, 64), ignore_eos=True) for _ in prompts]
     outs, stops = {}, None
     for mode in (False, True):
-        llm = LLM("kvray:qwen3-0.6b", max_model_len=1024, gpu_memory_utilization=0.4, async_scheduling=mode)
+        llm = LLM("kvray:qwen3-0.6b", max_model_len=1024, gpu_memory_utilization=0.4, async_scheduling=mode,
+                  max_num_seqs=64, max_num_batched_tokens=1024)
         assert llm.engine.runner.graphs is not None
         a = [o.token_ids for o in llm.generate(prompts, lengths, use_tqdm=False)]
         if stops is None:  # stop at the token each request produced at a chosen position
@@ -133,7 +135,7 @@ def test_engine_process_on_the_gpu_matches_offline_generate():
 
     rng = random.Random(9)
     params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
-    opts = dict(max_model_len=2048, gpu_memory_utilization=0.3, dtype="float32")
+    opts = dict(max_model_len=2048, gpu_memory_utilization=0.3, dtype="float32", max_num_seqs=64)
     llm = LLM("kvray:qwen3-0.6b", **opts)
     prompts = [[rng.randrange(len(llm.tokenizer)) for _ in range(rng.randint(16, 700))] for _ in range(24)]
     offline = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]

@@ -178,3 +178,24 @@ def test_reference_override_on_cuda(monkeypatch):
     monkeypatch.delenv("KVRAY_ATTENTION_BACKEND")
     K.paged_attention(*batch, 0.1)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("kind,pad_tokens,pad_seqs", [("mixed", 300, 240), ("decode", 16, 16)])
+def test_padded_to_a_graph_bucket(kind, pad_tokens, pad_seqs):
+    """A step padded to its CUDA-graph bucket, launched with the bucket's worst-case hints, as the
+    graphs run it: padding tokens owned by no sequence, padding sequences without queries."""
+    q, kc, vc, bt, qsl, sl = make_batch(*(MIXED if kind == "mixed" else DECODE), seed=3)
+    t, b = q.shape[0], bt.shape[0]
+    qp = torch.cat([q, torch.full((pad_tokens, *q.shape[1:]), float("nan"), device=DEV, dtype=q.dtype)])
+    btp = torch.cat([bt, torch.zeros(pad_seqs, bt.shape[1], dtype=bt.dtype, device=DEV)])
+    qslp = torch.cat([qsl, torch.full((pad_seqs,), t, dtype=qsl.dtype, device=DEV)])
+    slp = torch.cat([sl, torch.zeros(pad_seqs, dtype=sl.dtype, device=DEV)])
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    out = torch.full_like(qp, float("nan"))
+    K.paged_attention(qp, kc, vc, btp, qslp, slp, scale, out=out, max_query_len=1 if kind == "decode" else t + pad_tokens,
+                      max_seq_len=4096)
+    ref = R.paged_attention(q.float(), kc.float(), vc.float(), bt, qsl, sl, scale)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out[:t]).all()
+    rel = ((out[:t].float() - ref).norm() / ref.norm()).item()
+    assert rel <= 1e-2, rel
