@@ -104,12 +104,16 @@ def run_kvray(llm, prompts, outs, repeat: int = 1) -> tuple[list[float], dict]:
     llm.generate(prompts[:8], [SamplingParams(max_tokens=8, ignore_eos=True)] * 8, use_tqdm=False)  # warm-up
     tok_s, preemptions = [], 0
     for _ in range(repeat):
+        # Every run prefills every prompt: a repeat of the same prompts would otherwise find them in
+        # the prefix cache (an earlier version of --repeat measured that, 20% fast on workload B).
+        eng.block_manager.reset_prefix_cache()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         res = llm.generate(prompts, params, use_tqdm=False)
         torch.cuda.synchronize()
         tok_s.append(sum(outs) / (time.perf_counter() - t0))
         assert [len(r.token_ids) for r in res] == outs
+        assert not any(r.num_cached_tokens for r in res), "a timed run hit the prefix cache"
         preemptions = max(preemptions, sum(r.metrics.num_preemptions for r in res))
     eng.step = orig
     return tok_s, {"peak_block_usage": peak["blocks"] / eng.block_manager.num_total_blocks,

@@ -234,8 +234,15 @@ def app_config(a) -> dict:
     return yaml.safe_load(open(a.config))
 
 
+# The benchmark measures what the engine sustains, not its admission control: unbounded queues
+# (a replica's default limit answers 429 once about a batch of requests waits; --engine-args
+# can set the limits back).
+UNBOUNDED_QUEUE = {"max_queued_requests": 10**6, "max_queued_prompt_tokens": 10**9}
+
+
 def engine_overrides(a) -> dict:
-    return {**({"num_kv_blocks": a.num_kv_blocks} if a.num_kv_blocks else {}), **json.loads(a.engine_args or "{}")}
+    return {**UNBOUNDED_QUEUE, **({"num_kv_blocks": a.num_kv_blocks} if a.num_kv_blocks else {}),
+            **json.loads(a.engine_args or "{}")}
 
 
 def model_name(a) -> str:
