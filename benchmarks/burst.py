@@ -184,7 +184,7 @@ def deploy(a) -> None:
 
     from kvray.platform.app import make_app
     from kvray.platform.autoscaling import POLICY_PATH
-    from kvray.platform.config import parse_args
+    from kvray.app_config import parse_args
 
     engine = {"max_num_seqs": 256, "max_model_len": a.max_model_len, "scheduling_policy": "deadline"}
     engine.update(json.loads(a.engine))

@@ -248,7 +248,7 @@ def engine_overrides(a) -> dict:
 def model_name(a) -> str:
     if not a.config:
         return a.model
-    from kvray.platform.config import parse_args
+    from kvray.app_config import parse_args
     return parse_args(app_config(a)["applications"][0]["args"]).model
 
 

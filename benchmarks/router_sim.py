@@ -7,10 +7,11 @@ a rough H100 + Qwen3-0.6B guess; ``--coeffs path.json`` with keys a, b, c, d and
 (../shared/traces), conv -> interactive (500 ms TTFT / 50 ms TPOT), code -> batch (10 s / 200 ms),
 arrivals from a gamma process (``--cv``) or the trace's own timestamps, scaled to each rate.
 
-Policies: round-robin, p2c (Ray Serve's PowerOfTwoChoices, FCFS replicas), least-load (kvray's
-platform policy, FCFS replicas), slo-aware (kvray.router.slo_policy + the deadline scheduler).
-The router sees replica stats polled every ``--poll-interval`` seconds plus its own dispatch,
-first-token and completion counts.
+Policies, built through kvray.router's registry and deciding on the Router's own replica book:
+round_robin, p2c (Ray Serve's PowerOfTwoChoices; FCFS replicas), least_load (kvray's default;
+FCFS replicas), slo_aware (with the deadline scheduler). The book gets replica stats polled
+every ``--poll-interval`` seconds, each carrying the step-cost fit of that replica's engine,
+plus the router's own dispatch, first-token and completion events in between.
 
 For each replica count and policy the arrival rate climbs a grid (per replica) until attainment
 collapses, then bisects the 90% crossing. Goodput = the highest rate at which >= 90% of the
@@ -36,7 +37,7 @@ from benchmarks.sim import report  # noqa: E402
 from benchmarks.sim.cluster import DEFAULT_POLICIES, POLICIES, SimConfig, run_point  # noqa: E402
 from benchmarks.sim.replica import ReplicaConfig  # noqa: E402
 from benchmarks.sim.workload import DEFAULT_TRACES, build_requests, merged_trace  # noqa: E402
-from kvray.router.latency_model import DEFAULT_COEFFS, StepCoeffs, load_coeffs  # noqa: E402
+from kvray.step_cost import DEFAULT_COEFFS, StepCoeffs, load_coeffs  # noqa: E402
 
 DEFAULT_DURATION = {4: 120.0, 16: 60.0, 64: 30.0}
 DEFAULT_GRID = [3, 5, 7, 9, 11, 13, 15, 18]  # requests/s per replica
@@ -198,8 +199,8 @@ def results_section(args, payload: dict, table: str) -> str:
     g = payload["goodput"]
     verdict = []
     for n in ("4", "16"):
-        if n in g and g[n].get("p2c") and "slo-aware" in g[n]:
-            ratio = g[n]["slo-aware"] / g[n]["p2c"]
+        if n in g and g[n].get("p2c") and "slo_aware" in g[n]:
+            ratio = g[n]["slo_aware"] / g[n]["p2c"]
             verdict.append(f"{n} replicas: {ratio:.2f}× ({'met' if ratio >= 1.5 else 'not met'})")
     arr = f"gamma process, CV {args.cv:g}" if args.arrivals == "gamma" else "the traces' own timestamps, scaled"
     mix = ("conv → interactive, code → batch" if args.interactive_frac is None
@@ -215,7 +216,7 @@ def results_section(args, payload: dict, table: str) -> str:
   Source: {payload['coefficients_source']}.
 - Replicas: the real kvray Scheduler + BlockManager; {args.num_blocks} KV blocks × 16 tokens,
   max_num_seqs {args.max_num_seqs}, max_num_batched_tokens {args.max_num_batched_tokens} (chunked prefill),
-  max_model_len {args.max_model_len}; FCFS for the baselines, the deadline policy for slo-aware.
+  max_model_len {args.max_model_len}; FCFS for the baselines, the deadline policy for slo_aware.
 - Workload: Azure LLM 2023 code + conversation traces merged ({mix}); interactive 500 ms TTFT / 50 ms TPOT,
   batch 10 s / 200 ms; arrivals: {arr}; clients ask max_tokens {args.max_tokens}, outputs stop at the
   trace length. Router stats polled every {args.poll_interval:g} s, plus the router's own dispatch,
@@ -225,7 +226,7 @@ def results_section(args, payload: dict, table: str) -> str:
 
 {table}
 
-Target (slo-aware ≥ 1.5× p2c): {'; '.join(verdict) or 'n/a'}.
+Target (slo_aware ≥ 1.5× p2c): {'; '.join(verdict) or 'n/a'}.
 Curves: `{args.out}.json`, `{args.out}.png`.
 """
 

@@ -74,7 +74,7 @@ def deploy(policy: str, a) -> None:
     from ray.serve.config import RequestRouterConfig
 
     from kvray.platform.app import make_app
-    from kvray.platform.config import parse_args
+    from kvray.app_config import parse_args
 
     overrides = {"num_replicas": a.replicas,
                  "ray_actor_options": {"num_cpus": a.cpus_per_replica, "num_gpus": a.gpus_per_replica}}

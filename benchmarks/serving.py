@@ -373,7 +373,7 @@ def engine_from_args(a):
     if a.config:
         import yaml
 
-        from kvray.platform.config import parse_args
+        from kvray.app_config import parse_args
         cfg = yaml.safe_load(open(a.config))
         app_args = parse_args(cfg["applications"][0]["args"])
         model, options = app_args.model, app_args.engine_options()

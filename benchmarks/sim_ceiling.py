@@ -18,10 +18,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.sim.cluster import POLICIES, SimConfig, run_point  # noqa: E402
 from benchmarks.sim.workload import DEFAULT_TRACES, merged_trace, build_requests  # noqa: E402
-from kvray.router.latency_model import load_coeffs  # noqa: E402
-from kvray.router.slo_policy import SLOClass  # noqa: E402
+from kvray.slo import SLOTarget  # noqa: E402
+from kvray.step_cost import load_coeffs  # noqa: E402
 
-NO_SLO = {name: SLOClass(name, ttft_ms=1e12, tpot_ms=1e12, priority=prio) for name, prio in
+NO_SLO = {name: SLOTarget(name, ttft_ms=1e12, tpot_ms=1e12, priority=prio) for name, prio in
           (("interactive", 2.0), ("batch", 1.0))}
 
 
@@ -29,7 +29,7 @@ def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--replicas", type=int, default=4)
     ap.add_argument("--rates", type=float, nargs="+", required=True, help="cluster arrival rates, req/s")
-    ap.add_argument("--policy", default="least-load", choices=sorted(POLICIES))
+    ap.add_argument("--policy", default="least_load", choices=sorted(POLICIES))
     ap.add_argument("--coeffs", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                      "step_coeffs_h200.json"))
     ap.add_argument("--arrivals", choices=["gamma", "trace"], default="trace")

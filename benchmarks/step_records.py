@@ -3,7 +3,7 @@
   python benchmarks/step_records.py [--preset qwen3-0.6b] [--out step_coeffs.json]
 Runs workload-A-like traffic (random prompt/output lengths) at several concurrencies, records every
 step (batched tokens, context tokens, sequences, duration), fits t = a + b*batched + c*context +
-d*seqs with kvray.router.latency_model.StepTimeModel, and writes the coefficients (with the device
+d*seqs with kvray.step_cost.StepTimeModel (the model each engine fits online), and writes the coefficients (with the device
 and the fit error) as JSON for `benchmarks/router_sim.py --coeffs`.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kvray import LLM, SamplingParams  # noqa: E402
-from kvray.router.latency_model import StepTimeModel  # noqa: E402
+from kvray.step_cost import StepTimeModel  # noqa: E402
 
 
 def main() -> None:

@@ -8,6 +8,6 @@ __all__ = ["LLM", "SamplingParams", "RequestOutput"]
 
 def __getattr__(name):  # keep `import kvray` light: the engine pulls in torch and transformers
     if name == "LLM":
-        from kvray.replica.engine import LLM
+        from kvray.replica.llm import LLM
         return LLM
     raise AttributeError(name)

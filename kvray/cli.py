@@ -58,7 +58,7 @@ def _run_check_config(args: argparse.Namespace) -> int:
     except (OSError, yaml.YAMLError) as e:
         print(f"kvray check-config: cannot read {args.file}: {e}", file=sys.stderr)
         return 2
-    from kvray.platform.config import serve_config_errors
+    from kvray.platform.check_config import serve_config_errors
     errors = serve_config_errors(doc)
     for line in errors:
         print(f"{args.file}: {line}", file=sys.stderr)

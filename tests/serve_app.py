@@ -38,7 +38,7 @@ def running_app(args: dict, num_replicas: int = 2):
     from ray import serve
 
     from kvray.platform.app import make_app
-    from kvray.platform.config import parse_args
+    from kvray.app_config import parse_args
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
@@ -88,6 +88,14 @@ class ServeRun:
             return requests.get(self.url + "/health", timeout=5).status_code == 200
         except requests.RequestException:
             return False
+
+    def wait_healthy(self, timeout_s: float = 240.0) -> None:
+        """Until /health answers 200; fails with the command's output if it exits or takes too long."""
+        deadline = time.time() + timeout_s
+        while not self.healthy():
+            assert self.proc.poll() is None, self.output[-4000:]
+            assert time.time() < deadline, self.output[-4000:]
+            time.sleep(1)
 
     def stop(self):
         if self.proc.poll() is None:

@@ -7,27 +7,29 @@ from dataclasses import dataclass, field
 
 from benchmarks.sim.replica import ReplicaConfig, SimReplica
 from benchmarks.sim.workload import SimRequest, prompt_token_ids
+from kvray.records import RoutingHint
 from kvray.replica.deadline_policy import DeadlinePolicy
 from kvray.replica.sampling_params import SamplingParams
 from kvray.replica.scheduling_policy import FCFSPolicy
 from kvray.replica.sequence import Sequence
-from kvray.router.baselines import LeastLoadPolicy, PowerOfTwoChoicesPolicy, RoundRobinPolicy
-from kvray.router.latency_model import DEFAULT_COEFFS, SLOReplicaState, StepCoeffs, StepTimeModel
-from kvray.router.slo_policy import DISPATCH, QUEUE, RouteRequest, SLOAwarePolicy, urgency
+from kvray.router.book import ReplicaBook
+from kvray.router.policy import DISPATCH, QUEUE, make_policy
+from kvray.slo import urgency
+from kvray.step_cost import DEFAULT_COEFFS, StepCoeffs, StepTimeModel
 
-# policy name -> (router, replica scheduler)
+# name -> (routing policy of the kvray.router registry, its options, replica scheduler)
 POLICIES = {
-    "round-robin": ("round-robin", "fcfs"),
-    "p2c": ("p2c", "fcfs"),
-    "least-load": ("least-load", "fcfs"),
-    "slo-aware": ("slo-pack", "deadline"),
+    "round_robin": ("round_robin", {}, "fcfs"),
+    "p2c": ("p2c", {}, "fcfs"),
+    "least_load": ("least_load", {}, "fcfs"),
+    "slo_aware": ("slo_aware", {"mode": "pack"}, "deadline"),
     # ablations
-    "slo-aware-spread": ("slo-spread", "deadline"),
-    "slo-router+fcfs": ("slo-pack", "fcfs"),
-    "p2c+deadline": ("p2c", "deadline"),
-    "least-load+deadline": ("least-load", "deadline"),
+    "slo_aware-spread": ("slo_aware", {"mode": "spread"}, "deadline"),
+    "slo_aware+fcfs": ("slo_aware", {"mode": "pack"}, "fcfs"),
+    "p2c+deadline": ("p2c", {}, "deadline"),
+    "least_load+deadline": ("least_load", {}, "deadline"),
 }
-DEFAULT_POLICIES = ["round-robin", "p2c", "least-load", "slo-aware"]
+DEFAULT_POLICIES = ["round_robin", "p2c", "least_load", "slo_aware"]
 
 ARRIVE, STEP_END, POLL, DELIVER, RECHECK = range(5)
 
@@ -57,22 +59,19 @@ class Record:
     rejected: bool = False
 
 
-def make_router(name: str, clock, cfg: SimConfig, seed: int):
-    if name == "round-robin":
-        return RoundRobinPolicy()
+def make_router(policy: str, cfg: SimConfig, seed: int):
+    """The routing policy, built through the registry as the Router builds it."""
+    name, options, _ = POLICIES[policy]
+    if name in ("p2c", "least_load"):
+        options = {**options, "seed": seed}
     if name == "p2c":
-        return PowerOfTwoChoicesPolicy(seed=seed, max_ongoing_requests=cfg.p2c_max_ongoing)
-    if name == "least-load":
-        return LeastLoadPolicy(clock, decode_estimate_cap=cfg.decode_estimate_cap,
-                               block_size=cfg.replica.block_size, seed=seed)
-    if name in ("slo-pack", "slo-spread"):
-        return SLOAwarePolicy(mode="pack" if name == "slo-pack" else "spread")
-    raise ValueError(f"unknown router {name!r}")
+        options["max_ongoing_requests"] = cfg.p2c_max_ongoing
+    return make_policy(name, **options)
 
 
 class Cluster:
     def __init__(self, policy: str, num_replicas: int, requests: list[SimRequest], cfg: SimConfig, seed: int = 0):
-        router_name, sched_name = POLICIES[policy]
+        router_name, _, sched_name = POLICIES[policy]
         self.cfg = cfg
         self.now = 0.0
         clock = lambda: self.now  # noqa: E731
@@ -81,18 +80,14 @@ class Cluster:
             SimReplica(f"r{i}", cfg.replica, DeadlinePolicy() if sched_name == "deadline" else FCFSPolicy(),
                        true_model, clock, cfg.noise, seed=seed * 1000 + i)
             for i in range(num_replicas)]
-        self.views = [SLOReplicaState(r.rid, max_num_batched_tokens=cfg.replica.max_num_batched_tokens,
-                                 scheduler=sched_name)
-                      for r in self.replicas]
-        self.router = make_router(router_name, clock, cfg, seed)
-        noop = lambda *a: None  # noqa: E731
-        self._on_stats = getattr(self.router, "on_stats", noop)
-        self._on_dispatch = getattr(self.router, "on_dispatch", noop)
-        self._on_complete = getattr(self.router, "on_complete", noop)
-        self.uses_stats = router_name not in ("round-robin", "p2c")
+        # The router's book, on the simulator's clock: the same events as in the Router.
+        self.book = ReplicaBook(clock=clock)
+        self.book.sync({r.rid: None for r in self.replicas})
+        self.router = make_router(policy, cfg, seed)
+        self.uses_stats = router_name not in ("round_robin", "p2c")
         self.requests = requests
         self.records = [Record(r) for r in requests]
-        self.route_reqs: dict[int, RouteRequest] = {}
+        self.hints: dict[int, RoutingHint] = {}
         self.seqs: dict[int, Sequence] = {}
         self.queued: dict[int, int] = {}   # rid -> recheck token
         self._heap: list = []
@@ -127,7 +122,7 @@ class Cluster:
                 self._deliver(a, b)
             elif kind == RECHECK:
                 if self.queued.get(a) == b:
-                    self._route(a, None)
+                    self._route(a)
         self.now = min(self.now, self.end)
         return self.records
 
@@ -138,20 +133,20 @@ class Cluster:
         seq = Sequence(str(req.rid), prompt_token_ids(req), params, self.cfg.replica.block_size, req.arrival)
         self.seqs[i] = seq
         hashes = seq.block_hashes() if self.cfg.replica.enable_prefix_caching else ()
-        self.route_reqs[i] = RouteRequest(seq.request_id, req.prompt_len, req.max_tokens, req.slo, req.arrival, hashes)
-        self._route(i, None)
+        slo = req.slo
+        self.hints[i] = RoutingHint(seq.request_id, req.prompt_len, min(req.max_tokens, self.cfg.decode_estimate_cap),
+                                    list(hashes), self.cfg.replica.block_size, slo.name, slo.ttft_ms, slo.tpot_ms,
+                                    slo.priority, slo.on_infeasible, req.arrival)
+        self._route(i)
 
-    def _route(self, i: int, only: int | None) -> bool:
-        """Ask the router about request i (over all replicas, or only replica ``only``)."""
-        rreq = self.route_reqs[i]
-        views = self.views if only is None else [self.views[only]]
-        d = self.router.choose(rreq, views, self.now)
+    def _route(self, i: int) -> bool:
+        """Decide request i, as ``kvray.router.dispatch.Dispatcher`` does: on arrival, and for a
+        held request whenever a first token or a completion frees capacity, and at its recheck time."""
+        d = self.router.decide(self.hints[i], self.book, self.now)
         if d.action == DISPATCH:
             self.queued.pop(i, None)
-            self._dispatch(i, int(d.replica_id[1:]), d.cached_tokens)
+            self._dispatch(i, int(d.route[0][1:]), d.cached_tokens)
             return True
-        if only is not None:
-            return False
         if d.action == QUEUE:
             token = self.queued.get(i, 0) + 1
             self.queued[i] = token
@@ -165,14 +160,9 @@ class Cluster:
         return False
 
     def _dispatch(self, i: int, ri: int, cached_tokens: int) -> None:
-        rreq, seq, rec = self.route_reqs[i], self.seqs[i], self.records[i]
+        seq, rec, rep = self.seqs[i], self.records[i], self.replicas[ri]
         rec.replica, rec.dispatched = ri, self.now
-        slo = rreq.slo
-        self.views[ri].on_dispatch(rreq.request_id, rreq.prompt_tokens, rreq.max_tokens, rreq.block_hashes, self.now,
-                                   cached_tokens=cached_tokens, deadline=rreq.deadline, tpot_s=slo.tpot_s,
-                                   priority=slo.priority)
-        self._on_dispatch(rreq, self.views[ri].replica_id, self.now)
-        rep = self.replicas[ri]
+        self.book.on_dispatch(self.hints[i], rep.rid, cached_tokens)
         rep.add(seq, rec.req.output_len)
         self._kick(ri)
 
@@ -182,29 +172,32 @@ class Cluster:
             self._push(self.now + dur, STEP_END, ri)
 
     def _step_end(self, ri: int) -> None:
-        rep, view = self.replicas[ri], self.views[ri]
+        rep, book = self.replicas[ri], self.book
         firsts, done = rep.finish_step(self.now)
         now = self.now
         for seq in firsts:
             i = int(seq.request_id)
             self.records[i].first_token = now
-            view.on_first_token(seq.request_id, now)
+            book.on_first_token(seq.request_id)
         for seq in done:
             i = int(seq.request_id)
             rec = self.records[i]
             rec.finished, rec.n_out = now, seq.num_output_tokens
-            view.on_complete(seq.request_id, now, seq.num_output_tokens)
-            self._on_complete(seq.request_id, now)
+            book.on_finish(seq.request_id, seq.num_output_tokens)
             self.seqs.pop(i, None)
             self.open -= 1
         self._kick(ri)
         if self.queued and (firsts or done):
-            self._recheck(ri)
+            self._recheck()
 
-    def _recheck(self, ri: int) -> None:
-        order = sorted(self.queued, key=lambda i: urgency(self.route_reqs[i], self.now))
+    def _recheck(self) -> None:
+        def key(i):
+            h = self.hints[i]
+            return urgency(h.arrival_time + h.ttft_ms / 1000.0 if h.ttft_ms else None, h.priority, self.now)
+
+        order = sorted(self.queued, key=key)
         for i in order[:self.cfg.recheck_per_event]:
-            self._route(i, ri)
+            self._route(i)
 
     def _poll(self) -> None:
         now = self.now
@@ -215,10 +208,9 @@ class Cluster:
             self._deliver(snaps, now)
         self._push(now + self.cfg.poll_interval_s, POLL)
 
-    def _deliver(self, snaps: list[dict], taken_at: float) -> None:
-        for v, s in zip(self.views, snaps):
-            v.update_stats(s, taken_at)
-            self._on_stats(v.replica_id, s, self.now)
+    def _deliver(self, snaps: list, _taken_at: float) -> None:
+        for r, s in zip(self.replicas, snaps):
+            self.book.update_stats(r.rid, s)
 
     # ---- results ---------------------------------------------------------------------------
     def for_unfinished(self) -> None:
@@ -254,8 +246,7 @@ def summarize(records: list[Record], measure_from: float) -> dict:
             if rec.finished is not None and rec.n_out > 1:
                 tpot = (rec.finished - rec.first_token) / (rec.n_out - 1)
                 tpots.append(tpot)
-            if ttft * 1000 <= slo.ttft_ms and (tpot is None or tpot * 1000 <= slo.tpot_ms):
-                ok += 1
+            ok += slo.attained(ttft, tpot)
         n = len(recs)
         out[name] = {
             "n": n, "attained": ok, "attainment": ok / n if n else 1.0, "rejected": rejected,

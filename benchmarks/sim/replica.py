@@ -1,16 +1,16 @@
-"""One simulated replica: the real kvray Scheduler + BlockManager, fake tokens, modelled step times."""
+"""One simulated replica: the real kvray Scheduler + BlockManager, fake tokens, modelled step
+times, and the engine's own step-cost fit (published in its stats, as a real engine does)."""
 from __future__ import annotations
 
 import math
 import random
-from collections import deque
 from dataclasses import dataclass
 
+from kvray.records import ReplicaStats
 from kvray.replica.block_manager import BlockManager
 from kvray.replica.scheduler import Scheduler, SchedulerOutput
 from kvray.replica.sequence import Sequence, SequenceStatus
-
-STEP_HISTORY = 64
+from kvray.step_cost import StepTimeModel
 
 
 @dataclass
@@ -28,6 +28,7 @@ class SimReplica:
 
     ``clock`` is the simulator's clock (the Scheduler and the deadline policy read it).
     ``true_model.predict`` gives each step's duration, times lognormal noise of ``noise`` sigma.
+    ``step_cost`` is what the engine learns of it (the deadline policy and the router use that).
     """
 
     def __init__(self, rid: str, cfg: ReplicaConfig, policy, true_model, clock, noise: float = 0.0, seed: int = 0):
@@ -37,13 +38,15 @@ class SimReplica:
         self.sched = Scheduler(self.bm, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_model_len, policy,
                                enable_chunked_prefill=True, clock=clock)
         self.policy = policy
+        self.step_cost = StepTimeModel.online()
+        if hasattr(policy, "cost"):
+            policy.cost = self.step_cost  # as LLMEngine does
         self.true_model = true_model
         self.noise = noise
         self._rng = random.Random(seed)
         self.busy = False
         self._out: SchedulerOutput | None = None
         self._t0 = 0.0
-        self.history: deque = deque(maxlen=STEP_HISTORY)
         self.target_len: dict[str, int] = {}   # request id -> tokens it generates before stopping
         self.busy_time = 0.0
 
@@ -94,46 +97,18 @@ class SimReplica:
                 self.sched.finish(seq, "length")
                 del self.target_len[seq.request_id]
                 done.append(seq)
-        self.history.append((now, dur, out.num_batched_tokens, out.num_context_tokens, len(out.scheduled)))
-        observe = getattr(self.policy, "observe_step", None)
-        if observe is not None:  # what the engine does once it calls the policy's hook
-            observe(dur, out.num_batched_tokens, out.num_context_tokens, len(out.scheduled))
+        self.step_cost.observe(out.num_batched_tokens, out.num_context_tokens, len(out.scheduled), dur)
         return firsts, done
 
-    def stats(self, now: float, decode_cap: int = 512) -> dict:
-        """``LLMEngine.stats()`` keys plus the platform replica's routing extras."""
-        sched = self.sched
-        running, waiting = sched.running, sched.waiting
-        tokens = queued = outstanding = 0
-        for s in running:
-            tokens += s.num_tokens
-            left = s.num_tokens - s.num_computed_tokens
-            if left > 1:
-                queued += left - 1
-            budget = min(s.params.max_tokens, decode_cap)
-            outstanding += (0 if s.metrics.first_token_time is not None else s.num_prompt_tokens) \
-                + max(0, budget - s.num_output_tokens)
-        for s in waiting:
-            tokens += s.num_tokens
-            queued += s.num_tokens - s.num_computed_tokens
-            budget = min(s.params.max_tokens, decode_cap)
-            outstanding += (0 if s.metrics.first_token_time is not None else s.num_prompt_tokens) \
-                + max(0, budget - s.num_output_tokens)
-        return {
-            "num_running": len(running),
-            "num_waiting": len(waiting),
-            "num_free_blocks": self.bm.num_free_blocks,
-            "num_total_blocks": self.bm.num_total_blocks,
-            "tokens_in_flight": tokens,
-            "queued_prefill_tokens": queued,
-            "prefix_hit_rate": 0.0,
-            "step_times": list(self.history),
-            "block_size": self.cfg.block_size,
-            "max_num_seqs": self.cfg.max_num_seqs,
-            "max_num_batched_tokens": self.cfg.max_num_batched_tokens,
-            "time": now,
-            "outstanding_tokens": outstanding,
-            "num_active_requests": len(running) + len(waiting),
-            "healthy": True,
-            "scheduling_policy": getattr(self.policy, "name", "fcfs"),
-        }
+    def stats(self, now: float, decode_cap: int = 512) -> ReplicaStats:
+        """What ``LLMReplica.record_routing_stats`` reports: the engine's stats record plus the
+        outstanding tokens of its requests (uncached prompt until the first token, then the
+        decode budget left, capped as the router caps it)."""
+        outstanding = 0
+        reqs = list(self.sched.running) + list(self.sched.waiting)
+        for s in reqs:
+            prompt = 0 if s.metrics.first_token_time is not None else s.num_prompt_tokens
+            outstanding += prompt + max(0, min(s.params.max_tokens, decode_cap) - s.num_output_tokens)
+        return ReplicaStats(engine=self.sched.stats(self.step_cost), time=now, replica_id=self.rid,
+                            outstanding_tokens=outstanding, num_active_requests=len(reqs),
+                            max_model_len=self.cfg.max_model_len)

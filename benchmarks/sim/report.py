@@ -60,7 +60,7 @@ def plot(path: str, curves: dict, goodputs: dict, title: str) -> bool:
     return True
 
 
-def markdown_table(goodputs: dict, baseline: str = "p2c", focus: str = "slo-aware") -> str:
+def markdown_table(goodputs: dict, baseline: str = "p2c", focus: str = "slo_aware") -> str:
     rs = sorted(goodputs, key=int)
     pols = sorted({p for r in rs for p in goodputs[r]}, key=lambda p: (p != focus, p))
     head = "| policy | " + " | ".join(f"{r} replicas" for r in rs) + " |"

@@ -7,7 +7,7 @@ import random
 from dataclasses import dataclass
 from datetime import datetime
 
-from kvray.router.slo_policy import SLOClass
+from kvray.slo import SLOTarget
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRACE_DIR = os.path.normpath(os.path.join(REPO, "..", "shared", "traces"))
@@ -18,8 +18,8 @@ DEFAULT_TRACES = {
 
 # Priority weights the class for the deadline scheduler (slack / priority) and for preemption.
 CLASSES = {
-    "interactive": SLOClass("interactive", ttft_ms=500, tpot_ms=50, priority=2.0, on_infeasible="queue"),
-    "batch": SLOClass("batch", ttft_ms=10_000, tpot_ms=200, priority=1.0, on_infeasible="queue"),
+    "interactive": SLOTarget("interactive", ttft_ms=500, tpot_ms=50, priority=2.0, on_infeasible="queue"),
+    "batch": SLOTarget("batch", ttft_ms=10_000, tpot_ms=200, priority=1.0, on_infeasible="queue"),
 }
 SOURCE_CLASS = {"conv": "interactive", "code": "batch"}
 
@@ -39,7 +39,7 @@ class SimRequest:
     prompt_len: int
     output_len: int   # tokens the request generates before it stops (its "EOS")
     max_tokens: int   # what the client asked for (all the router and replica know)
-    slo: SLOClass
+    slo: SLOTarget
     source: str
     prefix_id: int = -1   # shared prompt prefix (when --shared-prefix-tokens > 0)
     prefix_len: int = 0
@@ -77,7 +77,7 @@ def merged_trace(paths: dict[str, str]) -> list[TraceRow]:
 def build_requests(trace: list[TraceRow], rate: float, duration_s: float, *, seed: int = 0, cv: float = 2.0,
                    arrivals: str = "gamma", interactive_frac: float | None = None, max_model_len: int = 8192,
                    max_tokens: int = 1024, shared_prefix_tokens: int = 0, num_prefixes: int = 8,
-                   classes: dict[str, SLOClass] = CLASSES) -> list[SimRequest]:
+                   classes: dict[str, SLOTarget] = CLASSES) -> list[SimRequest]:
     """Requests arriving in [0, duration_s) at mean ``rate`` per second.
 
     Lengths (and, by default, classes: conv -> interactive, code -> batch) come from the merged

@@ -1,4 +1,4 @@
-"""The serving platform: config schema, OpenAI protocol, LLMReplica deployment, build_app, metrics.
+"""The serving platform: ``build_app`` (wiring only), the LLMReplica deployment, autoscaling.
 
 ``kvray.platform:build_app`` is the Serve application builder. Submodules import Ray and
 FastAPI lazily through it, so ``import kvray.platform`` stays light.

@@ -21,10 +21,10 @@ from __future__ import annotations
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from kvray.app_config import AppArgs, parse_args
+from kvray.frontend.ingress import Router
 from kvray.platform.autoscaling import apply_autoscaling_defaults
-from kvray.platform.config import AppArgs, parse_args
 from kvray.platform.replica import LLMReplica
-from kvray.router.ingress import Router
 from kvray.router.serve_router import PLUGIN_PATH
 
 ROUTER_MAX_ONGOING = 4096

@@ -31,8 +31,8 @@ The policy scales on SLO headroom:
 
 Replicas feed it through ``record_autoscaling_stats`` (Serve's custom-metrics hook; the
 controller receives the values every ``metrics_interval_s``); ``replica_autoscaling_stats``
-computes them from the engine, predicting each in-flight request's TTFT/TPOT with the
-step-time model of ``kvray.router.latency_model``.
+computes them from the engine, predicting each in-flight request's TTFT/TPOT with the step-cost
+model the engine fits and publishes (``kvray.step_cost``).
 """
 from __future__ import annotations
 
@@ -41,9 +41,9 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
-from kvray.router.latency_model import StepTimeModel, predict_tpot_s, predict_ttft_s, tpot_safe_chunk
+from kvray.step_cost import StepCoeffs, StepTimeModel, predict_attainment
 
 logger = logging.getLogger("ray.serve")  # in the controller: its log file
 
@@ -93,7 +93,7 @@ def apply_autoscaling_defaults(autoscaling_config, max_num_seqs: int) -> dict | 
 def fill_serve_config(config: dict) -> dict:
     """A Serve config file (dict) with kvray's defaults written into each kvray application's
     LLMReplica ``autoscaling_config`` (``max_num_seqs`` from its args; keys already set win)."""
-    from kvray.platform.config import parse_args
+    from kvray.app_config import parse_args
 
     out = dict(config)
     apps = []
@@ -280,88 +280,18 @@ def _latest_metrics(ctx, not_before: float, aggregated_first: bool = False) -> d
 
 # ---- the replica side --------------------------------------------------------------------------
 
-class ReqState(NamedTuple):
-    """One in-flight request, as the prediction needs it (times on one monotonic clock)."""
-
-    arrival: float
-    first_token: float | None      # None: still waiting for its first token
-    prefill_left: int              # prompt tokens not yet computed
-    num_output: int
-    max_tokens: int
-    ttft_s: float | None           # targets (None: no target)
-    tpot_s: float | None
-    deadline: float | None = None  # absolute TTFT deadline (deadline-ordered replicas)
-
-
-def predict_attainment(model, reqs: list[ReqState], now: float, *, max_batched_tokens: int = 8192,
-                       deadline_order: bool = False, context_tokens: float | None = None,
-                       tpot_margin: float = 0.95) -> tuple[float, int]:
-    """Share of the requests with an SLO target predicted to meet both TTFT and TPOT, and how
-    many have a target. Waiting requests: time waited + predicted TTFT behind the prefill ahead
-    of them (FCFS, or by deadline). Running ones: measured TTFT, and mean TPOT blending the
-    measured past with the predicted decode step for the tokens still to come."""
-    started = [r for r in reqs if r.first_token is not None]
-    waiting = [r for r in reqs if r.first_token is None]
-    decodes = len(started)
-    context = context_tokens if context_tokens is not None else sum(r.prefill_left + r.num_output for r in reqs)
-    targets = [r.tpot_s for r in reqs if r.tpot_s]
-    guard = min(targets) * tpot_margin if targets and deadline_order else None
-    chunk = tpot_safe_chunk(model, decodes, context, guard, max_batched_tokens)
-    queued = sum(r.prefill_left for r in waiting)
-    step = predict_tpot_s(model, max(1, decodes), context, chunk if queued else 0)
-    waiting.sort(key=(lambda r: (r.deadline is None, r.deadline or 0.0, r.arrival)) if deadline_order
-                 else (lambda r: r.arrival))
-    ok = total = 0
-    ahead = 0
-    for r in waiting:
-        if r.ttft_s or r.tpot_s:
-            ttft = (now - r.arrival) + predict_ttft_s(model, ahead, r.prefill_left, decodes, context, chunk)
-            total += 1
-            ok += (not r.ttft_s or ttft <= r.ttft_s) and (not r.tpot_s or step <= r.tpot_s)
-        ahead += r.prefill_left
-    for r in started:
-        if not (r.ttft_s or r.tpot_s):
-            continue
-        total += 1
-        ttft_ok = not r.ttft_s or r.first_token - r.arrival <= r.ttft_s
-        past = max(0, r.num_output - 1)
-        rest = max(0, r.max_tokens - r.num_output)
-        tpot = ((now - r.first_token) + step * rest) / (past + rest) if past + rest else 0.0
-        ok += ttft_ok and (not r.tpot_s or tpot <= r.tpot_s)
-    return (ok / total if total else 1.0), total
-
-
-class _Probe:
-    """Per-engine state behind ``replica_autoscaling_stats``: the step-time model it fits."""
-
-    def __init__(self):
-        self.model = StepTimeModel(forgetting=0.99)
-
-
 def replica_autoscaling_stats(engine) -> dict[str, float]:
     """``LLMReplica.record_autoscaling_stats``: the kvray_* metrics of one replica (numbers only,
-    as Serve requires)."""
-    stats = engine.stats()
-    probe = getattr(engine, "_kvray_autoscaling_probe", None)
-    if probe is None:
-        probe = _Probe()
-        try:
-            engine._kvray_autoscaling_probe = probe  # kept with the engine it models
-        except AttributeError:
-            pass
-    probe.model.observe_records(stats.get("step_times") or [])
-    total = stats.get("num_total_blocks") or 0
-    out = {M_MAX_NUM_SEQS: float(stats.get("max_num_seqs", 0)), M_RUNNING: float(stats.get("num_running", 0)),
-           M_WAITING: float(stats.get("num_waiting", 0)), M_PREFILL: float(stats.get("queued_prefill_tokens", 0)),
-           M_KV: (1.0 - stats.get("num_free_blocks", total) / total) if total else 0.0,
-           M_ATTAIN: 1.0, M_SLO_REQS: 0.0}
-    reqs = [ReqState(*r) for r in engine.request_states()]
-    out[M_ATTAIN], n = predict_attainment(probe.model, reqs, time.monotonic(),
-                                          max_batched_tokens=engine.max_num_batched_tokens,
-                                          deadline_order=engine.scheduling_policy == "deadline",
-                                          context_tokens=stats.get("tokens_in_flight"))
-    out[M_SLO_REQS] = float(n)
-    return out
+    as Serve requires), from its engine's stats and in-flight requests."""
+    s = engine.stats()
+    model = StepTimeModel.fixed_coeffs(StepCoeffs(*s.step_coeffs)) if s.step_coeffs else StepTimeModel()
+    attainment, n = predict_attainment(model, engine.request_snapshots(), time.monotonic(),
+                                       max_batched_tokens=s.max_num_batched_tokens,
+                                       deadline_order=s.scheduling_policy == "deadline",
+                                       context_tokens=s.tokens_in_flight)
+    return {M_MAX_NUM_SEQS: float(s.max_num_seqs), M_RUNNING: float(s.num_running), M_WAITING: float(s.num_waiting),
+            M_PREFILL: float(s.queued_prefill_tokens), M_KV: s.kv_usage, M_ATTAIN: attainment,
+            M_SLO_REQS: float(n)}
 
 
 def pin_replica_gpus() -> list[str]:

@@ -9,19 +9,19 @@ autoscaling and cancellation all see real requests). Its tokens travel one of tw
   ``channel(id)`` call per (Router process, replica) that carries every request's new tokens
   of an engine step in one item. Ray Serve's cost per streamed item is far larger than the
   per-token work, so at hundreds of streams this is what keeps the Router and the replica's
-  event loop from becoming the bottleneck. The request's own stream then carries only
-  ``{"replica": id}`` once the engine has the request, or ``{"error", "status"}`` instead if
-  the engine refuses it. A request's first batch goes ahead of the others in the channel.
+  event loop from becoming the bottleneck. The request's own stream then carries only a
+  ``Bound`` once the engine has the request, or a ``Refusal`` instead if the engine refuses
+  it. A request's first batch goes ahead of the others in the channel.
 
-A batch is ``{"ids", "lp", "top", "finish", "stop_reason", "cached"}``.
+A batch is a ``kvray.records.TokenBatch``.
 
 The engine's step loop runs in a child process (``AsyncLLMEngine(process=True)``), so this
 process's event loop only moves requests and tokens. Batches are built by a per-request
 callback (``_Request.on_delta``) when a step's results arrive: no coroutine is woken per
 request and step.
 
-Also: ``record_routing_stats`` (polled by the Serve controller and broadcast to the routers:
-the engine's stats plus the outstanding-token count and a wall-clock ``time``),
+Also: ``record_routing_stats`` (polled by the Serve controller and broadcast to the routers: a
+``ReplicaStats``, the engine's stats plus the outstanding-token count and a wall-clock ``time``),
 ``check_health`` (raises once the engine loop died, so Serve replaces the replica) and
 graceful shutdown (Serve drains in-flight calls for the deployment's
 ``graceful_shutdown_timeout_s``; ``__del__`` then lets what is left finish for up to the
@@ -36,10 +36,9 @@ import threading
 import time
 
 from kvray import tracing
+from kvray.records import ROUTING_STATS_KEY, Bound, Refusal, ReplicaStats, RoutingHint, TokenBatch
 from kvray.replica.async_engine import QueueFull
 from kvray.replica.sampling_params import SamplingParams
-from kvray.router.channels import merge_batches as _merge
-from kvray.router.hints import RoutingHint
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +74,7 @@ class _Outbox:
         self.requests = 0
         self.last_read = time.monotonic()
 
-    def push(self, request_id: str, batch: dict, first: bool = False) -> None:
+    def push(self, request_id: str, batch: TokenBatch, first: bool = False) -> None:
         if not self.readers and time.monotonic() - self.last_read > ORPHAN_TIMEOUT_S:
             raise RuntimeError("no token channel has read this request's output for too long")
         if first:
@@ -103,7 +102,7 @@ class _Request:
         self.queue: asyncio.Queue | None = asyncio.Queue() if box is None else None
         self.done = asyncio.get_running_loop().create_future()
         self.finished = False
-        self.pending: dict | None = None
+        self.pending: TokenBatch | None = None
         self.last_sent = 0.0
 
     def on_delta(self, d) -> None:
@@ -112,14 +111,12 @@ class _Request:
             return
         first = not self.active.started  # the first batch is never held back by the stream interval
         self.active.started = True
-        batch = {"ids": d.new_token_ids, "lp": d.new_logprobs, "top": d.new_top_logprobs,
-                 "finish": d.finish_reason if d.finished else None,
-                 "stop_reason": d.stop_reason if d.finished else None, "cached": d.num_cached_tokens}
-        self.active.generated += len(batch["ids"])
-        if self.replica._first_token_at is None and batch["ids"]:
+        batch = TokenBatch.of(d)
+        self.active.generated += len(batch.ids)
+        if self.replica._first_token_at is None and batch.ids:
             self.replica._first_token_at = time.time()
         if self.pending is not None:
-            batch = _merge(self.pending, batch)
+            batch = self.pending.merge(batch)
             self.pending = None
         interval = self.replica._interval_s
         if not d.finished and interval:
@@ -215,19 +212,19 @@ class LLMReplica:
                 self.engine.submit(request_id, prompt_token_ids, params, req.on_delta)
             except ValueError as e:  # bad input: refused before touching the engine state
                 req.finished = True
-                yield {"error": str(e), "status": 400}
+                yield Refusal(400, str(e), replica_id=self._replica_id)
                 return
             except QueueFull as e:  # at its queue limit: the caller may try another replica, then 429
                 req.finished = True
-                yield {"error": str(e), "status": 429, "retry_after": e.retry_after_s, "replica": self._replica_id}
+                yield Refusal(429, str(e), e.retry_after_s, self._replica_id)
                 return
             except RuntimeError as e:  # shutting down, or the engine loop died: retry elsewhere
                 req.finished = True
-                yield {"error": str(e), "status": 503, "replica": self._replica_id}
+                yield Refusal(503, str(e), replica_id=self._replica_id)
                 return
             self._active[request_id] = req.active
             if box is not None:
-                yield {"replica": self._replica_id}  # the caller binds the request to our channel
+                yield Bound(self._replica_id)  # the caller binds the request to our channel
                 await req.done  # the tokens go through the channel
             else:
                 while True:
@@ -235,7 +232,7 @@ class LLMReplica:
                     if isinstance(batch, BaseException):
                         raise batch
                     yield batch
-                    if batch["finish"] is not None:
+                    if batch.finish_reason is not None:
                         return
         finally:
             self._active.pop(request_id, None)
@@ -257,7 +254,7 @@ class LLMReplica:
             box = self._outboxes[channel] = _Outbox()
         box.readers += 1
         try:
-            yield {"hello": self._replica_id}
+            yield Bound(self._replica_id)  # the caller checks that the pin reached this replica
             while True:
                 if not box.items:
                     if box.requests == 0:
@@ -288,30 +285,17 @@ class LLMReplica:
     async def record_routing_stats(self) -> dict:
         # async: it runs on the replica's event loop, with the request coroutines (a sync method
         # would run on Serve's thread pool, racing them)
-        return self.routing_stats()
+        return {ROUTING_STATS_KEY: self.stats()}
 
-    def routing_stats(self) -> dict:
-        stats = self.engine.stats()
-        stats["time"] = time.time()
-        stats["outstanding_tokens"] = sum(a.outstanding() for a in self._active.values())
-        stats["num_active_requests"] = len(self._active)
-        stats["max_queued_requests"] = self.engine.max_queued_requests
-        stats["num_requests_total"] = self._num_requests
-        stats["num_aborted_total"] = self._num_aborted
-        stats["num_channels"] = sum(1 for b in self._outboxes.values() if b.readers)
-        stats["healthy"] = self.engine.is_alive()
-        stats["max_model_len"] = self.engine.max_model_len
-        # what an SLO-aware router needs to predict this replica's steps
-        stats["max_num_batched_tokens"] = self.engine.max_num_batched_tokens
-        stats["scheduling_policy"] = self.engine.scheduling_policy
-        stats["replica_id"] = self._replica_id
-        stats["started_at"] = self._started_at
-        stats["first_token_at"] = self._first_token_at
-        return stats
-
-    async def stats(self) -> dict:
-        """The same dict as routing stats, on demand (one replica, whichever the handle picks)."""
-        return self.routing_stats()
+    def stats(self) -> ReplicaStats:
+        engine = self.engine
+        return ReplicaStats(
+            engine=engine.stats(), time=time.time(), replica_id=self._replica_id, healthy=engine.is_alive(),
+            outstanding_tokens=sum(a.outstanding() for a in self._active.values()),
+            num_active_requests=len(self._active), num_requests_total=self._num_requests,
+            num_aborted_total=self._num_aborted, num_channels=sum(1 for b in self._outboxes.values() if b.readers),
+            max_model_len=engine.max_model_len, max_queued_requests=engine.max_queued_requests,
+            started_at=self._started_at, first_token_at=self._first_token_at)
 
     def check_health(self) -> None:
         self.engine.check_health()

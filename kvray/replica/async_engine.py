@@ -25,16 +25,16 @@ from typing import Callable
 
 from kvray import tracing
 from kvray.gil import shorten_switch_interval
+from kvray.records import Command, Delta, EngineStats, Event, Op, RequestSnapshot
 from kvray.replica.config import EngineConfig
 from kvray.replica.detokenizer import IncrementalDetokenizer
-from kvray.replica.engine_loop import Delta, EngineLoop, engine_info
+from kvray.replica.engine_loop import EngineLoop, engine_info
 from kvray.replica.outputs import RequestMetrics, RequestOutput
 from kvray.replica.sampling_params import SamplingParams
 from kvray.replica.sequence import validate_prompt
 
 logger = logging.getLogger(__name__)
 
-STEP_TIMES_KEPT = 64
 QUEUE_FULL_RETRY_AFTER_S = 1.0
 
 
@@ -67,8 +67,7 @@ class AsyncLLMEngine:
         self._accepting = True
         self._stopped = False
         self._error: BaseException | None = None
-        self._step_times: deque = deque(maxlen=STEP_TIMES_KEPT)
-        self._requests: list[tuple] = []
+        self._requests: list[RequestSnapshot] = []
         self._process = None
         self.engine = None  # the in-process LLMEngine (thread mode only; process mode never imports torch here)
         if start:
@@ -87,7 +86,7 @@ class AsyncLLMEngine:
             self._thread = threading.Thread(target=self._run_thread, name="kvray-engine", daemon=True)
         self.tokenizer, self.max_model_len = info["tokenizer"], info["max_model_len"]
         self.vocab_size, self.max_num_batched_tokens = info["vocab_size"], info["max_num_batched_tokens"]
-        self._stats: dict = info["stats"]
+        self._stats: EngineStats = info["stats"]
         self.max_num_seqs = config.max_num_seqs
         self.max_queued_requests = config.max_queued_requests or config.max_num_seqs
         self.max_queued_prompt_tokens = config.max_queued_prompt_tokens or 16 * self.max_num_batched_tokens
@@ -194,7 +193,7 @@ class AsyncLLMEngine:
         self._streams[request_id] = _Stream(asyncio.get_running_loop(), sink)
         if tracing.ENABLED:
             tracing.trace(request_id, "engine_submit")
-        self._send(("add", request_id, prompt_token_ids, params, metrics.arrival_time, prompt))
+        self._send(Command(Op.ADD, request_id, prompt_token_ids, params, metrics.arrival_time, prompt))
         self._num_submitted += 1
         self._in_transit.append((self._num_submitted, len(prompt_token_ids)))
         return metrics
@@ -203,13 +202,11 @@ class AsyncLLMEngine:
         """(requests, prompt tokens) waiting for a batch slot: the step loop's latest count plus
         what was submitted since it last reported (which takes free batch slots first)."""
         stats = self._stats
-        taken = stats.get("num_added_total", 0)
         transit = self._in_transit
-        while transit and transit[0][0] <= taken:
+        while transit and transit[0][0] <= stats.num_added_total:
             transit.popleft()
-        running, waiting = stats.get("num_running", 0), stats.get("num_waiting", 0)
-        requests = max(waiting, running + waiting + len(transit) - self.max_num_seqs)
-        return requests, stats.get("queued_prefill_tokens", 0) + sum(n for _, n in transit)
+        requests = max(stats.num_waiting, stats.num_running + stats.num_waiting + len(transit) - self.max_num_seqs)
+        return requests, stats.queued_prefill_tokens + sum(n for _, n in transit)
 
     def _check_queue(self, prompt_tokens: int) -> None:
         requests, tokens = self.queue_depth()
@@ -225,17 +222,15 @@ class AsyncLLMEngine:
         if self._stopped or self._error is not None:
             return
         try:
-            self._send(("abort", request_id))
+            self._send(Command(Op.ABORT, request_id))
         except RuntimeError:  # the engine process just died: it holds no blocks any more
             pass
 
-    def stats(self) -> dict:
-        """The engine statistics as of the latest step (``step_times``: the last 64 steps)."""
-        stats = dict(self._stats)
-        stats["step_times"] = list(self._step_times)
-        return stats
+    def stats(self) -> EngineStats:
+        """The engine statistics as of the latest step."""
+        return self._stats
 
-    def request_states(self) -> list[tuple]:
+    def request_snapshots(self) -> list[RequestSnapshot]:
         """In-flight requests, as of at most ``engine_loop.REQUEST_SNAPSHOT_S`` ago (for autoscaling)."""
         return self._requests
 
@@ -263,7 +258,7 @@ class AsyncLLMEngine:
         if self._process is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._process.stop)
         elif self._thread.ident is not None:
-            self._send(("stop",))
+            self._send(Command(Op.STOP))
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10.0)
 
     # ---- the step loop's side (its thread, or the process reader's) -------------------------
@@ -274,13 +269,12 @@ class AsyncLLMEngine:
             logger.exception("engine loop died")
             self._fail(e)
 
-    def _on_output(self, deltas: list, stats: dict) -> None:
-        self._step_times.extend(stats["step_times"])
-        if "requests" in stats:
-            self._requests = stats["requests"]
-        self._stats = stats
+    def _on_output(self, event: Event) -> None:
+        if event.requests is not None:
+            self._requests = event.requests
+        self._stats = event.stats
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for rid, delta in deltas:
+        for rid, delta in event.deltas:
             stream = self._streams.get(rid)
             if stream is None:
                 continue

@@ -112,9 +112,6 @@ class BlockManager:
         return blocks, len(blocks) * bs
 
     # ---- allocation --------------------------------------------------------------------------
-    def can_allocate(self, seq: Sequence, num_new_tokens: int, computed_blocks: Iterable[int] = ()) -> bool:
-        return self._num_missing(seq, num_new_tokens, list(computed_blocks)) <= 0
-
     def _num_missing(self, seq: Sequence, num_new_tokens: int, computed: list[int]) -> int:
         """How many more blocks the allocation needs than the pools can give (<= 0: it fits)."""
         bs = self.block_size

@@ -23,12 +23,9 @@ questions of ``kvray.replica.scheduling_policy``:
 * **pick_victim** — the lowest priority first; among those, the most slack (latest
   deadline), then the newest.
 
-Cost model: any object with ``predict(batched_tokens, context_tokens, num_seqs) -> seconds``
-(e.g. ``kvray.router.latency_model.StepTimeModel``); with ``observe(batched, context, seqs,
-duration_s)`` it is also updated by ``observe_step``. The default is ``LinearStepCost``, whose
-prior is scaled online by the ratio of measured to predicted step times. The engine should call
-``policy.observe_step(duration_s, num_batched_tokens, num_context_tokens, num_seqs)`` after each
-step when the policy has that method.
+Cost model: ``kvray.step_cost.StepTimeModel``, the engine's own (``LLMEngine`` hands the policy
+the model it fits from every step it runs: ``cost``); on its own the policy predicts with the
+model's prior.
 """
 from __future__ import annotations
 
@@ -37,6 +34,8 @@ import math
 from typing import TYPE_CHECKING
 
 from kvray.replica.scheduling_policy import SchedulingPolicy, register_policy
+from kvray.slo import urgency
+from kvray.step_cost import StepTimeModel
 
 if TYPE_CHECKING:
     from collections import deque
@@ -45,30 +44,12 @@ if TYPE_CHECKING:
     from kvray.replica.sequence import Sequence
 
 
-class LinearStepCost:
-    """t = scale * (a + b*batched + c*context + d*seqs); ``scale`` tracks measured/predicted."""
-
-    def __init__(self, a: float = 6e-3, b: float = 4e-5, c: float = 2e-8, d: float = 3e-5, alpha: float = 0.05):
-        self.a, self.b, self.c, self.d = a, b, c, d
-        self.alpha = alpha
-        self.scale = 1.0
-
-    def predict(self, batched: float, context: float, num_seqs: float) -> float:
-        return self.scale * (self.a + self.b * batched + self.c * context + self.d * num_seqs)
-
-    def observe(self, batched: float, context: float, num_seqs: float, duration_s: float) -> None:
-        base = self.a + self.b * batched + self.c * context + self.d * num_seqs
-        if base > 0 and duration_s > 0:
-            ratio = min(10.0, max(0.1, duration_s / base))
-            self.scale += self.alpha * (ratio - self.scale)
-
-
 class DeadlinePolicy(SchedulingPolicy):
     name = "deadline"
 
     def __init__(self, cost_model=None, *, default_ttft_s: float = 30.0, safety: float = 0.9,
                  min_prefill_tokens: int = 128, bank_horizon: int = 16):
-        self.cost = cost_model if cost_model is not None else LinearStepCost()
+        self.cost = cost_model if cost_model is not None else StepTimeModel()
         self.default_ttft_s = default_ttft_s
         self.safety = safety
         self.min_prefill_tokens = min_prefill_tokens
@@ -80,13 +61,9 @@ class DeadlinePolicy(SchedulingPolicy):
         prio = p.priority if p.priority and p.priority > 0 else 1.0
         if seq.num_output_tokens > 0:
             return (0, -prio * 1e12 + seq.metrics.arrival_time)
-        deadline = seq.deadline
-        if deadline is None:
-            return (1, seq.metrics.arrival_time + self.default_ttft_s - now)
-        slack = deadline - now
-        if slack < 0:
-            return (3, deadline)
-        return (1, slack / prio)
+        if seq.deadline is None:  # no target: a deadline default_ttft_s after arrival, at weight 1
+            return (1, urgency(seq.metrics.arrival_time + self.default_ttft_s, 1.0, now))
+        return (1, urgency(seq.deadline, prio, now))
 
     def order_waiting(self, waiting: deque[Sequence], now: float) -> Iterator[Sequence]:
         if len(waiting) <= 1:
@@ -138,12 +115,6 @@ class DeadlinePolicy(SchedulingPolicy):
             return max_num_batched_tokens
         n = int((limit * self.safety - base) / per_tok)
         return max(min(self.min_prefill_tokens, max_num_batched_tokens), min(max_num_batched_tokens, n))
-
-    # ---- calibration -----------------------------------------------------------------------
-    def observe_step(self, duration_s: float, num_batched_tokens: int, num_context_tokens: int, num_seqs: int) -> None:
-        observe = getattr(self.cost, "observe", None)
-        if observe is not None:
-            observe(num_batched_tokens, num_context_tokens, num_seqs, duration_s)
 
 
 def _drain(heap: list) -> Iterator[Sequence]:

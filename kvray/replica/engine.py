@@ -1,4 +1,4 @@
-"""The engine core (one step at a time) and the offline ``LLM`` API."""
+"""The engine core: one step at a time (the offline API, ``LLM``, is in ``kvray.replica.llm``)."""
 from __future__ import annotations
 
 import itertools
@@ -8,8 +8,8 @@ from collections import deque
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
+from kvray.records import EngineStats, RequestSnapshot
 from kvray.replica.block_manager import BlockManager
 from kvray.replica.config import EngineConfig
 from kvray.replica.detokenizer import IncrementalDetokenizer
@@ -22,6 +22,7 @@ from kvray.replica.scheduler import Scheduler, SchedulerOutput
 from kvray.replica import deadline_policy  # noqa: F401  (registers the "deadline" policy)
 from kvray.replica.scheduling_policy import make_policy
 from kvray.replica.sequence import Sequence, SequenceStatus, validate_prompt
+from kvray.step_cost import StepTimeModel
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +41,8 @@ DEFAULT_STEP_TOKENS = 2048
 
 @dataclass
 class StepRecord:
-    """One engine step, as the router's step-time model consumes it. ``duration_s`` runs from
-    its launch, or from the previous step's end if that is later (async steps overlap), to its end."""
+    """One engine step, as the step-cost model learns from it. ``duration_s`` runs from its
+    launch, or from the previous step's end if that is later (async steps overlap), to its end."""
 
     t_end: float
     duration_s: float
@@ -102,8 +103,12 @@ class LLMEngine:
         self.runner.allocate_kv_cache(num_blocks)
         self.runner.prepare(self.max_num_batched_tokens, config.max_num_seqs, self.max_model_len)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        # The step-cost model, fitted from every step this engine runs: the deadline policy sizes
+        # prefill chunks with it, and the stats publish it to the router and the autoscaler.
+        self.step_cost = StepTimeModel.online()
         self.policy = make_policy(config.scheduling_policy)
-        self._observe_step = getattr(self.policy, "observe_step", None)
+        if hasattr(self.policy, "cost"):
+            self.policy.cost = self.step_cost
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=self.max_num_batched_tokens,
                                    max_model_len=self.max_model_len, policy=self.policy,
@@ -286,8 +291,7 @@ class LLMEngine:
         out = step.out
         self.step_history.append(StepRecord(now, duration, out.num_batched_tokens, out.num_context_tokens,
                                             len(out.scheduled)))
-        if self._observe_step is not None:  # a deadline-aware policy learns the step cost
-            self._observe_step(duration, out.num_batched_tokens, out.num_context_tokens, len(out.scheduled))
+        self.step_cost.observe(out.num_batched_tokens, out.num_context_tokens, len(out.scheduled), duration)
         return done
 
     def _append_token(self, seq: Sequence, result: SampleResult, row: int, now: float, placeholder: bool) -> None:
@@ -358,67 +362,9 @@ class LLMEngine:
             top_logprobs=list(seq.top_logprobs) if seq.top_logprobs is not None else None,
             num_cached_tokens=seq.num_cached_tokens, metrics=seq.metrics, prompt=seq.prompt)
 
-    def stats(self) -> dict:
-        sched = self.scheduler
-        running, waiting = list(sched.running), list(sched.waiting)
-        return {
-            "num_running": len(running),
-            "num_waiting": len(waiting),
-            "num_free_blocks": self.block_manager.num_free_blocks,
-            "num_total_blocks": self.block_manager.num_total_blocks,
-            "tokens_in_flight": sum(s.num_tokens for s in running) + sum(s.num_tokens for s in waiting),
-            "queued_prefill_tokens": sum(s.num_tokens - s.num_computed_tokens for s in waiting)
-            + sum(s.num_tokens - s.num_computed_tokens - 1 for s in running if s.is_prefill),
-            "prefix_hit_rate": self.block_manager.stats().get("prefix_hit_rate", 0.0),
-            "step_times": [(r.t_end, r.duration_s, r.num_batched_tokens, r.num_context_tokens, r.num_seqs)
-                           for r in list(self.step_history)[-64:]],
-            "block_size": self.config.block_size,
-            "max_num_seqs": self.config.max_num_seqs,
-        }
+    def stats(self) -> EngineStats:
+        return self.scheduler.stats(self.step_cost)
 
-
-class LLM:
-    """Offline batch generation: ``LLM(model).generate(prompts, SamplingParams(...))``."""
-
-    def __init__(self, model: str, **engine_options):
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_options))
-        self.tokenizer = self.engine.tokenizer
-
-    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        if isinstance(prompts, (str,)) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
-        eng = self.engine
-        seqs = []
-        for i, (prompt, p) in enumerate(zip(prompts, params)):  # validate everything before running anything
-            text = prompt if isinstance(prompt, str) else None
-            ids = eng.tokenize(prompt) if text is not None else list(prompt)
-            try:
-                seqs.append(eng.make_sequence(None, ids, p, prompt=text))
-            except ValueError as e:
-                raise ValueError(f"prompt {i}: {e}") from None
-        bar = tqdm(total=len(seqs), desc="generate", disable=not use_tqdm, unit="req")
-        try:
-            for seq in seqs:
-                eng.add_sequence(seq)
-            done = 0
-            while eng.has_unfinished():
-                eng.step()
-                finished = sum(s.is_finished for s in seqs)
-                if finished > done:
-                    bar.update(finished - done)
-                    done = finished
-        finally:  # whatever happened, leave no request of this call behind: the LLM stays usable
-            bar.close()
-            for seq in seqs:
-                if not seq.is_finished:
-                    eng.abort(seq.request_id)
-        failed = [(i, s.error) for i, s in enumerate(seqs) if s.error is not None]
-        if failed:
-            raise RuntimeError("the engine failed " + "; ".join(f"prompt {i}: {e}" for i, e in failed))
-        return [eng.make_output(s) for s in seqs]
+    def request_snapshots(self) -> list[RequestSnapshot]:
+        """The in-flight requests, for the autoscaler's attainment prediction (monotonic clock)."""
+        return self.scheduler.request_snapshots()

@@ -6,10 +6,10 @@ every request's trip through the replica waits for the loop's host work (schedul
 building, kernel launches) to yield. In a child process the loop has a GIL to itself.
 
 The parent starts ``python -m kvray.replica.engine_process FD`` with one end of a socket pair,
-sends the ``EngineConfig``, and gets back ``("ready", info)`` once the model is loaded (or
-``("error", text)``). From then on it sends ``EngineLoop`` messages; the child sends
-``("out", deltas, stats)`` once per step and ``("error", text)`` if its loop dies. When the
-parent goes away, the child sees the socket close and exits.
+sends the ``EngineConfig``, and gets back an ``Event`` of kind ``READY`` (with the engine's info)
+once the model is loaded, or ``ERROR``. From then on it sends ``kvray.records.Command``s; the
+child sends an ``OUT`` event per step and ``ERROR`` if its loop dies. When the parent goes
+away, the child sees the socket close and exits.
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ import sys
 import threading
 from multiprocessing.connection import Connection
 
+from kvray.records import Command, Event, EventKind, Op
+
 logger = logging.getLogger(__name__)
 
 
@@ -33,14 +35,12 @@ class EngineProcessError(RuntimeError):
 
 
 class EngineProcess:
-    """The parent's handle: ``send`` messages; a reader thread calls ``on_output(deltas, stats)``
-    for each step and ``on_exit(error)`` once, when the child dies or its loop fails."""
+    """The parent's handle: ``send`` commands; a reader thread calls ``on_output(event)`` for each
+    step and ``on_exit(error)`` once, when the child dies or its loop fails."""
 
     def __init__(self, config, on_output, on_exit):
-        import kvray
-
         ours, theirs = socket.socketpair()
-        src_root = os.path.dirname(os.path.dirname(os.path.abspath(kvray.__file__)))
+        src_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # above kvray/
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (src_root, env.get("PYTHONPATH")) if p)
         self.proc = subprocess.Popen([sys.executable, "-m", "kvray.replica.engine_process", str(theirs.fileno())],
@@ -51,15 +51,15 @@ class EngineProcess:
         self._stopping = False
         self.send(config)
         try:
-            msg = self._conn.recv()
+            event = self._conn.recv()
         except EOFError:
             code = self.proc.wait()
             raise EngineProcessError(f"the engine process exited with code {code} while loading the model "
                                      "(its log is above)") from None
-        if msg[0] != "ready":
+        if event.kind is not EventKind.READY:
             self.proc.wait()
-            raise EngineProcessError(f"the engine process failed to start: {msg[1]}")
-        self.info: dict = msg[1]
+            raise EngineProcessError(f"the engine process failed to start: {event.text}")
+        self.info: dict = event.info
         self._on_output, self._on_exit = on_output, on_exit
         self._reader = threading.Thread(target=self._read, name="kvray-engine-reader", daemon=True)
         self._reader.start()
@@ -78,7 +78,7 @@ class EngineProcess:
         """Ask the loop to stop, wait for the child, kill it if it does not exit."""
         self._stopping = True
         try:
-            self.send(("stop",))
+            self.send(Command(Op.STOP))
         except EngineProcessError:
             pass
         try:
@@ -92,11 +92,11 @@ class EngineProcess:
         error = None
         try:
             while True:
-                msg = self._conn.recv()
-                if msg[0] == "out":
-                    self._on_output(msg[1], msg[2])
+                event = self._conn.recv()
+                if event.kind is EventKind.OUT:
+                    self._on_output(event)
                 else:
-                    error = EngineProcessError(f"the engine loop died: {msg[1]}")
+                    error = EngineProcessError(f"the engine loop died: {event.text}")
                     break
         except (EOFError, OSError):
             if not self._stopping:
@@ -120,7 +120,7 @@ def _child_main(fd: int) -> int:
         engine = LLMEngine(config)
     except BaseException as e:
         logger.exception("the engine failed to load")
-        conn.send(("error", f"{type(e).__name__}: {e}"))
+        conn.send(Event(EventKind.ERROR, text=f"{type(e).__name__}: {e}"))
         return 1
     if engine.device.type == "cpu":
         # On a CPU-only machine the model's matmuls would otherwise take the cores from the
@@ -132,8 +132,8 @@ def _child_main(fd: int) -> int:
     # process: out of the collector's sight, so full collections in the step loop stay short.
     gc.collect()
     gc.freeze()
-    conn.send(("ready", engine_info(engine)))
-    loop = EngineLoop(engine, lambda deltas, stats: conn.send(("out", deltas, stats)))
+    conn.send(Event(EventKind.READY, info=engine_info(engine)))
+    loop = EngineLoop(engine, conn.send)
 
     def receive():
         try:
@@ -147,7 +147,7 @@ def _child_main(fd: int) -> int:
         loop.run()
     except BaseException as e:
         logger.exception("engine loop died")
-        conn.send(("error", f"{type(e).__name__}: {e}"))
+        conn.send(Event(EventKind.ERROR, text=f"{type(e).__name__}: {e}"))
         return 1
     return 0
 

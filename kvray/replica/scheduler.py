@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from kvray.records import EngineStats, RequestSnapshot
 from kvray.replica.block_manager import BlockManager
 from kvray.replica.scheduling_policy import FCFSPolicy, SchedulingPolicy
 from kvray.replica.sequence import Sequence, SequenceStatus
@@ -40,10 +41,6 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
-
-    @property
-    def num_scheduled_tokens(self) -> dict[str, int]:
-        return {seq.request_id: n for seq, n in self.scheduled}
 
 
 class Scheduler:
@@ -252,6 +249,35 @@ class Scheduler:
                 continue  # aborted while the step ran
             seq.num_computed_tokens += n
             bm.cache_blocks(seq)
+
+    # ---- what the engine publishes ----------------------------------------------------------
+    def stats(self, step_cost) -> EngineStats:
+        """The engine's stats record: queues, KV, limits, and the step-cost fit ``step_cost``
+        (a ``kvray.step_cost.StepTimeModel``) of the steps run so far."""
+        running, waiting, bm = self.running, self._waiting, self.block_manager
+        tpots = [s.params.tpot_ms for s in running if s.params.tpot_ms] + \
+                [s.params.tpot_ms for s in waiting if s.params.tpot_ms]
+        return EngineStats(
+            num_running=len(running), num_waiting=len(waiting), num_free_blocks=bm.num_free_blocks,
+            num_total_blocks=bm.num_total_blocks,
+            tokens_in_flight=sum(s.num_tokens for s in running) + sum(s.num_tokens for s in waiting),
+            queued_prefill_tokens=sum(s.num_tokens - s.num_computed_tokens for s in waiting)
+            + sum(s.num_tokens - s.num_computed_tokens - 1 for s in running if s.is_prefill),
+            prefix_hit_rate=bm.stats().get("prefix_hit_rate", 0.0), block_size=bm.block_size,
+            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+            scheduling_policy=self.policy.name, min_tpot_ms=min(tpots) if tpots else None,
+            step_coeffs=step_cost.coeffs.as_tuple(), num_steps=step_cost.num_samples)
+
+    def request_snapshots(self) -> list[RequestSnapshot]:
+        """The in-flight requests with their targets (the autoscaler predicts their attainment)."""
+        out = []
+        for s in list(self.running) + list(self._waiting):
+            p, m = s.params, s.metrics
+            left = max(0, s.num_tokens - s.num_computed_tokens) if m.first_token_time is None else 0
+            out.append(RequestSnapshot(m.arrival_time, m.first_token_time, left, s.num_output_tokens, p.max_tokens,
+                                       p.ttft_ms / 1000.0 if p.ttft_ms else None,
+                                       p.tpot_ms / 1000.0 if p.tpot_ms else None, s.deadline))
+        return out
 
 
 def _heads(q: deque[Sequence]):

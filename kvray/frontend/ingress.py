@@ -1,0 +1,231 @@
+"""The ``Router`` deployment: kvray's HTTP ingress (FastAPI through ``serve.ingress``), a thin
+shim over ``kvray.frontend.serving``.
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
+``GET /health``, ``GET /metrics`` (Prometheus) and ``GET /v1/kvray/replicas`` (the router's
+view of each LLMReplica: latest stats and load estimate, for operators and tests). Here: the
+API key check, the body-size limit, and the wiring: the process's ``Dispatcher`` (routing
+policy and replica book, shared with the request-router plug-in of the LLMReplica handle) and
+the token streams from the replicas. The tokenizer comes from a replica (``model_info``), so
+the Router never loads or downloads the model itself.
+"""
+
+import asyncio
+import dataclasses
+import hmac
+import ipaddress
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+from kvray.app_config import AppArgs, parse_args
+from kvray.frontend.channels import ChannelRequestStream, DirectRequestStream, TokenChannels
+from kvray.frontend.metrics import ServingMetrics
+from kvray.frontend.prepare import ModelInfo
+from kvray.frontend.protocol import error_body, models_list
+from kvray.frontend.serving import OpenAIServing
+from kvray.gil import shorten_switch_interval
+from kvray.records import RoutingHint
+from kvray.router.dispatch import get_dispatcher
+
+logger = logging.getLogger(__name__)
+
+fastapi_app = FastAPI(title="kvray", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@fastapi_app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    msg = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    if exc.status_code == 404:
+        msg = f"no route {request.method} {request.url.path}"
+    return JSONResponse(error_body(msg, "invalid_request_error"), status_code=exc.status_code)
+
+
+@fastapi_app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError):
+    return JSONResponse(error_body(f"invalid request: {exc.errors()[:1]}"), status_code=400)
+
+
+@fastapi_app.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception):
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
+
+
+def jsonable(x):
+    """Records (dataclasses) as JSON-ready dicts, inside dicts and lists too."""
+    if dataclasses.is_dataclass(x):
+        return dataclasses.asdict(x)
+    if isinstance(x, dict):
+        return {k: jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    return x
+
+
+def _warn_if_exposed() -> None:
+    """Log a warning when Serve's HTTP listener binds a non-loopback address and no API key is set."""
+    try:
+        from ray.serve.context import _get_global_client
+        host = _get_global_client().http_config.host
+    except Exception:  # not inside Serve, or the controller cannot say
+        return
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        logger.warning("kvray serves on %s with no API key: anyone who can reach this address can use the model. "
+                       "Set args.api_keys, args.api_keys_file or $KVRAY_API_KEY, or bind 127.0.0.1.", host)
+
+
+@serve.ingress(fastapi_app)
+class Router:
+    def __init__(self, llm: DeploymentHandle, args: dict):
+        shorten_switch_interval()  # SSE for hundreds of streams on one event loop, beside Serve's own
+        self.args: AppArgs = parse_args(args)
+        self._llm = llm
+        self._stream = llm.options(stream=True)
+        app_name = serve.get_replica_context().app_name
+        self.dispatcher = get_dispatcher(app_name, llm.deployment_name, self.args.router.policy,
+                                         self.args.router.policy_options)
+        self.metrics = ServingMetrics(self.args.served_model_name, self.dispatcher.book.snapshot)
+        self.serving: OpenAIServing | None = None
+        self._channels: TokenChannels | None = None
+        self._ready_lock: asyncio.Lock | None = None
+        self._started = time.time()
+        self._api_keys = [k.encode() for k in self.args.resolved_api_keys()]
+        if not self._api_keys:
+            _warn_if_exposed()
+
+    # ---- access ----------------------------------------------------------------------------------
+    def _denied(self, request: Request) -> Response | None:
+        """None if the request may pass: no keys are configured, or it carries one of them."""
+        if not self._api_keys:
+            return None
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = token.strip().encode() if scheme.lower() == "bearer" else b""
+        if given and any(hmac.compare_digest(given, k) for k in self._api_keys):
+            return None
+        msg = ("Incorrect API key provided." if given else
+               "You didn't provide an API key: send it as 'Authorization: Bearer YOUR_KEY'.")
+        return JSONResponse(error_body(msg, "invalid_request_error", code="invalid_api_key"), status_code=401,
+                            headers={"WWW-Authenticate": "Bearer"})
+
+    # ---- startup -------------------------------------------------------------------------------
+    async def _ensure_ready(self, timeout_s: float | None = None) -> OpenAIServing:
+        if self.serving is not None:
+            return self.serving
+        if self._ready_lock is None:
+            self._ready_lock = asyncio.Lock()
+        async with self._ready_lock:
+            if self.serving is None:
+                call = self._llm.model_info.remote()
+                info = await (asyncio.wait_for(call, timeout_s) if timeout_s else call)
+                a = self.args
+                names = [a.served_model_name] + ([a.model] if a.model != a.served_model_name else [])
+                self.serving = OpenAIServing(
+                    info=ModelInfo(info["tokenizer"], info["max_model_len"], info["block_size"], info["vocab_size"]),
+                    model_names=names, slo_classes=a.slo_targets(), default_slo_class=a.default_slo_class,
+                    decode_estimate_cap=a.router.decode_estimate_cap, submit=self._submit, metrics=self.metrics,
+                    dispatcher=self.dispatcher)
+        return self.serving
+
+    def _submit(self, request_id, prompt_token_ids, params, hint):
+        if not self.args.router.token_channels or (self._channels is not None and self._channels.disabled):
+            return DirectRequestStream(self._stream.generate.remote(request_id, prompt_token_ids, params, hint=hint))
+        if self._channels is None:
+            self._channels = TokenChannels(self._open_channel)
+        call = self._stream.generate.remote(request_id, prompt_token_ids, params, hint=hint,
+                                            channel=self._channels.channel_id)
+        return ChannelRequestStream(self._channels, request_id, call)
+
+    def _open_channel(self, replica_id: str, channel_id: str):
+        pin = RoutingHint(request_id=channel_id, num_prompt_tokens=0, decode_estimate=0, pin_replica=replica_id)
+        return self._stream.channel.remote(channel_id, hint=pin)
+
+    async def _serve(self, kind: str, request: Request) -> Response:
+        denied = self._denied(request)
+        if denied is not None:
+            self.metrics.request_done(endpoint=kind, status=401, slo_class="none")
+            return denied
+        body = await self._read_body(request)
+        if body is None:
+            self.metrics.request_done(endpoint=kind, status=413, slo_class="none")
+            limit = self.args.max_request_body_bytes
+            return JSONResponse(error_body(f"the request body is larger than {limit} bytes "
+                                           "(max_request_body_bytes)", code="request_too_large"), status_code=413)
+        try:
+            serving = await self._ensure_ready()
+        except Exception as e:
+            logger.exception("model info unavailable")
+            return JSONResponse(error_body(f"the model is not ready: {type(e).__name__}", "service_unavailable"),
+                                status_code=503)
+        return await serving.handle(kind, body, request.headers)
+
+    async def _read_body(self, request: Request) -> bytes | None:
+        """The body, or None as soon as it is known to exceed ``max_request_body_bytes`` (from its
+        Content-Length, or while it streams in): nothing that large is buffered whole or parsed."""
+        limit = self.args.max_request_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            return None
+        parts, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return None
+            parts.append(chunk)
+        return b"".join(parts)
+
+    # ---- routes --------------------------------------------------------------------------------
+    @fastapi_app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._serve("completions", request)
+
+    @fastapi_app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._serve("chat", request)
+
+    @fastapi_app.get("/v1/models")
+    async def models(self, request: Request) -> Response:
+        denied = self._denied(request)
+        if denied is not None:
+            return denied
+        body = models_list([self.args.served_model_name], int(self._started))
+        try:  # like vLLM, say how long a context is; kvray also gives the vocabulary size
+            info = (await self._ensure_ready(timeout_s=5.0)).info
+            body["data"][0].update(max_model_len=info.max_model_len, vocab_size=info.vocab_size)
+        except Exception:
+            pass
+        return JSONResponse(body)
+
+    @fastapi_app.get("/health")
+    async def health(self) -> Response:
+        try:
+            await self._ensure_ready(timeout_s=5.0)
+        except Exception as e:
+            return JSONResponse(error_body(f"not ready: {type(e).__name__}", "service_unavailable"), status_code=503)
+        return JSONResponse({"status": "ok", "model": self.args.served_model_name})
+
+    @fastapi_app.get("/metrics")
+    async def metrics_endpoint(self, request: Request) -> Response:
+        denied = self._denied(request) if self.args.metrics_require_api_key else None
+        if denied is not None:
+            return denied
+        data, ctype = self.metrics.render()
+        return Response(data, media_type=ctype)
+
+    @fastapi_app.get("/v1/kvray/replicas")
+    async def replicas(self, request: Request) -> Response:
+        denied = self._denied(request)
+        if denied is not None:
+            return denied
+        body = {"time": time.time(), "replicas": self.dispatcher.book.snapshot(), "policy": self.dispatcher.snapshot()}
+        return JSONResponse(jsonable(body))

@@ -1,0 +1,143 @@
+"""Token channels on the Router side, with fake Serve calls (no Ray)."""
+import asyncio
+
+import pytest
+
+from kvray.frontend import channels as ch
+from kvray.frontend.channels import ChannelRequestStream, DirectRequestStream, ReplicaLost, TokenChannels
+from kvray.records import Bound, Refusal, TokenBatch
+
+
+class FakeCall:
+    """Stands in for a DeploymentResponseGenerator: async iteration over a queue, and cancel()."""
+
+    def __init__(self, items=()):
+        self.q = asyncio.Queue()
+        for i in items:
+            self.q.put_nowait(i)
+        self.cancelled = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        item = await self.q.get()
+        if item is StopAsyncIteration:
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def cancel(self):
+        self.cancelled = True
+        self.q.put_nowait(asyncio.CancelledError())
+
+
+def b(ids, finish=None):
+    return TokenBatch(ids, finish_reason=finish)
+
+
+def channels() -> tuple[TokenChannels, list[FakeCall]]:
+    """TokenChannels whose channel calls are fakes that bind at once; and the calls it opened."""
+    opened: list[FakeCall] = []
+
+    def open_channel(replica_id, channel_id):
+        call = FakeCall([Bound(replica_id)])
+        opened.append(call)
+        return call
+
+    return TokenChannels(open_channel), opened
+
+
+def test_channel_delivers_and_merges_backlog():
+    async def main():
+        chans, opened = channels()
+        call = FakeCall([Bound("r1")])
+        s = ChannelRequestStream(chans, "req", call)
+        await asyncio.sleep(0.01)
+        assert len(opened) == 1 and chans.open_replicas == ["r1"]
+        chan = opened[0]
+        chan.q.put_nowait([("req", b([1])), ("other", b([9]))])
+        assert (await s.__anext__()).ids == [1]
+        # three steps arrive before the request reads: one merged batch
+        for items in ([("req", b([2]))], [("req", b([3]))], [("req", b([4], "length"))]):
+            chan.q.put_nowait(items)
+        await asyncio.sleep(0.01)
+        out = await s.__anext__()
+        assert out.ids == [2, 3, 4] and out.finish_reason == "length"
+        with pytest.raises(StopAsyncIteration):
+            await s.__anext__()
+        s.close(abort=False)
+        assert not call.cancelled
+        await chans.close()
+
+    asyncio.run(main())
+
+
+def test_errors_from_the_call_and_from_the_channel():
+    async def main():
+        chans, chan_calls = channels()
+        # an engine refusal comes on the request's own stream
+        s = ChannelRequestStream(chans, "bad", FakeCall([Bound("r1"), Refusal(400, "nope")]))
+        assert (await s.__anext__()).status == 400
+        # the channel dies: requests bound to that replica fail instead of hanging
+        s2 = ChannelRequestStream(chans, "victim", FakeCall([Bound("r1")]))
+        await asyncio.sleep(0.01)
+        chan_calls[-1].q.put_nowait(ConnectionError("replica died"))
+        with pytest.raises(ReplicaLost):
+            await asyncio.wait_for(s2.__anext__(), 5)
+        # an aborted request cancels its call
+        call = FakeCall([Bound("r2")])
+        s3 = ChannelRequestStream(chans, "gone", call)
+        await asyncio.sleep(0.01)
+        s3.close(abort=True)
+        assert call.cancelled
+        await chans.close()
+
+    asyncio.run(main())
+
+
+def test_idle_channel_reopens_for_waiting_requests_and_ended_calls_time_out(monkeypatch):
+    monkeypatch.setattr(ch, "FINISH_GRACE_S", 0.05)
+
+    async def main():
+        chans, chan_calls = channels()
+        s = ChannelRequestStream(chans, "req", FakeCall([Bound("r1")]))
+        await asyncio.sleep(0.01)
+        chan_calls[0].q.put_nowait(StopAsyncIteration)  # the replica closed the idle channel
+        await asyncio.sleep(0.01)
+        assert len(chan_calls) == 2  # reopened: "req" still waits for tokens
+        chan_calls[1].q.put_nowait([("req", b([7]))])
+        assert (await s.__anext__()).ids == [7]
+        # the request call ends but its last batch never comes: an error, not a hang
+        s2 = ChannelRequestStream(chans, "lost", FakeCall([Bound("r1"), StopAsyncIteration]))
+        with pytest.raises(ReplicaLost):
+            await asyncio.wait_for(s2.__anext__(), 5)
+        await chans.close()
+
+    asyncio.run(main())
+
+
+def test_direct_stream():
+    async def main():
+        call = FakeCall([b([1]), b([2], "stop")])
+        s = DirectRequestStream(call)
+        assert [(await s.__anext__()).ids, (await s.__anext__()).ids] == [[1], [2]]
+        s.close(abort=True)
+        assert call.cancelled
+
+    asyncio.run(main())
+
+
+def test_a_request_router_that_ignores_pins_disables_channels():
+    """With a non-kvray request router the channel lands on another replica: the waiting request
+    fails fast with a clear error (no hang), and the channels switch themselves off."""
+    async def main():
+        chans = TokenChannels(lambda replica_id, channel_id: FakeCall([Bound("some-other-replica")]))
+        s = ChannelRequestStream(chans, "req", FakeCall([Bound("r1")]))
+        with pytest.raises(ReplicaLost, match="kvray's request router"):
+            await asyncio.wait_for(s.__anext__(), 5)
+        assert chans.disabled
+        await chans.close()
+
+    asyncio.run(main())
