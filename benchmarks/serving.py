@@ -286,9 +286,12 @@ def dist(xs: list[float]) -> dict:
 def summarize(results: list[Result], duration: float, slo: dict[str, tuple[float, float]]) -> dict:
     ok = [r for r in results if r.ok]
 
+    from kvray.slo import SLOTarget  # the serving side's own rule (a leaf module: no Ray, no torch)
+
+    targets = {name: SLOTarget(name, ttft_ms, tpot_ms) for name, (ttft_ms, tpot_ms) in slo.items()}
+
     def attained(r: Result) -> bool:
-        ttft_ms, tpot_ms = slo[r.req.slo_class]
-        return r.ttft * 1000 <= ttft_ms and (r.tpot is None or r.tpot * 1000 <= tpot_ms)
+        return targets[r.req.slo_class].attained(r.ttft, r.tpot)
 
     per_class = {}
     for cls in sorted({r.req.slo_class for r in results}):
