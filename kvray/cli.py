@@ -4,6 +4,10 @@
     kvray make-checkpoint --preset P --out DIR      write preset P as a Hugging Face checkpoint
     kvray check-config FILE                         validate a Serve config (or a KubeRay RayService)
 
+``kvray check-config`` exit status: 0: ok (prints ``FILE: ok``); 1: the config has problems (one
+line each on stderr, ``FILE: where: why``); 2: the file cannot be read or is not YAML (also the
+status of a usage error, as for every subcommand).
+
 Each subcommand is a ``(name, help, add_arguments, run)`` entry in ``COMMANDS``, so others can be
 added without touching the dispatch.
 """
@@ -53,12 +57,18 @@ def _add_check_config(p: argparse.ArgumentParser) -> None:
 
 def _run_check_config(args: argparse.Namespace) -> int:
     import yaml
+
+    from kvray.platform.check_config import serve_config_errors, yaml_error_line
     try:
-        doc = yaml.safe_load(args.file.read_text())
-    except (OSError, yaml.YAMLError) as e:
+        text = args.file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:  # missing, a directory, unreadable, not UTF-8 text
         print(f"kvray check-config: cannot read {args.file}: {e}", file=sys.stderr)
         return 2
-    from kvray.platform.check_config import serve_config_errors
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        print(f"kvray check-config: {args.file} is not YAML: {yaml_error_line(e)}", file=sys.stderr)
+        return 2
     errors = serve_config_errors(doc)
     for line in errors:
         print(f"{args.file}: {line}", file=sys.stderr)
@@ -71,7 +81,8 @@ COMMANDS = [
     ("presets", "list the built-in model presets", _add_presets, _run_presets),
     ("make-checkpoint", "write a preset as a Hugging Face checkpoint directory", _add_make_checkpoint,
      _run_make_checkpoint),
-    ("check-config", "validate a Serve config file offline (exit 1 with every bad field named)", _add_check_config,
+    ("check-config", "validate a Serve config file offline. Exit 0: ok; 1: the config has problems (one line "
+     "each, every bad field named); 2: the file cannot be read or is not YAML", _add_check_config,
      _run_check_config),
 ]
 

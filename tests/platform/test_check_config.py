@@ -1,4 +1,7 @@
-"""`kvray check-config`: offline validation of the Serve configs users deploy (exit 1 names each bad field)."""
+"""`kvray check-config`: offline validation of the Serve configs users deploy. Exit 0: ok; 1: the config
+has problems (one line each, every bad field named); 2: the file cannot be read or is not YAML."""
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,4 +54,86 @@ def test_serve_schema_errors_and_unreadable_files(tmp_path, capsys):
     assert "applications.0.deployments" in capsys.readouterr().err
     path.write_text("applications: [unclosed")
     assert main(["check-config", str(path)]) == 2
-    assert "cannot read" in capsys.readouterr().err
+    assert "is not YAML: line 1, column 24" in capsys.readouterr().err
+
+
+# The console script as users run it, in a fresh process: the exit status is what the shell sees
+# (an uncaught exception would exit 1 too, so each test also checks the message and no traceback).
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    script = Path(sys.executable).parent / "kvray"  # the installed console script
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "kvray.cli"]
+    return subprocess.run(cmd + ["check-config", *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def _bad_local_config(tmp_path) -> Path:
+    cfg = yaml.safe_load((ROOT / "cluster-configs/local.yaml").read_text())
+    cfg["applications"][0]["args"]["engine"]["max_num_seqz"] = 64
+    cfg["applications"][0]["args"]["router"]["policy"] = "fastest"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize("path", ["cluster-configs/gpu.yaml", "cluster-configs/local.yaml"])
+def test_console_exit_0_on_a_good_file(path):
+    r = _cli(path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{path}: ok\n"
+    assert r.stderr == ""
+
+
+def test_console_exit_1_names_each_bad_field_one_line_each(tmp_path):
+    path = _bad_local_config(tmp_path)
+    r = _cli(str(path))
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert len(lines) == 2, r.stderr
+    assert all(line.startswith(f"{path}: applications[0] (kvray): args.") for line in lines), r.stderr
+    assert any("args.engine.max_num_seqz: unknown field" in line for line in lines), r.stderr
+    assert any("args.router: " in line and "router.policy 'fastest' is not one of" in line for line in lines), r.stderr
+
+
+def test_console_exit_1_on_a_rayservice_whose_serve_config_is_not_yaml(tmp_path):
+    doc = yaml.safe_load((ROOT / "cluster-configs/kuberay/rayservice-cpu.yaml").read_text())
+    doc["spec"]["serveConfigV2"] = "applications: [unclosed\n"
+    path = tmp_path / "rayservice.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    r = _cli(str(path))
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    assert r.stderr.splitlines() == [f"{path}: spec.serveConfigV2: not YAML: line 2, column 1: while parsing a "
+                                     "flow sequence, expected ',' or ']', but got '<stream end>'"]
+
+
+@pytest.mark.parametrize("text", ["applications: [unclosed\n", "name: a\n---\nname: b\n", "a: b: c\n"])
+def test_console_exit_2_on_broken_yaml(tmp_path, text):
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    r = _cli(str(path))
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    assert r.stderr.startswith(f"kvray check-config: {path} is not YAML: line "), r.stderr
+    assert len(r.stderr.splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory", "not utf-8"])
+def test_console_exit_2_when_the_file_cannot_be_read(tmp_path, kind):
+    path = tmp_path / "config.yaml"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "not utf-8":
+        path.write_bytes(b"applications: []\n# \xff\xfe\n")
+    r = _cli(str(path))
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    assert r.stderr.startswith(f"kvray check-config: cannot read {path}: "), r.stderr
+
+
+def test_console_help_documents_the_exit_codes():
+    r = _cli("--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    assert "Exit 0: ok; 1: the config has problems (one line each, every bad field named); 2: the file cannot " \
+           "be read or is not YAML" in text, r.stdout
