@@ -30,6 +30,8 @@ class EngineStats:
     tokens_in_flight: int = 0          # context tokens of the running and waiting requests
     queued_prefill_tokens: int = 0     # prompt tokens still to compute
     prefix_hit_rate: float = 0.0
+    prefix_hit_tokens: int = 0         # prompt tokens found in the prefix cache, since the start
+    prefix_queried_tokens: int = 0     # prompt tokens looked up there
     block_size: int = 16
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
@@ -100,6 +102,7 @@ class Delta:
     num_cached_tokens: int = 0
     first_token_time: float | None = None
     num_preemptions: int = 0
+    queue_time_s: float | None = None  # on the first batch: from the engine's receipt to the first step
 
 
 @dataclass

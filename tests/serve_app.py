@@ -31,15 +31,20 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_app(args: dict, num_replicas: int = 2):
+def running_app(args: dict, num_replicas: int = 2, fast_metrics: bool = False):
     """Start Ray, Serve and the kvray app (``num_replicas`` LLMReplica, one Router) on a free
-    port; yield its base URL once ``/health`` answers; shut everything down afterwards."""
+    port; yield its base URL once ``/health`` answers; shut everything down afterwards.
+    ``fast_metrics``: the processes report metrics every 200 ms (METRICS_ENV), for tests that
+    read ``/metrics``; it costs CPU that timing tests on a 2-core machine do not have."""
     import ray
     from ray import serve
 
     from kvray.platform.app import make_app
     from kvray.app_config import parse_args
 
+    saved = {k: os.environ.get(k) for k in METRICS_ENV}
+    if fast_metrics:
+        os.environ.update(METRICS_ENV)  # read by the Ray processes ray.init starts
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         port = free_port()
@@ -56,18 +61,24 @@ def running_app(args: dict, num_replicas: int = 2):
     finally:
         serve.shutdown()
         ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class ServeRun:
     """``serve run CONFIG`` as a user runs it, in a subprocess (its own local Ray, on a free port);
     ``env`` adds environment variables (an ingress choice, say)."""
 
-    def __init__(self, cfg: dict, tmp_path: Path, env: dict | None = None):
+    def __init__(self, cfg: dict, tmp_path: Path, env: dict | None = None, fast_metrics: bool = False):
         self.port = free_port()
         cfg["http_options"]["port"] = self.port
         path = tmp_path / "config.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        env = {**os.environ, "RAY_ADDRESS": "local", "RAY_DEDUP_LOGS": "0", **(env or {})}
+        env = {**os.environ, "RAY_ADDRESS": "local", "RAY_DEDUP_LOGS": "0", **(METRICS_ENV if fast_metrics else {}),
+               **(env or {})}
         self.proc = subprocess.Popen(["serve", "run", str(path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.lines: list[str] = []
@@ -129,6 +140,44 @@ def wait_until(cond, timeout_s: float, what: str):
     while not cond():
         assert time.time() < deadline, what
         time.sleep(0.5)
+
+
+# Ray's metrics agent gets new values from each process this often (default 10 s): the apps of the
+# tests that read /metrics report fast (fast_metrics=True), so that a scrape shows a request soon
+# after it ends.
+METRICS_ENV = {"RAY_metrics_report_interval_ms": "200"}
+
+
+def metric(url: str, name: str, headers: dict | None = None, **labels: str) -> float:
+    """Sum over the series of ``ray_<name>`` in a scrape of ``url/metrics`` whose labels include
+    ``labels``: every process's share (Routers, replicas) counted once."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(url + "/metrics", headers=headers, timeout=10).text
+    total = 0.0
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            if sample.name == "ray_" + name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def settled_metric(url: str, name: str, timeout_s: float = 30.0, **labels: str) -> float:
+    """``metric`` once two scrapes 1 s apart agree (what had been recorded has reached the agent)."""
+    deadline = time.time() + timeout_s
+    last = metric(url, name, **labels)
+    while True:
+        time.sleep(1.0)
+        now = metric(url, name, **labels)
+        if now == last:
+            return now
+        assert time.time() < deadline, f"{name} kept changing: {last} -> {now}"
+        last = now
+
+
+def wait_metric(url: str, name: str, value: float, timeout_s: float = 30.0, **labels: str) -> None:
+    wait_until(lambda: metric(url, name, **labels) == value, timeout_s,
+               f"{name}{labels} never reached {value} (last {metric(url, name, **labels)})")
 
 
 def local_config() -> dict:

@@ -2,7 +2,8 @@
 shim over ``kvray.frontend.serving``.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
-``GET /health``, ``GET /metrics`` (Prometheus) and ``GET /v1/kvray/replicas`` (the router's
+``GET /health``, ``GET /metrics`` (the kvray series of every process on this node, from its Ray
+metrics agent: ``kvray.metrics``) and ``GET /v1/kvray/replicas`` (the router's
 view of each LLMReplica: latest stats and load estimate, for operators and tests). Here: the
 API key check, the body-size limit, and the wiring: the process's ``Dispatcher`` (routing
 policy and replica book, shared with the request-router plug-in of the LLMReplica handle) and
@@ -15,6 +16,7 @@ import dataclasses
 import hmac
 import ipaddress
 import logging
+import os
 import time
 
 from fastapi import FastAPI, Request
@@ -26,11 +28,11 @@ from starlette.responses import JSONResponse, Response
 
 from kvray.app_config import AppArgs, parse_args
 from kvray.frontend.channels import ChannelRequestStream, DirectRequestStream, TokenChannels
-from kvray.frontend.metrics import ServingMetrics
 from kvray.frontend.prepare import ModelInfo
 from kvray.frontend.protocol import error_body, models_list
 from kvray.frontend.serving import OpenAIServing
 from kvray.gil import shorten_switch_interval
+from kvray.metrics import RouterMetrics, scrape_node
 from kvray.records import RoutingHint
 from kvray.router.dispatch import get_dispatcher
 
@@ -85,6 +87,19 @@ def _warn_if_exposed() -> None:
                        "Set args.api_keys, args.api_keys_file or $KVRAY_API_KEY, or bind 127.0.0.1.", host)
 
 
+FAST_INGRESS = "RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1"
+
+
+def _warn_if_slow_ingress(args: AppArgs) -> None:
+    """Serve's Python proxy in front of a GPU engine costs throughput and tail latency (README,
+    "Which ingress"); say so where the user sees it, with the command that avoids it."""
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" or args.engine.device == "cpu":
+        return
+    logger.warning("kvray: requests pass through Ray Serve's Python proxy, which kept 60%% of the engine's "
+                   "throughput at 50 req/s on an H200. Start Ray (ray start, serve run) with %s for HAProxy "
+                   "in front of Routers that serve HTTP themselves.", FAST_INGRESS)
+
+
 @serve.ingress(fastapi_app)
 class Router:
     def __init__(self, llm: DeploymentHandle, args: dict):
@@ -95,7 +110,8 @@ class Router:
         app_name = serve.get_replica_context().app_name
         self.dispatcher = get_dispatcher(app_name, llm.deployment_name, self.args.router.policy,
                                          self.args.router.policy_options)
-        self.metrics = ServingMetrics(self.args.served_model_name, self.dispatcher.book.snapshot)
+        ctx = serve.get_replica_context()
+        self.metrics = RouterMetrics(self.args.served_model_name, ctx.replica_id.unique_id)
         self.serving: OpenAIServing | None = None
         self._channels: TokenChannels | None = None
         self._ready_lock: asyncio.Lock | None = None
@@ -103,6 +119,7 @@ class Router:
         self._api_keys = [k.encode() for k in self.args.resolved_api_keys()]
         if not self._api_keys:
             _warn_if_exposed()
+        _warn_if_slow_ingress(self.args)
 
     # ---- access ----------------------------------------------------------------------------------
     def _denied(self, request: Request) -> Response | None:
@@ -155,7 +172,11 @@ class Router:
         if denied is not None:
             self.metrics.request_done(endpoint=kind, status=401, slo_class="none")
             return denied
-        body = await self._read_body(request)
+        try:
+            body = await self._read_body(request)
+        except asyncio.CancelledError:  # the client left while sending the body: it counts too
+            self.metrics.request_done(endpoint=kind, status=499, slo_class="none")
+            raise
         if body is None:
             self.metrics.request_done(endpoint=kind, status=413, slo_class="none")
             limit = self.args.max_request_body_bytes
@@ -165,6 +186,7 @@ class Router:
             serving = await self._ensure_ready()
         except Exception as e:
             logger.exception("model info unavailable")
+            self.metrics.request_done(endpoint=kind, status=503, slo_class="none")
             return JSONResponse(error_body(f"the model is not ready: {type(e).__name__}", "service_unavailable"),
                                 status_code=503)
         return await serving.handle(kind, body, request.headers)
@@ -219,8 +241,12 @@ class Router:
         denied = self._denied(request) if self.args.metrics_require_api_key else None
         if denied is not None:
             return denied
-        data, ctype = self.metrics.render()
-        return Response(data, media_type=ctype)
+        try:
+            text = await asyncio.to_thread(scrape_node)
+        except Exception as e:  # noqa: BLE001 - the node's metrics agent is down or not there
+            return JSONResponse(error_body(f"the node's Ray metrics endpoint did not answer: {type(e).__name__}: {e}",
+                                           "service_unavailable"), status_code=503)
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @fastapi_app.get("/v1/kvray/replicas")
     async def replicas(self, request: Request) -> Response:

@@ -5,15 +5,19 @@ with a request is an ``APIError`` (400/404) from here, before any replica sees i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from kvray.frontend.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_json, parse_request
+from kvray.frontend.structured import structured_outputs
+from kvray.frontend.tools import new_call_id, template_family, tool_constraint, tool_dicts
 from kvray.records import RoutingHint
 from kvray.replica.block_hash import prefix_block_hashes
-from kvray.replica.sampling_params import SamplingParams
+from kvray.replica.sampling_params import SEED_MAX, SamplingParams
 from kvray.slo import SLOError, SLOTarget, resolve_slo
 
 INLINE_TOKENIZE_CHARS = 16384  # longer prompts are tokenized (and chat-templated) off the event loop
@@ -51,6 +55,15 @@ class Prepared:
     params: SamplingParams
     slo: SLOTarget
     t0: float  # time.monotonic() when the HTTP handler got it
+    n: int = 1  # choices
+
+    def child(self, index: int) -> "Prepared":
+        """Choice ``index`` (> 0) of an ``n > 1`` request: its own request id, and its own seed
+        when the request has one (seed + index), so that the choices differ but replay."""
+        seed = self.params.seed
+        if seed is not None:
+            seed = seed + index if seed + index <= SEED_MAX else seed - index
+        return dataclasses.replace(self, rid=f"{self.rid}-{index}", params=dataclasses.replace(self.params, seed=seed))
 
     def hint(self, block_size: int, decode_estimate_cap: int) -> RoutingHint:
         slo = self.slo
@@ -75,6 +88,9 @@ async def prepare(kind: str, body: bytes, headers, t0: float, *, info: ModelInfo
                           header_tpot_ms=headers.get("x-slo-tpot-ms"))
     except SLOError as e:
         raise APIError(400, str(e), param=e.param) from None
+    constraint = await _off_loop_if(len(body), lambda: structured_outputs(req))
+    if kind == "chat" and req.tools:  # tool_choice "required" / a named function: a constraint of its own
+        constraint = await _off_loop_if(len(body), lambda: _tool_outputs(req, info, constraint))
     prompt_ids = await (_completion_prompt(req, info) if kind == "completions" else _chat_prompt(req, info))
     n = len(prompt_ids)
     limit = info.max_model_len
@@ -103,11 +119,12 @@ async def prepare(kind: str, body: bytes, headers, t0: float, *, info: ModelInfo
             top_p=1.0 if req.top_p is None else float(req.top_p), top_k=-1 if req.top_k is None else req.top_k,
             max_tokens=max_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids,
             ignore_eos=bool(req.ignore_eos), seed=req.seed, logprobs=logprobs, min_tokens=req.min_tokens or 0,
-            slo_class=slo.name, ttft_ms=slo.ttft_ms, tpot_ms=slo.tpot_ms, priority=slo.priority)
+            slo_class=slo.name, ttft_ms=slo.ttft_ms, tpot_ms=slo.tpot_ms, priority=slo.priority,
+            structured_outputs=constraint)
     except ValueError as e:
         raise APIError(400, str(e)) from None
     rid = f"{'cmpl' if kind == 'completions' else 'chatcmpl'}-{uuid.uuid4().hex}"
-    return Prepared(kind, req, rid, prompt_ids, params, slo, t0)
+    return Prepared(kind, req, rid, prompt_ids, params, slo, t0, n=req.n or 1)
 
 
 async def _completion_prompt(req: CompletionRequest, info: ModelInfo) -> list[int]:
@@ -127,18 +144,47 @@ async def _completion_prompt(req: CompletionRequest, info: ModelInfo) -> list[in
     return list(prompt)
 
 
+def _tool_outputs(req: ChatCompletionRequest, info: ModelInfo, other):
+    """The constraint that enforces the request's tool_choice (None for none/auto), or ``other``
+    (the response_format one) when there is none; both at once is a 400."""
+    try:
+        tool = tool_constraint(req.tools, req.tool_choice, req.parallel_tool_calls, template_family(info.tokenizer))
+    except ValueError as e:
+        raise APIError(400, str(e), param="tool_choice") from None
+    if tool is not None and other is not None:
+        raise APIError(400, f"tool_choice={req.tool_choice_mode!r} cannot be combined with a structured-outputs "
+                       "constraint (response_format / structured_outputs / guided_*)", param="tool_choice")
+    return tool if tool is not None else other
+
+
+def _message(m) -> dict:
+    """A request message as the chat template sees it: ``tool_calls`` with their arguments as
+    objects (as Hugging Face templates expect), ``tool_call_id`` on tool messages."""
+    d = {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+    if m.tool_calls:
+        d["tool_calls"] = [{"id": c.id or new_call_id(), "type": "function",
+                            "function": {"name": c.function.name, "arguments": json.loads(c.function.arguments)}}
+                           for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        d["tool_call_id"] = m.tool_call_id
+    return d
+
+
 async def _chat_prompt(req: ChatCompletionRequest, info: ModelInfo) -> list[int]:
-    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                for m in req.messages]
-    chars = sum(len(m["content"]) for m in messages)
+    messages = [_message(m) for m in req.messages]
+    tools = tool_dicts(req.tools) or None  # shown to the template for tool_choice "none" too, as vLLM does
+    chars = sum(len(m["content"]) + sum(len(c["function"]["name"]) + len(json.dumps(c["function"]["arguments"]))
+                                        for c in m.get("tool_calls", ())) for m in messages)
+    chars += len(json.dumps(tools)) if tools else 0
     info.check_prompt_chars(chars, "messages")
     tok = info.tokenizer
+    extra = {"tools": tools} if tools else {}
 
     def render() -> list[int]:
         try:
             text = tok.apply_chat_template(messages, tokenize=False,
                                            add_generation_prompt=req.add_generation_prompt is not False,
-                                           **(req.chat_template_kwargs or {}))
+                                           **extra, **(req.chat_template_kwargs or {}))
             return list(tok(text, add_special_tokens=False).input_ids)
         except Exception as e:  # no template, a template that rejects these messages, bad kwargs...
             raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None

@@ -7,13 +7,16 @@ path is hot.
 """
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from kvray.frontend.tools import schema_error
 from kvray.replica.sampling_params import MAX_INT, MAX_LOGPROBS, MAX_STOP_STRINGS, SEED_MAX, SEED_MIN
 
+MAX_N = 16  # choices per request
 MAX_JSON_DEPTH = 32  # deeper bodies get a 400 before any model validation recurses into them
 
 
@@ -44,7 +47,8 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-_TYPE_TAGS = {"str", "int", "float", "bool", "none", "StreamOptions", "TextPart", "ChatMessage"}
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "StreamOptions", "TextPart", "ChatMessage",
+              "ToolChoiceFunction"}
 
 
 def _is_union_tag(part: str) -> bool:
@@ -92,10 +96,18 @@ class _SamplingRequest(BaseModel):
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = Field(None, max_length=1024)
     slo_class: str | None = None
+    # structured outputs (read by kvray.frontend.structured): OpenAI's response_format, and
+    # vLLM's structured_outputs object and its older guided_* fields
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def common_checks(self) -> None:
-        if self.n is not None and self.n != 1:
-            raise APIError(400, f"n={self.n} is not supported: kvray returns one choice per request", param="n")
+        if self.n is not None and not 1 <= self.n <= MAX_N:
+            raise APIError(400, f"n={self.n} must be in [1, {MAX_N}]", param="n")
         if self.temperature is not None and not (0.0 <= self.temperature <= 2.0):
             raise APIError(400, f"temperature={self.temperature} must be in [0, 2]", param="temperature")
         if self.top_p is not None and not (0.0 < self.top_p <= 1.0):
@@ -149,11 +161,56 @@ class TextPart(BaseModel):
     text: str | None = None
 
 
+TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str = Field(pattern=TOOL_NAME_PATTERN)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema (None: no arguments)
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str
+    arguments: str = ""  # JSON text, as the API sends it (a tool_choice names only the function)
+
+
+class ToolChoiceFunction(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant messages
+    tool_call_id: str | None = None           # tool messages
 
     def text(self) -> str:
         if self.content is None:
@@ -175,9 +232,9 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=-MAX_INT, le=MAX_INT)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=-MAX_INT, le=MAX_INT)
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | None = None
+    parallel_tool_calls: bool | None = True
     # extensions
     add_generation_prompt: bool | None = True
     chat_template_kwargs: dict[str, Any] | None = None
@@ -194,10 +251,40 @@ class ChatCompletionRequest(_SamplingRequest):
                                param="top_logprobs")
             if not self.logprobs:
                 raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
-        if self.tools:
-            raise APIError(400, "tools are not supported", param="tools")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise APIError(400, "response_format other than text is not supported", param="response_format")
+        self.tool_checks()
+
+    def tool_checks(self) -> None:
+        names = [t.function.name for t in self.tools or ()]
+        for dup in (n for i, n in enumerate(names) if n in names[:i]):
+            raise APIError(400, f"tools: the function name '{dup}' appears more than once", param="tools")
+        choice = self.tool_choice
+        if choice is not None and choice != "none" and not names:
+            raise APIError(400, "tool_choice is only allowed when tools are specified", param="tool_choice")
+        if isinstance(choice, ToolChoiceFunction) and choice.function.name not in names:
+            raise APIError(400, f"tool_choice names the function '{choice.function.name}', which is not in tools",
+                           param="tool_choice")
+        for t in self.tools or ():
+            if t.function.parameters is not None:
+                why = schema_error(json.dumps(t.function.parameters))
+                if why:
+                    raise APIError(400, f"tool '{t.function.name}': its parameters are not a usable JSON schema: "
+                                   f"{why}", param="tools", code="invalid_value")
+        for i, m in enumerate(self.messages):
+            if m.tool_calls and m.role != "assistant":
+                raise APIError(400, f"messages[{i}]: only assistant messages may carry tool_calls", param="messages")
+            for c in m.tool_calls or ():
+                if not _is_json_object(c.function.arguments):
+                    raise APIError(400, f"messages[{i}]: the arguments of tool call '{c.function.name}' are not a "
+                                   "JSON object", param="messages")
+
+    @property
+    def tool_choice_mode(self) -> str:
+        """"none" | "auto" | "required" | "function" (a named function: see ``tool_choice``)."""
+        if not self.tools:
+            return "none"
+        if self.tool_choice is None:
+            return "auto"
+        return "function" if isinstance(self.tool_choice, ToolChoiceFunction) else self.tool_choice
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -269,11 +356,6 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def completion_response(rid: str, created: int, model: str, text: str, finish_reason: str | None,
-                        logprobs: dict | None, usage_: dict) -> dict:
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
-            "usage": usage_}
 
 
 def completion_chunk(rid: str, created: int, model: str, text: str, finish_reason: str | None,
@@ -285,12 +367,8 @@ def completion_chunk(rid: str, created: int, model: str, text: str, finish_reaso
     return d
 
 
-def chat_response(rid: str, created: int, model: str, text: str, finish_reason: str | None,
-                  logprobs: dict | None, usage_: dict) -> dict:
-    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": logprobs, "finish_reason": finish_reason}],
-            "usage": usage_}
+
+
 
 
 def chat_chunk(rid: str, created: int, model: str, delta: dict, finish_reason: str | None,

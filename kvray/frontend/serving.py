@@ -20,11 +20,11 @@ from typing import Any, AsyncIterator, Callable
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from kvray import tracing
-from kvray.frontend.metrics import ServingMetrics
+from kvray.frontend.choice import Choice, response_body
 from kvray.frontend.prepare import ModelInfo, Prepared, prepare
-from kvray.frontend.protocol import (APIError, chat_chunk, chat_response, completion_chunk, completion_response,
-                                     usage, usage_chunk)
-from kvray.frontend.text_stream import FastDecoder, TextStream, TokenStrings, chat_logprobs, completion_logprobs
+from kvray.frontend.protocol import APIError, chat_chunk, completion_chunk, usage, usage_chunk
+from kvray.frontend.text_stream import FastDecoder, TokenStrings
+from kvray.metrics import RouterMetrics
 from kvray.records import Refusal, RoutingHint, TokenBatch
 from kvray.replica.sampling_params import SamplingParams
 from kvray.router.dispatch import Dispatcher
@@ -51,67 +51,30 @@ def _sse(obj: Any) -> bytes:
     return b"data: " + _dumps(obj) + b"\n\n"
 
 
-class _Run:
-    """The state of one request while its tokens come back."""
+class _Request:
+    """One request while its choices' tokens come back (counted once, whichever path ends it)."""
 
-    def __init__(self, p: Prepared, serving: "OpenAIServing"):
+    def __init__(self, p: Prepared, choices: list[Choice], predicted_ttft_s: float | None):
         self.p = p
-        self.dispatcher = serving.dispatcher
-        self.text = TextStream(serving.decoder, p.prompt_ids, p.params.stop_strings)
-        self.strings = serving.strings
-        self.num_generated = 0
-        self.cached = 0
-        self.finish_reason: str | None = None
-        self.t_first: float | None = None
-        self.t_last: float | None = None
-        self.text_offset = 0
-        self.engine_finished = False
+        self.choices = choices
+        self.predicted_ttft_s = predicted_ttft_s
+        self.closed = False
 
-    def add(self, batch: TokenBatch | Refusal) -> tuple[str, dict | None, bool]:
-        """One replica batch -> (new text, logprobs object or None, finished)."""
-        if isinstance(batch, Refusal):
-            raise APIError(batch.status, batch.message)
-        ids = batch.ids
-        now = time.monotonic()
-        if ids:
-            self.num_generated += len(ids)
-            if self.t_first is None:
-                self.t_first = now
-                if self.dispatcher is not None:
-                    self.dispatcher.on_first_token(self.p.rid)
-            self.t_last = now
-        self.cached = batch.cached_tokens or self.cached
-        finish = batch.finish_reason
-        if finish is not None:
-            self.engine_finished = True
-        text = self.text.add(ids, finish is not None)
-        if self.text.stop_string is not None:
-            finish = "stop"
-        if finish is not None:
-            self.finish_reason = finish
-        lp = None
-        if self.p.params.logprobs is not None and ids and batch.logprobs is not None:
-            if self.p.kind == "completions":
-                lp, self.text_offset = completion_logprobs(self.strings, ids, batch.logprobs, batch.top_logprobs,
-                                                           self.text_offset)
-            else:
-                lp = chat_logprobs(self.strings, ids, batch.logprobs, batch.top_logprobs)
-        return text, lp, finish is not None
+    def usage(self) -> dict:  # the prompt once, every choice's tokens
+        first = self.choices[0]
+        return usage(len(self.p.prompt_ids), sum(c.num_generated for c in self.choices), first.cached)
 
-    def usage(self) -> dict:
-        return usage(len(self.p.prompt_ids), self.num_generated, self.cached)
-
-    def tpot(self) -> float | None:
-        if self.num_generated > 1 and self.t_first is not None and self.t_last is not None:
-            return (self.t_last - self.t_first) / (self.num_generated - 1)
-        return None
+    def close_streams(self) -> None:
+        for c in self.choices:
+            if c.stream is not None:  # not finished there: the client is gone, an error, or a stop string seen here
+                c.stream.close(abort=not c.engine_finished)
 
 
 class OpenAIServing:
     def __init__(self, *, info: ModelInfo, model_names: list[str], slo_classes: dict[str, SLOTarget],
                  default_slo_class: str, decode_estimate_cap: int,
                  submit: Callable[[str, list[int], SamplingParams, RoutingHint], Any],  # -> a RequestStream
-                 metrics: ServingMetrics, dispatcher: Dispatcher | None = None):
+                 metrics: RouterMetrics, dispatcher: Dispatcher | None = None):
         """``dispatcher`` routes and admits every request (without one, each goes straight to
         ``submit``, unrouted: tests). A Router that alone holds as many requests as the replicas
         admit (``dispatcher.book.capacity()``) refuses new ones with a 429 before parsing them;
@@ -139,30 +102,41 @@ class OpenAIServing:
             if tracing.ENABLED:
                 tracing.trace(p.rid, "router_in", t0)
             slo_label = p.slo.name
-            hint = await self._admit(p)
+            hint, predicted = await self._admit(p)
         except APIError as e:
             self.metrics.request_done(endpoint=kind, status=e.status, slo_class=slo_label)
             return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
         except asyncio.CancelledError:  # the client left while the request waited for admission
             self.metrics.request_done(endpoint=kind, status=499, slo_class=slo_label)
             raise
-        run = _Run(p, self)
+        except Exception:  # a bug: the 500 handler answers, and the request still counts
+            self.metrics.request_done(endpoint=kind, status=500, slo_class=slo_label)
+            raise
+        choices = [Choice(i, p if i == 0 else p.child(i), self) for i in range(p.n)]
+        req = _Request(p, choices, predicted)
         self.num_in_flight += 1
-        try:  # the first batch decides between an error status and a 200
-            stream, first = await self._dispatch(p, hint)
-            first_out = run.add(first)
+        try:  # the first batches decide between an error status and a 200
+            firsts = await self._dispatch_choices(req, hint)
             if tracing.ENABLED:
                 tracing.trace(p.rid, "router_first_out")
         except asyncio.CancelledError:
-            self._done(run, 499)
+            req.close_streams()
+            self._done(req, 499)
             raise
         except APIError as err:
-            self._done(run, err.status)
+            req.close_streams()
+            self._done(req, err.status)
             return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
         if p.req.stream:
-            return _EventStream(self._sse(run, stream, first_out), media_type="text/event-stream",
+            def abandoned() -> None:  # the response ended: a no-op unless the stream never ran to its end
+                if not req.closed:
+                    for c in choices:
+                        c.stream.close(abort=True)
+                    self._done(req, 499)
+
+            return _EventStream(self._sse(req, firsts), abandoned, media_type="text/event-stream",
                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await self._collect(run, stream, first_out)
+        return await self._collect(req, firsts)
 
     def _shed_if_full(self) -> None:
         limit = self.dispatcher.book.capacity() if self.dispatcher is not None else None
@@ -171,15 +145,41 @@ class OpenAIServing:
                            "queue is full); retry later", code="queue_full",
                            headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)})
 
-    async def _admit(self, p: Prepared) -> RoutingHint:
+    async def _admit(self, p: Prepared) -> tuple[RoutingHint, float | None]:
+        """The request's hint, routed, and the policy's predicted TTFT (if it predicts one)."""
         hint = p.hint(self.info.block_size, self.decode_cap)
         if self.dispatcher is None:
-            return hint
+            return hint, None
         d = await self.dispatcher.admit(hint)
         if d.action != DISPATCH:
             raise APIError(429, f"no replica can meet the {p.slo.name!r} SLO now; retry later", code="slo_unattainable",
                            headers={"Retry-After": str(max(1, int(round(d.retry_after_s or 1))))})
-        return hint
+        return hint, d.predicted_ttft_s
+
+    async def _dispatch_choices(self, req: _Request, hint: RoutingHint) -> list[tuple]:
+        """Dispatch every choice and return each one's first output. The first choice goes where
+        the policy sends it. The others (``n > 1``) follow it to that replica once its first
+        token shows that the prompt is computed there: they find it in the prefix cache, so the
+        prompt is prefilled once."""
+        first = req.choices[0]
+        first.stream, batch = await self._dispatch(first.p, hint)
+        outs = [first.add(batch)]
+        if len(req.choices) == 1:
+            return outs
+        where = self.dispatcher.book.replica_of(first.p.rid) if self.dispatcher is not None else None
+
+        async def one(c: Choice) -> tuple:
+            h = c.p.hint(self.info.block_size, self.decode_cap)
+            if self.dispatcher is not None:
+                self.dispatcher.follow(h, where)
+            c.stream, b = await self._dispatch(c.p, h)
+            return c.add(b)
+
+        # One after another: dispatched together, a choice's call was at times never delivered
+        # (Ray Serve 2.60 routed only some of a burst of calls made from one HTTP request).
+        for c in req.choices[1:]:
+            outs.append(await one(c))
+        return outs
 
     async def _dispatch(self, p: Prepared, hint: RoutingHint) -> tuple[Any, TokenBatch]:
         """Send the request to a replica and wait for its first batch. A replica that answers
@@ -222,57 +222,92 @@ class OpenAIServing:
         raise AssertionError("unreachable")
 
     # ---- responses ---------------------------------------------------------------------------
-    def _done(self, run: _Run, status: int) -> None:
+    def _done(self, req: _Request, status: int) -> None:
+        if req.closed:
+            return
+        req.closed = True
         self.num_in_flight -= 1
-        p = run.p
+        p, first = req.p, req.choices[0]
         if self.dispatcher is not None:
-            self.dispatcher.on_finish(p.rid, run.num_generated)
+            for c in req.choices:
+                self.dispatcher.on_finish(c.p.rid, c.num_generated)
         e2e = time.monotonic() - p.t0
-        ttft = None if run.t_first is None else run.t_first - p.t0
-        tpot = run.tpot()
+        ttft = None if first.t_first is None else first.t_first - p.t0
+        tpot = first.tpot()
         attained = p.slo.attained(ttft, tpot) if status == 200 else None
         self.metrics.request_done(endpoint=p.kind, status=status, slo_class=p.slo.name,
-                                  prompt_tokens=len(p.prompt_ids) if run.t_first is not None else 0,
-                                  completion_tokens=run.num_generated,
-                                  ttft_s=ttft, tpot_s=tpot, e2e_s=e2e if status == 200 else None, attained=attained)
+                                  prompt_tokens=len(p.prompt_ids) if first.t_first is not None else 0,
+                                  completion_tokens=sum(c.num_generated for c in req.choices),
+                                  ttft_s=ttft, tpot_s=tpot, e2e_s=e2e if status == 200 else None, attained=attained,
+                                  predicted_ttft_s=req.predicted_ttft_s)
 
-    async def _collect(self, run: _Run, stream, first_out) -> Response:
-        p = run.p
-        texts = [first_out[0]]
-        lps = [first_out[1]] if first_out[1] is not None else []
-        finished = first_out[2]
+    async def _outputs(self, req: _Request, firsts: list[tuple]) -> AsyncIterator[tuple[int, tuple]]:
+        """``(choice index, (text, logprobs, finished))`` as the choices' batches come, starting
+        with ``firsts``, until every choice has finished. Raises what a batch raised."""
+        if len(req.choices) == 1:  # the common case, without a task per choice
+            c, out = req.choices[0], firsts[0]
+            while True:
+                yield 0, out
+                if out[2]:
+                    return
+                out = await _next_output(c)
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(c: Choice, out: tuple) -> None:
+            try:
+                while True:
+                    queue.put_nowait((c.index, out))
+                    if out[2]:
+                        return
+                    out = await _next_output(c)
+            except Exception as e:  # noqa: BLE001 - handed to the consumer
+                queue.put_nowait((c.index, e))
+
+        tasks = [asyncio.ensure_future(pump(c, out)) for c, out in zip(req.choices, firsts)]
         try:
-            while not finished:
-                text, lp, finished = run.add(await stream.__anext__())
-                texts.append(text)
+            left = len(tasks)
+            while left:
+                i, out = await queue.get()
+                if isinstance(out, BaseException):
+                    raise out
+                yield i, out
+                left -= out[2]
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def _collect(self, req: _Request, firsts: list[tuple]) -> Response:
+        p = req.p
+        texts: list[list[str]] = [[] for _ in req.choices]
+        lps: list[list[dict]] = [[] for _ in req.choices]
+        try:
+            async for i, (text, lp, _) in self._outputs(req, firsts):
+                texts[i].append(text)
                 if lp is not None:
-                    lps.append(lp)
+                    lps[i].append(lp)
         except asyncio.CancelledError:
-            stream.close(abort=True)
-            self._done(run, 499)
+            req.close_streams()
+            self._done(req, 499)
             raise
-        except StopAsyncIteration:
-            run.finish_reason = run.finish_reason or "abort"
         except APIError as e:
-            stream.close(abort=True)
-            self._done(run, e.status)
+            req.close_streams()
+            self._done(req, e.status)
             return JSONResponse(e.body(), status_code=e.status)
         except Exception as e:
-            stream.close(abort=True)
+            req.close_streams()
             logger.exception("request %s failed", p.rid)
-            self._done(run, 503)
+            self._done(req, 503)
             err = APIError(503, f"the model replica failed: {type(e).__name__}")
             return JSONResponse(err.body(), status_code=503)
-        stream.close(abort=not run.engine_finished)  # not finished: a stop string seen here first
-        logprobs = _merge_logprobs(p.kind, lps) if p.params.logprobs is not None else None
+        req.close_streams()
         name = p.req.model or self.model_names[0]
-        build = completion_response if p.kind == "completions" else chat_response
-        body = build(p.rid, int(time.time()), name, "".join(texts), run.finish_reason, logprobs, run.usage())
-        self._done(run, 200)
+        out = [c.final(p.kind, "".join(texts[c.index]), lps[c.index]) for c in req.choices]
+        body = response_body(p.kind, p.rid, int(time.time()), name, out, req.usage())
+        self._done(req, 200)
         return Response(_dumps(body), media_type="application/json")
 
-    async def _sse(self, run: _Run, stream, first_out) -> AsyncIterator[bytes]:
-        p = run.p
+    async def _sse(self, req: _Request, firsts: list[tuple]) -> AsyncIterator[bytes]:
+        p = req.p
         created = int(time.time())
         name = p.req.model or self.model_names[0]
         with_usage = p.req.include_usage
@@ -280,30 +315,24 @@ class OpenAIServing:
         status = 499  # unless the stream gets to its end
         try:
             if chat:
-                yield _sse(chat_chunk(p.rid, created, name, {"role": "assistant", "content": ""}, None, None,
-                                      with_usage))
-            out = first_out
-            while True:
-                text, lp, finished = out
+                for c in req.choices:
+                    yield _sse(_at(chat_chunk(p.rid, created, name, {"role": "assistant", "content": ""}, None, None,
+                                              with_usage), c.index))
+            async for i, (text, lp, finished) in self._outputs(req, firsts):
+                c = req.choices[i]
                 if text or lp is not None or finished:
-                    reason = run.finish_reason if finished else None
-                    if chat:
-                        yield _sse(chat_chunk(p.rid, created, name, {"content": text} if text else {}, reason, lp,
-                                              with_usage))
+                    reason = c.finish_reason if finished else None
+                    if chat:  # one chunk per batch, unless a tool call's deltas split it
+                        deltas = c.deltas(text, finished) or [{}]
+                        for k, delta in enumerate(deltas):
+                            last = k == len(deltas) - 1
+                            yield _sse(_at(chat_chunk(p.rid, created, name, delta, c.reason(reason) if last else None,
+                                                      lp if k == 0 else None, with_usage), i))
                     else:
-                        yield _sse(completion_chunk(p.rid, created, name, text, reason, lp, with_usage))
-                if finished:
-                    break
-                try:
-                    item = await stream.__anext__()
-                except StopAsyncIteration:
-                    run.finish_reason = "abort"
-                    out = ("", None, True)
-                    continue
-                out = run.add(item)
+                        yield _sse(_at(completion_chunk(p.rid, created, name, text, reason, lp, with_usage), i))
             if with_usage:
                 yield _sse(usage_chunk(p.rid, created, name, "chat.completion.chunk" if chat else "text_completion",
-                                       run.usage()))
+                                       req.usage()))
             yield _DONE
             status = 200
         except APIError as e:
@@ -318,9 +347,23 @@ class OpenAIServing:
             yield _sse(APIError(503, f"the model replica failed: {type(e).__name__}").body())
             yield _DONE
         finally:
-            # not finished there: the client is gone, an error, or a stop string seen here first
-            stream.close(abort=not run.engine_finished)
-            self._done(run, status)
+            req.close_streams()
+            self._done(req, status)
+
+
+async def _next_output(c: Choice) -> tuple:
+    try:
+        return c.add(await c.stream.__anext__())
+    except StopAsyncIteration:  # the replica ended the stream without a last batch
+        c.finish_reason = c.finish_reason or "abort"
+        return "", None, True
+
+
+def _at(chunk: dict, index: int) -> dict:
+    """A chunk of choice ``index`` (the builders make choice 0's)."""
+    if index:
+        chunk["choices"][0]["index"] = index
+    return chunk
 
 
 class _EventStream(StreamingResponse):
@@ -328,26 +371,24 @@ class _EventStream(StreamingResponse):
     disconnect raises (the proxy's receive call is cancelled) instead of returning a disconnect
     message; that ends the wait the same way here, so the stream is cancelled and cleaned up as
     on any disconnect and no exception escapes into Serve's request task (whose future nobody
-    retrieves: "Future exception was never retrieved" in the replica log)."""
+    retrieves: "Future exception was never retrieved" in the replica log).
+
+    A client that leaves before the body's first chunk is asked for leaves the generator
+    unstarted, and closing an unstarted generator runs none of its code: ``abandoned`` then
+    does its cleanup (abort the replica call, count the request)."""
+
+    def __init__(self, content, abandoned: Callable[[], None], **kw):
+        super().__init__(content, **kw)
+        self._abandoned = abandoned
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._abandoned()
 
     async def listen_for_disconnect(self, receive) -> None:
         try:
             await super().listen_for_disconnect(receive)
         except Exception:  # noqa: BLE001 - the client is gone
             pass
-
-
-def _merge_logprobs(kind: str, parts: list[dict]) -> dict | None:
-    if kind == "chat":
-        return {"content": [c for part in parts for c in part["content"]]}
-    merged = {"tokens": [], "token_logprobs": [], "top_logprobs": None, "text_offset": []}
-    tops = []
-    for part in parts:
-        merged["tokens"] += part["tokens"]
-        merged["token_logprobs"] += part["token_logprobs"]
-        merged["text_offset"] += part["text_offset"]
-        if part["top_logprobs"] is not None:
-            tops += part["top_logprobs"]
-    if tops:
-        merged["top_logprobs"] = tops
-    return merged

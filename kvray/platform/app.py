@@ -68,5 +68,6 @@ def make_app(a: AppArgs, replica_overrides: dict | None = None, router_overrides
     replica = serve.deployment(LLMReplica, name="LLMReplica").options(**{**replica_options(a), **overrides})
     router = serve.deployment(Router, name="Router").options(
         **{"max_ongoing_requests": ROUTER_MAX_ONGOING, **(router_overrides or {})})
-    llm = replica.bind(a.model, a.engine_options(), a.graceful_shutdown_timeout_s, a.stream_interval_ms)
+    llm = replica.bind(a.model, a.engine_options(), a.graceful_shutdown_timeout_s, a.stream_interval_ms,
+                       a.served_model_name)
     return router.bind(llm, a.model_dump(mode="json"))

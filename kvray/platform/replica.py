@@ -36,6 +36,7 @@ import threading
 import time
 
 from kvray import tracing
+from kvray.metrics import MemorySink, ReplicaMetrics
 from kvray.records import ROUTING_STATS_KEY, Bound, Refusal, ReplicaStats, RoutingHint, TokenBatch
 from kvray.replica.async_engine import QueueFull
 from kvray.replica.sampling_params import SamplingParams
@@ -44,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 EXIT_GRACE_S = 1.0  # after the engine died: time for the error to reach every open stream, then exit
 CHANNEL_IDLE_CLOSE_S = 5.0  # a channel with no requests closes (so a draining replica can finish)
+METRICS_PERIOD_S = 1.0  # how often the engine gauges (kvray.metrics) are set
 ORPHAN_TIMEOUT_S = 60.0  # requests whose channel never (re)connects are aborted after this
 
 
@@ -111,6 +113,8 @@ class _Request:
             return
         first = not self.active.started  # the first batch is never held back by the stream interval
         self.active.started = True
+        if d.queue_time_s is not None:
+            self.replica.metrics.queue_time(d.queue_time_s)
         batch = TokenBatch.of(d)
         self.active.generated += len(batch.ids)
         if self.replica._first_token_at is None and batch.ids:
@@ -160,7 +164,7 @@ def _exit_soon(error: BaseException) -> None:
 
 class LLMReplica:
     def __init__(self, model: str, engine_options: dict | None = None, shutdown_timeout_s: float = 30.0,
-                 stream_interval_ms: float = 0.0):
+                 stream_interval_ms: float = 0.0, served_model_name: str | None = None):
         from kvray.platform.autoscaling import pin_replica_gpus
         pin_replica_gpus()  # before torch touches CUDA: a replica sees only the GPUs Ray gave it
         from kvray.replica.async_engine import AsyncLLMEngine  # the engine process loads torch, not this one
@@ -182,6 +186,8 @@ class LLMReplica:
         self._num_aborted = 0  # requests that ended before the engine finished them (caller gone)
         self._started_at = time.time()  # wall clock: when this replica's engine was ready
         self._first_token_at: float | None = None  # wall clock of the first token it produced
+        self.metrics = ReplicaMetrics(served_model_name or model, self._replica_id, None if in_serve else MemorySink())
+        self._metrics_task: asyncio.Task | None = None
 
     async def model_info(self) -> dict:
         """What the Router needs before it can tokenize: the tokenizer itself and the limits."""
@@ -196,6 +202,7 @@ class LLMReplica:
                        hint: RoutingHint | None = None, channel: str | None = None):
         if tracing.ENABLED:
             tracing.trace(request_id, "replica_in")
+        self._ensure_metrics_task()
         box = None
         if channel is not None:
             box = self._outboxes.get(channel)
@@ -277,6 +284,19 @@ class LLMReplica:
                 self._outboxes.pop(channel, None)
 
     # ---- stats, health, shutdown ---------------------------------------------------------------
+    def _ensure_metrics_task(self) -> None:
+        """The engine gauges, set every ``METRICS_PERIOD_S`` from the replica's event loop."""
+        if self._metrics_task is None:
+            self._metrics_task = asyncio.get_running_loop().create_task(self._update_metrics())
+
+    async def _update_metrics(self) -> None:
+        while True:
+            try:
+                self.metrics.update(self.engine.stats())
+            except Exception:  # noqa: BLE001 - a metrics hiccup must not end the loop
+                logger.exception("could not update the replica's metrics")
+            await asyncio.sleep(METRICS_PERIOD_S)
+
     def record_autoscaling_stats(self) -> dict:
         """Load signal for kvray's SLO-headroom autoscaling policy (Serve pushes it to the controller)."""
         from kvray.platform.autoscaling import replica_autoscaling_stats
@@ -285,6 +305,7 @@ class LLMReplica:
     async def record_routing_stats(self) -> dict:
         # async: it runs on the replica's event loop, with the request coroutines (a sync method
         # would run on Serve's thread pool, racing them)
+        self._ensure_metrics_task()
         return {ROUTING_STATS_KEY: self.stats()}
 
     def stats(self) -> ReplicaStats:
@@ -301,6 +322,8 @@ class LLMReplica:
         self.engine.check_health()
 
     async def __del__(self):
+        if self._metrics_task is not None:
+            self._metrics_task.cancel()
         try:
             await self.engine.shutdown(timeout_s=self._shutdown_timeout_s)
         except Exception:  # pragma: no cover

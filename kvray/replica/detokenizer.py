@@ -48,3 +48,20 @@ class IncrementalDetokenizer:
         self._prefix_offset = self._read_offset = len(self._ids)
         self.text += delta
         return delta
+
+    def add_until_stop(self, new_ids: list[int], stops: list[str]) -> str | None:
+        """``add(new_ids)``; if that makes one of ``stops`` appear, cut the text just before the
+        earliest one and return it (None: no stop string yet)."""
+        before = len(self.text)
+        if not self.add(new_ids):
+            return None
+        window_start = max(0, before - max(len(s) for s in stops) + 1)
+        best = None
+        for s in stops:
+            i = self.text.find(s, window_start)
+            if i != -1 and (best is None or i < best[0]):
+                best = (i, s)
+        if best is None:
+            return None
+        self.text = self.text[:best[0]]
+        return best[1]

@@ -5,6 +5,7 @@ import itertools
 import logging
 import time
 from collections import deque
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,7 @@ from kvray.records import EngineStats, RequestSnapshot
 from kvray.replica.block_manager import BlockManager
 from kvray.replica.config import EngineConfig
 from kvray.replica.detokenizer import IncrementalDetokenizer
+from kvray.replica.grammar import GrammarCache
 from kvray.replica.model_runner import ModelRunner, resolve_device
 from kvray.replica.models.loader import load_config, load_tokenizer, resolve_dtype, resolve_model
 from kvray.replica.outputs import RequestOutput
@@ -120,6 +122,8 @@ class LLMEngine:
         self._inflight: _Launched | None = None  # the step launched, not yet completed (async scheduling)
         self._last_step_end = 0.0
         self._step_failures = 0
+        self.grammars: GrammarCache | None = None  # made when the first structured-outputs request comes
+        self._compiling: list[Sequence] = []  # requests whose grammar is being compiled (not scheduled yet)
         logger.info("engine ready in %.1f s: model=%s device=%s dtype=%s max_model_len=%d KV=%d tokens, step budget "
                     "%d tokens", time.monotonic() - t_start, config.model, self.device, dtype, self.max_model_len,
                     num_blocks * config.block_size, self.max_num_batched_tokens)
@@ -155,11 +159,46 @@ class LLMEngine:
         seq = Sequence(request_id, prompt_token_ids, params, self.config.block_size, arrival_time, prompt)
         if params.stop_strings:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids)
+        if params.structured_outputs is not None:
+            seq.grammar = self._grammar_cache().state(params.structured_outputs)
+            if seq.grammar.ready():
+                seq.grammar.start()  # compiled before (or known bad: GrammarError, a ValueError)
         return seq
 
     def add_sequence(self, seq: Sequence) -> None:
         self._seqs[seq.request_id] = seq
-        self.scheduler.add(seq)
+        if seq.grammar is not None and seq.grammar.matcher is None:
+            self._compiling.append(seq)  # scheduled once its grammar is compiled (off this thread)
+        else:
+            self.scheduler.add(seq)
+
+    def _grammar_cache(self) -> GrammarCache:
+        if self.grammars is None:
+            self.grammars = GrammarCache(self.tokenizer, self.vocab_size, self.eos_token_ids)
+            self.runner.sampler.grammars = self.grammars
+        return self.grammars
+
+    def _take_compiled(self) -> list[Sequence]:
+        """Schedule the requests whose grammar is now compiled; fail those whose compile failed
+        (returned). With nothing else to run, wait a moment for a compile instead of spinning."""
+        if not self.scheduler.has_unfinished() and self._inflight is None:
+            wait([s.grammar.future for s in self._compiling], timeout=0.01, return_when=FIRST_COMPLETED)
+        failed, still = [], []
+        for seq in self._compiling:
+            if seq.is_finished:
+                continue  # aborted while compiling
+            if not seq.grammar.ready():
+                still.append(seq)
+                continue
+            try:
+                seq.grammar.start()
+            except Exception as e:  # noqa: BLE001 - the library could not compile this request's grammar
+                self._fail(seq, e)
+                failed.append(seq)
+                continue
+            self.scheduler.add(seq)
+        self._compiling = still
+        return failed
 
     def abort(self, request_id: str) -> Sequence | None:
         seq = self.scheduler.abort(request_id)
@@ -174,8 +213,8 @@ class LLMEngine:
         return seq
 
     def has_unfinished(self) -> bool:
-        """Requests are queued or running, or a step is in flight (async scheduling)."""
-        return self._inflight is not None or self.scheduler.has_unfinished()
+        """Requests are queued, compiling or running, or a step is in flight (async scheduling)."""
+        return self._inflight is not None or self.scheduler.has_unfinished() or bool(self._compiling)
 
     # ---- the step --------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
@@ -187,8 +226,9 @@ class LLMEngine:
         ``"abort"``) while waiting requests carry on. Only ``MAX_STEP_FAILURES`` failed steps in
         a row raise from here.
         """
+        failed = self._take_compiled() if self._compiling else []
         try:
-            done = self._step()
+            done = failed + self._step()
         except Exception as e:  # noqa: BLE001 - any failure of the step: fail its requests, not the engine
             self._step_failures += 1
             if self._step_failures >= MAX_STEP_FAILURES:
@@ -266,6 +306,10 @@ class LLMEngine:
             n = len(tokens) + 1  # with that token
             if n >= max_len or n - seq.num_prompt_tokens >= seq.params.max_tokens:
                 continue  # that token ends it: nothing to schedule
+            if seq.grammar is not None:
+                # its grammar must see that token before it masks the next one: the request sits
+                # out the step launched now (the others keep the look-ahead) and joins the next
+                continue
             tokens.append(PLACEHOLDER)
             pending[seq] = row
         return pending
@@ -309,13 +353,15 @@ class LLMEngine:
         p = seq.params
         reason = stop = None
         n_out = seq.num_output_tokens
-        if n_out >= p.min_tokens:
+        if seq.grammar is not None and seq.grammar.accept(token):
+            reason = "stop"  # the grammar is complete (its stop token came)
+        elif n_out >= p.min_tokens:
             if not p.ignore_eos and token in self.eos_token_ids:
                 reason = "stop"
             elif p.stop_token_ids and token in p.stop_token_ids:
                 reason, stop = "stop", token
-        if seq.detokenizer is not None:
-            stop_str = self._check_stop_strings(seq)
+        if seq.detokenizer is not None:  # the new token's text; cut before a stop string
+            stop_str = seq.detokenizer.add_until_stop(seq.token_ids[-1:], p.stop_strings)
             if stop_str is not None and reason is None:
                 reason, stop = "stop", stop_str
         if reason is None and (n_out >= p.max_tokens or seq.num_tokens >= self.max_model_len):
@@ -325,27 +371,6 @@ class LLMEngine:
             seq.metrics.finished_time = now
             self.scheduler.finish(seq, reason)
             self._seqs.pop(seq.request_id, None)
-
-    @staticmethod
-    def _check_stop_strings(seq: Sequence) -> str | None:
-        """Detokenize the new token; if a stop string appears, cut the text just before it."""
-        detok = seq.detokenizer
-        before = len(detok.text)
-        new = detok.add(seq.token_ids[-1:])
-        if not new:
-            return None
-        stops = seq.params.stop_strings
-        longest = max(len(s) for s in stops)
-        window_start = max(0, before - longest + 1)
-        best = None
-        for s in stops:
-            i = detok.text.find(s, window_start)
-            if i != -1 and (best is None or i < best[0]):
-                best = (i, s)
-        if best is None:
-            return None
-        detok.text = detok.text[:best[0]]
-        return best[1]
 
     # ---- introspection ---------------------------------------------------------------------
     def output_text(self, seq: Sequence) -> str:

@@ -121,4 +121,9 @@ class EngineLoop:
             new_top_logprobs=seq.top_logprobs[k0:n] if seq.top_logprobs is not None else None,
             engine_text=seq.detokenizer.text if seq.detokenizer is not None else None,
             num_cached_tokens=seq.num_cached_tokens, first_token_time=seq.metrics.first_token_time,
-            num_preemptions=seq.metrics.num_preemptions)))
+            num_preemptions=seq.metrics.num_preemptions, queue_time_s=_queue_time(seq) if k0 == 0 else None)))
+
+
+def _queue_time(seq) -> float | None:
+    m = seq.metrics
+    return None if m.first_scheduled_time is None else max(0.0, m.first_scheduled_time - m.arrival_time)

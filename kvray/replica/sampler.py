@@ -70,6 +70,8 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+        self.grammars = None  # the engine's GrammarCache, once a request with structured outputs came
+
 
     def _seq_generator(self, seq: Sequence) -> torch.Generator:
         if seq.generator is None:
@@ -79,9 +81,13 @@ class Sampler:
         return seq.generator
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
-        """``logits`` [N, V] float32, one row per sequence in ``seqs``."""
+        """``logits`` [N, V] float32, one row per sequence in ``seqs``. Rows of requests with
+        structured outputs are masked to what their grammar allows first."""
+        if self.grammars is not None:
+            rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
+            if rows:
+                self.grammars.apply_masks(logits, rows, self.grammars.fill_masks([seqs[i].grammar for i in rows]))
         params = [s.params for s in seqs]
-        len(seqs)
         if all(p.greedy for p in params):
             tokens = logits.argmax(dim=-1)
         else:

@@ -8,6 +8,52 @@ MAX_INT = 2**31 - 1              # bound of every count a request may carry (max
 SEED_MIN, SEED_MAX = -2**63, 2**64 - 1  # what torch.Generator.manual_seed accepts
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
+MAX_GRAMMAR_CHARS = 1 << 20      # the largest schema / regex / grammar text a request may carry
+MAX_CHOICES = 1024
+
+
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """A constraint on what a request may generate: exactly one of these is set. The engine
+    compiles it (``kvray.replica.grammar``, with xgrammar) off its step loop, caches it by this
+    record, and masks every sampled token of the request to what the grammar allows; the
+    request finishes (``"stop"``) when the grammar is complete.
+
+    * ``json_schema``: a JSON schema, as JSON text; ``json_object``: any JSON object;
+    * ``regex``; ``choice``: one of these strings, exactly;
+    * ``grammar``: an EBNF grammar (xgrammar's dialect, GBNF-like, ``root ::= ...``);
+    * ``structural_tag``: xgrammar's structural-tag JSON (free text with tagged, schema-checked
+      regions: how tool calls are enforced).
+    """
+
+    json_schema: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    structural_tag: str | None = None
+
+    def __post_init__(self) -> None:
+        set_ = [n for n in ("json_schema", "regex", "choice", "grammar", "structural_tag") if getattr(self, n) is not None]
+        set_ += ["json_object"] if self.json_object is True else []
+        if len(set_) != 1:
+            raise ValueError(f"invalid structured outputs: exactly one constraint must be set, got {set_ or 'none'}")
+        for n in ("json_schema", "regex", "grammar", "structural_tag"):
+            v = getattr(self, n)
+            if v is not None and (not isinstance(v, str) or not v or len(v) > MAX_GRAMMAR_CHARS):
+                raise ValueError(f"invalid structured outputs: {n} must be a non-empty string of at most "
+                                 f"{MAX_GRAMMAR_CHARS} characters")
+        if self.choice is not None:
+            if (not isinstance(self.choice, tuple) or not 1 <= len(self.choice) <= MAX_CHOICES
+                    or any(not isinstance(c, str) or not c for c in self.choice)):
+                raise ValueError(f"invalid structured outputs: choice must be 1 to {MAX_CHOICES} non-empty strings")
+        if not isinstance(self.json_object, bool):
+            raise ValueError("invalid structured outputs: json_object must be a boolean")
+
+    @property
+    def kind(self) -> str:
+        return "json_object" if self.json_object else next(
+            n for n in ("json_schema", "regex", "choice", "grammar", "structural_tag") if getattr(self, n) is not None)
 
 
 @dataclass
@@ -35,6 +81,7 @@ class SamplingParams:
     ttft_ms: float | None = None
     tpot_ms: float | None = None
     priority: float = 1.0
+    structured_outputs: StructuredOutputs | None = None
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -96,3 +143,5 @@ class SamplingParams:
             if getattr(self, name) is not None:
                 number(name, lambda v: v > 0, "must be > 0")
         number("priority", lambda v: v > 0, "must be > 0")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputs):
+            raise bad("structured_outputs", "must be a kvray.StructuredOutputs")

@@ -255,6 +255,7 @@ class Scheduler:
         """The engine's stats record: queues, KV, limits, and the step-cost fit ``step_cost``
         (a ``kvray.step_cost.StepTimeModel``) of the steps run so far."""
         running, waiting, bm = self.running, self._waiting, self.block_manager
+        bm_stats = bm.stats()
         tpots = [s.params.tpot_ms for s in running if s.params.tpot_ms] + \
                 [s.params.tpot_ms for s in waiting if s.params.tpot_ms]
         return EngineStats(
@@ -263,7 +264,8 @@ class Scheduler:
             tokens_in_flight=sum(s.num_tokens for s in running) + sum(s.num_tokens for s in waiting),
             queued_prefill_tokens=sum(s.num_tokens - s.num_computed_tokens for s in waiting)
             + sum(s.num_tokens - s.num_computed_tokens - 1 for s in running if s.is_prefill),
-            prefix_hit_rate=bm.stats().get("prefix_hit_rate", 0.0), block_size=bm.block_size,
+            prefix_hit_rate=bm_stats["prefix_hit_rate"], prefix_hit_tokens=bm_stats["prefix_hit_tokens"],
+            prefix_queried_tokens=bm_stats["prefix_queried_tokens"], block_size=bm.block_size,
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             scheduling_policy=self.policy.name, min_tpot_ms=min(tpots) if tpots else None,
             step_coeffs=step_cost.coeffs.as_tuple(), num_steps=step_cost.num_samples)

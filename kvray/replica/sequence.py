@@ -28,7 +28,7 @@ class Sequence:
         "request_id", "token_ids", "num_prompt_tokens", "params", "status", "num_computed_tokens",
         "block_table", "num_cached_tokens", "finish_reason", "stop_reason", "metrics", "logprobs",
         "top_logprobs", "generator", "detokenizer", "_block_hashes", "block_size", "deadline",
-        "prompt", "np_table", "np_src", "error",
+        "prompt", "np_table", "np_src", "error", "grammar",
     )
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -48,6 +48,7 @@ class Sequence:
         self.top_logprobs: list[dict[int, float]] | None = [] if params.logprobs else None
         self.generator = None  # torch.Generator for seeded sampling, made by the sampler
         self.detokenizer = None  # set by the engine when the request has stop strings
+        self.grammar = None  # kvray.replica.grammar.GrammarState, for structured outputs
         self._block_hashes: list[int] = []
         self.block_size = block_size
         # Absolute TTFT deadline (monotonic seconds) for deadline-aware policies.

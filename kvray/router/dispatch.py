@@ -23,7 +23,7 @@ from collections import Counter
 
 from kvray.records import RoutingHint
 from kvray.router.book import ReplicaBook, get_book
-from kvray.router.policy import DISPATCH, QUEUE, Decision, RoutingPolicy, make_policy
+from kvray.router.policy import DISPATCH, QUEUE, Decision, RoutingPolicy, make_policy, route_from
 
 
 class Dispatcher:
@@ -44,6 +44,21 @@ class Dispatcher:
                 hint.route = d.route
                 self.counts["dispatched"] += 1
         return d
+
+    def follow(self, hint: RoutingHint, replica_id: str | None) -> Decision:
+        """Dispatch ``hint``'s request to ``replica_id``, where a request with the same prompt
+        went (the other choices of an ``n > 1`` request: they find its prompt there in the
+        prefix cache); the policy decides instead when that replica is no longer healthy."""
+        book = self.book
+        with book.lock:
+            state = book.replicas.get(replica_id) if replica_id is not None else None
+            if state is None or not state.healthy:
+                return self.decide(hint)
+            route = route_from(state, book, lambda s: s.load, hint.avoid)
+            book.on_dispatch(hint, replica_id)
+            hint.route = route
+            self.counts["dispatched"] += 1
+            return Decision(DISPATCH, route, reason="same prompt as its first choice")
 
     async def admit(self, hint: RoutingHint) -> Decision:
         """DISPATCH (the route is in the hint) or REJECT; a QUEUE decision waits here."""

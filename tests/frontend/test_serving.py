@@ -9,9 +9,9 @@ import threading
 
 import pytest
 
-from kvray.frontend.metrics import ServingMetrics
 from kvray.frontend.prepare import INLINE_TOKENIZE_CHARS, ModelInfo
 from kvray.frontend.serving import OpenAIServing
+from kvray.metrics import MemorySink, RouterMetrics
 from kvray.records import Refusal, TokenBatch
 from kvray.replica.models.loader import load_tokenizer, resolve_model
 from kvray.router.book import ReplicaBook
@@ -63,7 +63,7 @@ class ScriptedPolicy(RoutingPolicy):
 
 
 def serving(tok, stream_factory, policy=None, replicas=("r1", "r2")):
-    metrics = ServingMetrics("tiny")
+    metrics = RouterMetrics("tiny", "router-1", MemorySink())
     calls = []
 
     def submit(rid, ids, params, hint):
@@ -156,7 +156,7 @@ def test_replica_failure_mid_stream_and_before_output(tok):
     s3, _, _ = serving(tok, lambda: FakeStream([Refusal(400, "bad prompt")]))
     resp = run(s3.handle("completions", b'{"prompt": "x"}', {}))
     assert resp.status_code == 400 and json.loads(resp.body)["error"]["message"] == "bad prompt"
-    assert b'status="503"' in metrics.render()[0]
+    assert metrics.sink.total("kvray_requests_total", status="503") == 2
 
 
 def test_admission_refusal_is_a_429_with_retry_after(tok):
@@ -241,7 +241,7 @@ class ThreadRecordingTokenizer:
 
 def test_long_prompts_are_tokenized_off_the_event_loop_and_huge_ones_not_at_all(tok):
     rec = ThreadRecordingTokenizer(tok)
-    metrics = ServingMetrics("tiny")
+    metrics = RouterMetrics("tiny", "router-1", MemorySink())
     s = OpenAIServing(info=ModelInfo(rec, 4096, 16, len(tok)), model_names=["tiny"],
                       slo_classes={"interactive": SLOTarget("interactive", 500, 50)}, default_slo_class="interactive",
                       decode_estimate_cap=64, submit=lambda *a: FakeStream([batch([1], "length")]), metrics=metrics)
@@ -299,3 +299,46 @@ def test_full_replicas_mean_a_429_at_once(tok):
     s2.num_in_flight = 2
     assert run(s2.handle("completions", b'{"prompt": [1], "max_tokens": 1}', {})).status_code == 200
     assert s2.num_in_flight == 2  # back to where it was once that request finished
+
+
+def test_every_request_is_counted_once_and_an_abandoned_stream_is_let_go(tok):
+    """A streaming client that leaves before the first chunk is sent never starts the response's
+    generator: the request is still aborted on the replica, counted (499) and taken off the books."""
+    ids = tok(" a b c").input_ids
+    streams = []
+
+    def make():
+        streams.append(FakeStream([batch(ids[:1]), batch(ids[1:2]), batch(ids[2:], "length")]))
+        return streams[-1]
+
+    s, _, metrics = serving(tok, make)
+
+    async def leave_at_once():
+        resp = await s.handle("completions", b'{"prompt": "x", "stream": true}', {})
+        sent = []
+
+        async def receive():
+            return {"type": "http.disconnect"}
+
+        async def send(message):  # a slow client: the disconnect comes while the headers go out
+            sent.append(message["type"])
+            await asyncio.sleep(0.5)
+
+        await resp({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send)
+        return sent
+
+    sent = run(leave_at_once())
+    assert sent == ["http.response.start"]  # nothing of the stream went out: its generator never ran
+    assert streams[0].closed is True  # the replica call was aborted
+    assert s.num_in_flight == 0 and not s.dispatcher.book.replicas["r1"].inflight
+    # a complete stream, a JSON request and a bad one: each counted once, with the one that left
+    run(body_of(run(s.handle("completions", b'{"prompt": "x", "stream": true}', {}))))
+    run(s.handle("completions", b'{"prompt": "x"}', {}))
+    run(s.handle("completions", b'{"prompt": "x", "max_tokens": -1}', {}))
+    total = metrics.sink.total
+    assert total("kvray_requests_total") == 4
+    assert (total("kvray_requests_total", status="499"), total("kvray_requests_total", status="200"),
+            total("kvray_requests_total", status="400")) == (1, 2, 1)
+    assert total("kvray_generation_tokens_total") == 2 * len(ids) + 1  # the one that left had its first token
+    assert len(metrics.sink.observations("kvray_inter_token_latency_seconds")) == 2 * 2  # 2 gaps per stream
+    assert len(metrics.sink.observations("kvray_time_to_first_token_seconds")) == 3  # the one that left too

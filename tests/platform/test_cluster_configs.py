@@ -298,3 +298,32 @@ def test_every_pod_takes_the_api_key_from_a_secret(path):
                 env = {e["name"]: e for e in c.get("env", [])}
                 ref = env["KVRAY_API_KEY"]["valueFrom"]["secretKeyRef"]
                 assert ref["name"] == "kvray-api-key" and ref["key"] == "api-key", c["name"]
+
+
+FAST_INGRESS = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+
+@pytest.mark.parametrize("path", KUBERAY_FILES, ids=lambda p: p.name)
+def test_every_pod_starts_ray_with_the_fast_ingress(path):
+    """HAProxy in front of Routers that serve HTTP themselves: set in every Ray container, so the
+    RayService serves at engine speed with nothing extra to know."""
+    seen = 0
+    for doc in yaml.safe_load_all(path.read_text()):
+        if not doc or doc.get("kind") != "RayService":
+            continue
+        for _, group, _ in _groups(doc):
+            for c in group["template"]["spec"]["containers"]:
+                env = {e["name"]: e.get("value") for e in c.get("env", [])}
+                assert {k: env.get(k) for k in FAST_INGRESS} == FAST_INGRESS, c["name"]
+                seen += 1
+    assert seen >= 2
+
+
+def test_the_launcher_starts_ray_with_the_fast_ingress_and_a_metrics_port():
+    cfg = load(CONFIGS / "ray-cluster.yaml")
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = [c for c in cfg[key] if "ray start" in c]
+        assert start, key
+        for c in start:
+            assert all(f"{k}={v} ray start" in c or f"{k}={v} " in c.split("ray start")[0] for k, v in FAST_INGRESS.items()), c
+            assert "--metrics-export-port=8080" in c, c

@@ -14,7 +14,7 @@ import requests
 ray = pytest.importorskip("ray")
 
 from kvray import LLM, SamplingParams  # noqa: E402
-from serve_app import running_app  # noqa: E402
+from serve_app import metric, running_app, settled_metric, wait_metric, wait_until  # noqa: E402
 
 MODEL = "kvray:tiny-qwen3"
 NAME = "tiny-qwen3"
@@ -27,7 +27,7 @@ ARGS = {"model": MODEL, "served_model_name": NAME, "engine": ENGINE,
 
 @pytest.fixture(scope="module")
 def base():
-    with running_app(ARGS) as url:
+    with running_app(ARGS, fast_metrics=True) as url:
         yield url
 
 
@@ -39,14 +39,6 @@ def client(base):
 
 def _replicas(base) -> dict:
     return requests.get(base + "/v1/kvray/replicas", timeout=10).json()["replicas"]
-
-
-def _metric(base, name: str, **labels) -> float:
-    total = 0.0
-    for line in requests.get(base + "/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def _assert_error_shape(status: int, body: dict, expect_status: int, param=None):
@@ -170,14 +162,14 @@ def test_logprobs_stop_and_slo_class(base, client):
                                         stop=[stop], extra_body={"ignore_eos": True}).choices[0]
         assert cut.finish_reason == "stop" and cut.text == full[:full.index(stop)]
     # SLO class from a header, from the body, and unknown
-    before = _metric(base, "kvray_requests_total", slo_class="batch", status="200")
+    before = settled_metric(base, "kvray_requests_total", slo_class="batch", status="200")
     r = requests.post(base + "/v1/completions", headers={"x-slo-class": "batch"},
                       json={"model": NAME, "prompt": "hi", "max_tokens": 2})
     assert r.status_code == 200
     r = requests.post(base + "/v1/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 2,
                                                       "slo_class": "batch"})
     assert r.status_code == 200
-    assert _metric(base, "kvray_requests_total", slo_class="batch", status="200") == before + 2
+    wait_metric(base, "kvray_requests_total", before + 2, slo_class="batch", status="200")
     r = requests.post(base + "/v1/completions", headers={"x-slo-ttft-ms": "250"},
                       json={"model": NAME, "prompt": "hi", "max_tokens": 2})
     assert r.status_code == 200
@@ -259,7 +251,7 @@ def test_bad_input_errors_while_a_stream_runs(base):
 def test_dropped_streams_free_every_kv_block(base):
     """16 SSE streams dropped after 3 chunks and 4 non-streaming requests timed out by the client,
     while another stream on the same replicas runs to its end."""
-    aborted_before = _metric(base, "kvray_requests_total", status="499")
+    aborted_before = settled_metric(base, "kvray_requests_total", status="499")
     reps_before = _replicas(base).values()
     engine_aborts_before = sum(r["stats"]["num_aborted_total"] for r in reps_before)
     engine_requests_before = sum(r["stats"]["num_requests_total"] for r in reps_before)
@@ -339,10 +331,7 @@ def test_dropped_streams_free_every_kv_block(base):
     reached = sum(s["num_requests_total"] for s in stats) - engine_requests_before
     assert 17 <= reached <= 21
     assert sum(s["num_aborted_total"] for s in stats) == engine_aborts_before + reached - 1
-    deadline = time.time() + 10
-    while _metric(base, "kvray_requests_total", status="499") < aborted_before + 20:
-        assert time.time() < deadline, "the router did not record the 20 disconnects"
-        time.sleep(0.2)
+    wait_metric(base, "kvray_requests_total", aborted_before + 20, status="499")  # each disconnect, once
     # and the disconnects left no asyncio noise in any Serve process's log
     logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
     noisy = [f.name for f in logs.glob("worker-*") if b"exception was never retrieved" in f.read_bytes()]
@@ -351,17 +340,25 @@ def test_dropped_streams_free_every_kv_block(base):
 
 # ---- metrics ----------------------------------------------------------------------------------
 def test_metrics(base, client):
+    """GET /metrics: the kvray series of every process on the node, vLLM's names where they
+    match, labelled with the model and the replica that recorded them."""
+    from kvray.metrics import exported_names
+
     client.completions.create(model=NAME, prompt="metrics please", max_tokens=6, temperature=0,
                               extra_body={"ignore_eos": True})
+    wait_until(lambda: metric(base, "kvray_slo_requests_total", slo_class="interactive") > 0, 30, "no SLO count")
     text = requests.get(base + "/metrics").text
-    for name in ("kvray_requests_total", "kvray_time_to_first_token_seconds_bucket",
-                 "kvray_time_per_output_token_seconds_bucket", "kvray_e2e_request_latency_seconds_bucket",
-                 "kvray_prompt_tokens_total", "kvray_generation_tokens_total", "kvray_slo_requests_total",
-                 "kvray_replica_num_waiting", "kvray_replica_kv_usage_ratio", "kvray_replica_kv_blocks_free",
-                 "kvray_replica_tokens_in_flight"):
-        assert name in text, name
-    assert _metric(base, "kvray_requests_total", status="200", slo_class="interactive") > 0
-    assert _metric(base, "kvray_requests_total", status="404") > 0
-    assert _metric(base, "kvray_slo_requests_total", slo_class="interactive") > 0
-    assert len({line.split('replica="')[1].split('"')[0] for line in text.splitlines()
-                if line.startswith("kvray_replica_kv_blocks_total{")}) == 2
+    for name in ("ray_kvray_requests_total", "ray_kvray_time_to_first_token_seconds_bucket",
+                 "ray_kvray_inter_token_latency_seconds_bucket", "ray_kvray_e2e_request_latency_seconds_bucket",
+                 "ray_kvray_request_time_per_output_token_seconds_bucket", "ray_kvray_prompt_tokens_total",
+                 "ray_kvray_generation_tokens_total", "ray_kvray_slo_requests_total",
+                 "ray_kvray_num_requests_running", "ray_kvray_num_requests_waiting", "ray_kvray_kv_cache_usage_perc",
+                 "ray_kvray_prefix_cache_hit_rate", "ray_kvray_request_queue_time_seconds_bucket"):
+        assert name + "{" in text, name
+    names = {line.split("{")[0] for line in text.splitlines() if line and not line.startswith("#")}
+    assert names <= exported_names(), names - exported_names()  # nothing the dashboard could not know of
+    assert metric(base, "kvray_requests_total", status="200", slo_class="interactive") > 0
+    assert metric(base, "kvray_requests_total", status="404") > 0
+    gauges = {line.split('replica="')[1].split('"')[0] for line in text.splitlines()
+              if line.startswith("ray_kvray_kv_cache_usage_perc{")}
+    assert gauges == set(_replicas(base)), gauges  # one series per LLMReplica, named as the router names it

@@ -140,17 +140,90 @@ class TokenizerSpec:
                 "chat_template": self.chat_template, "seed": self.seed, "corpus_version": CORPUS_VERSION}
 
 
+# The Qwen2.5 / Qwen3 (Hermes-style) shape: with ``tools``, a system turn lists them as JSON in
+# <tools></tools> and asks for <tool_call> blocks; assistant ``tool_calls`` come back as those
+# blocks and ``tool`` messages as <tool_response> blocks of one user turn (consecutive ones
+# grouped). Without tools and tool messages it renders every message as plain ChatML.
 CHATML_TEMPLATE = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
+    "{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, "
+    "\"arguments\": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
+    "{%- endif %}"
     "{%- for message in messages %}"
+    "{%- if tools and loop.first and message['role'] == 'system' %}"
+    "{%- elif message['role'] == 'assistant' and message['tool_calls'] %}"
+    "{{- '<|im_start|>assistant' }}"
+    "{%- if message['content'] %}{{- '\\n' + message['content'] }}{%- endif %}"
+    "{%- for call in message['tool_calls'] %}"
+    "{%- set fn = call['function'] if call['function'] is defined else call %}"
+    "{{- '\\n<tool_call>\\n{\"name\": \"' + fn['name'] + '\", \"arguments\": ' }}"
+    "{%- if fn['arguments'] is string %}{{- fn['arguments'] }}{%- else %}{{- fn['arguments'] | tojson }}{%- endif %}"
+    "{{- '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- else %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
+# The Llama 3.1 / 3.2 JSON tool-calling shape: with ``tools``, an "Environment: ipython" system
+# turn, and the tools as JSON in the first user turn (or in the system turn with
+# ``tools_in_user_message=false``, or when no user turn comes first) with the instruction to
+# answer {"name": ..., "parameters": ...}; assistant ``tool_calls`` render as that JSON
+# ("; "-separated when several), ``tool`` messages under the ``ipython`` header.
 LLAMA3_TEMPLATE = (
     "{{- bos_token }}"
+    "{%- if tools %}"
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system_message = messages[0]['content'] | trim %}{%- set messages = messages[1:] %}"
+    "{%- else %}{%- set system_message = '' %}{%- endif %}"
+    "{%- set in_user = (tools_in_user_message is not defined or tools_in_user_message)"
+    " and messages and messages[0]['role'] == 'user' %}"
+    "{%- set ns = namespace(listing='') %}"
+    "{%- for tool in tools %}{%- set ns.listing = ns.listing + (tool | tojson(indent=4)) + '\\n\\n' %}{%- endfor %}"
+    "{%- set format = 'Respond in the format {\"name\": function name, \"parameters\": dictionary of argument "
+    "name and its value}. Do not use variables.\\n\\n' %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\nEnvironment: ipython\\n\\n' }}"
+    "{%- if not in_user %}"
+    "{{- 'You have access to the following functions. To call a function, please respond with JSON for a "
+    "function call. ' + format + ns.listing }}"
+    "{%- endif %}"
+    "{{- system_message + '<|eot_id|>' }}"
+    "{%- if in_user %}"
+    "{{- '<|start_header_id|>user<|end_header_id|>\\n\\nGiven the following functions, please respond with a "
+    "JSON for a function call with its proper arguments that best answers the given prompt.\\n\\n' }}"
+    "{{- format + ns.listing + (messages[0]['content'] | trim) + '<|eot_id|>' }}"
+    "{%- set messages = messages[1:] %}"
+    "{%- endif %}"
+    "{%- endif %}"
     "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' and message['tool_calls'] %}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{%- for call in message['tool_calls'] %}"
+    "{%- set fn = call['function'] if call['function'] is defined else call %}"
+    "{%- if not loop.first %}{{- '; ' }}{%- endif %}"
+    "{{- '{\"name\": \"' + fn['name'] + '\", \"parameters\": ' }}"
+    "{%- if fn['arguments'] is string %}{{- fn['arguments'] }}{%- else %}{{- fn['arguments'] | tojson }}{%- endif %}"
+    "{{- '}' }}"
+    "{%- endfor %}"
+    "{{- '<|eot_id|>' }}"
+    "{%- elif message['role'] == 'tool' or message['role'] == 'ipython' %}"
+    "{{- '<|start_header_id|>ipython<|end_header_id|>\\n\\n' + (message['content'] | trim) + '<|eot_id|>' }}"
+    "{%- else %}"
     "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + (message['content'] | trim) + '<|eot_id|>' }}"
+    "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
