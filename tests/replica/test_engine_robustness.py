@@ -39,23 +39,24 @@ def _clean(llm) -> None:
 
 
 def test_a_failing_request_fails_alone_and_the_llm_stays_usable(llm, prompts, reference, monkeypatch):
-    eng = llm.engine
-    real = eng._check_stop_strings
+    from kvray.replica.detokenizer import IncrementalDetokenizer
+
+    real = IncrementalDetokenizer.add_until_stop
     calls = {"n": 0}
 
-    def flaky(seq):  # the stop check of one request raises on its 3rd token
-        if seq.params.stop_strings == ["never-matches-xyz"]:
+    def flaky(self, new_ids, stops):  # the stop check of one request raises on its 3rd token
+        if stops == ["never-matches-xyz"]:
             calls["n"] += 1
             if calls["n"] == 3:
                 raise RuntimeError("a stop-string check blew up")
-        return real(seq)
+        return real(self, new_ids, stops)
 
-    monkeypatch.setattr(eng, "_check_stop_strings", flaky)
+    monkeypatch.setattr(IncrementalDetokenizer, "add_until_stop", flaky)
     bad = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, stop=["never-matches-xyz"])
     with pytest.raises(RuntimeError, match="prompt 1: RuntimeError: a stop-string check blew up"):
         llm.generate(prompts, [GREEDY, bad, GREEDY], use_tqdm=False)
     _clean(llm)
-    monkeypatch.setattr(eng, "_check_stop_strings", real)
+    monkeypatch.setattr(IncrementalDetokenizer, "add_until_stop", real)
     assert [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == reference
 
 
