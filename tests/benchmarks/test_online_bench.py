@@ -16,13 +16,16 @@ import online  # noqa: E402
 TRACE_ROWS = [(100, 10), (5000, 2000), (300, 700), (7, 1)]
 
 
-@pytest.fixture
-def trace(tmp_path) -> str:
-    path = tmp_path / "trace.csv"
+def _write_trace(path) -> str:
     lines = ["TIMESTAMP,ContextTokens,GeneratedTokens"]
     lines += [f"2023-11-16 18:15:{10 + i:02d}.1234567,{p},{o}" for i, (p, o) in enumerate(TRACE_ROWS)]
     path.write_text("\n".join(lines) + "\n")
     return str(path)
+
+
+@pytest.fixture
+def trace(tmp_path) -> str:
+    return _write_trace(tmp_path / "trace.csv")
 
 
 def _build(rng, lengths, **kw):
@@ -128,7 +131,8 @@ def tiny_run(tmp_path_factory):
     argv = ["--model", "kvray:tiny-qwen3", "--engine-args",
             json.dumps({"device": "cpu", "max_model_len": 512, "num_kv_blocks": 256}),
             "--max-prompt", "256", "--max-output", "32", "--rates", "4", "--duration", "2", "--passes", "2",
-            "--all-at-once", "8", "--warmup", "2", "--out", str(out / "run")]
+            "--all-at-once", "8", "--warmup", "2", "--out", str(out / "run"),
+            "--trace", _write_trace(out / "trace.csv")]  # a checkout need not have ../shared/traces
     real_floor = online.floor_setup
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OUT", str(out))
