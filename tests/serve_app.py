@@ -31,20 +31,21 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_app(args: dict, num_replicas: int = 2, fast_metrics: bool = False):
+def running_app(args: dict, num_replicas: int = 2, fast_metrics: bool = False, env: dict | None = None):
     """Start Ray, Serve and the kvray app (``num_replicas`` LLMReplica, one Router) on a free
     port; yield its base URL once ``/health`` answers; shut everything down afterwards.
     ``fast_metrics``: the processes report metrics every 200 ms (METRICS_ENV), for tests that
-    read ``/metrics``; it costs CPU that timing tests on a 2-core machine do not have."""
+    read ``/metrics``; it costs CPU that timing tests on a 2-core machine do not have. ``env``:
+    more variables for the Ray processes (HAPROXY: the ingress of the shipped configs)."""
     import ray
     from ray import serve
 
     from kvray.platform.app import make_app
     from kvray.app_config import parse_args
 
-    saved = {k: os.environ.get(k) for k in METRICS_ENV}
-    if fast_metrics:
-        os.environ.update(METRICS_ENV)  # read by the Ray processes ray.init starts
+    extra = {**(METRICS_ENV if fast_metrics else {}), **(env or {})}
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)  # read by the Ray processes ray.init starts
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         port = free_port()
@@ -141,6 +142,9 @@ def wait_until(cond, timeout_s: float, what: str):
         assert time.time() < deadline, what
         time.sleep(0.5)
 
+
+# The ingress that gpu.yaml, the RayServices and the launcher config start (README, "Which ingress").
+HAPROXY = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 # Ray's metrics agent gets new values from each process this often (default 10 s): the apps of the
 # tests that read /metrics report fast (fast_metrics=True), so that a scrape shows a request soon

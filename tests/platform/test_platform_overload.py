@@ -13,9 +13,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from serve_app import ServeRun, burst_of_streams, local_config  # noqa: E402
-
-HAPROXY = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+from serve_app import HAPROXY, ServeRun, burst_of_streams, local_config  # noqa: E402
 
 
 def test_300_streams_through_haproxy(tmp_path):
