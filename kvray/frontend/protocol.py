@@ -13,8 +13,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kvray.frontend.tools import schema_error
-from kvray.replica.sampling_params import MAX_INT, MAX_LOGPROBS, MAX_STOP_STRINGS, SEED_MAX, SEED_MIN
+from kvray.replica.grammar import compile_error
+from kvray.replica.sampling_params import (MAX_INT, MAX_LOGPROBS, MAX_STOP_STRINGS, SEED_MAX, SEED_MIN,
+                                          StructuredOutputs)
 
 MAX_N = 16  # choices per request
 MAX_JSON_DEPTH = 32  # deeper bodies get a 400 before any model validation recurses into them
@@ -265,7 +266,7 @@ class ChatCompletionRequest(_SamplingRequest):
                            param="tool_choice")
         for t in self.tools or ():
             if t.function.parameters is not None:
-                why = schema_error(json.dumps(t.function.parameters))
+                why = compile_error(StructuredOutputs(json_schema=json.dumps(t.function.parameters)))
                 if why:
                     raise APIError(400, f"tool '{t.function.name}': its parameters are not a usable JSON schema: "
                                    f"{why}", param="tools", code="invalid_value")

@@ -120,12 +120,10 @@ class OpenAIServing:
             if tracing.ENABLED:
                 tracing.trace(p.rid, "router_first_out")
         except asyncio.CancelledError:
-            req.close_streams()
-            self._done(req, 499)
+            self._end(req, 499)
             raise
         except APIError as err:
-            req.close_streams()
-            self._done(req, err.status)
+            self._end(req, err.status)
             return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
         if p.req.stream:
             def abandoned() -> None:  # the response ended: a no-op unless the stream never ran to its end
@@ -222,6 +220,10 @@ class OpenAIServing:
         raise AssertionError("unreachable")
 
     # ---- responses ---------------------------------------------------------------------------
+    def _end(self, req: _Request, status: int) -> None:
+        req.close_streams()
+        self._done(req, status)
+
     def _done(self, req: _Request, status: int) -> None:
         if req.closed:
             return
@@ -286,12 +288,10 @@ class OpenAIServing:
                 if lp is not None:
                     lps[i].append(lp)
         except asyncio.CancelledError:
-            req.close_streams()
-            self._done(req, 499)
+            self._end(req, 499)
             raise
         except APIError as e:
-            req.close_streams()
-            self._done(req, e.status)
+            self._end(req, e.status)
             return JSONResponse(e.body(), status_code=e.status)
         except Exception as e:
             req.close_streams()
@@ -347,8 +347,7 @@ class OpenAIServing:
             yield _sse(APIError(503, f"the model replica failed: {type(e).__name__}").body())
             yield _DONE
         finally:
-            req.close_streams()
-            self._done(req, status)
+            self._end(req, status)
 
 
 async def _next_output(c: Choice) -> tuple:

@@ -16,12 +16,11 @@ schema that every request repeats is checked once per Router).
 """
 from __future__ import annotations
 
-import functools
 import json
 from typing import Any
 
 from kvray.frontend.protocol import APIError
-from kvray.replica.grammar import GrammarError, build_grammar
+from kvray.replica.grammar import compile_error
 from kvray.replica.sampling_params import StructuredOutputs
 
 _VLLM_KEYS = {"json": "json_schema", "json_object": "json_object", "regex": "regex", "choice": "choice",
@@ -106,15 +105,6 @@ def _make(param: str, field: str, value: Any) -> StructuredOutputs:
 
 def check(spec: StructuredOutputs, param: str) -> None:
     """A 400 naming the problem if the grammar library cannot compile ``spec``."""
-    err = _compile_error(spec)
+    err = compile_error(spec)
     if err is not None:
         raise APIError(400, f"invalid {param}: {err}", param=param, code="invalid_schema")
-
-
-@functools.lru_cache(maxsize=512)
-def _compile_error(spec: StructuredOutputs) -> str | None:
-    try:
-        build_grammar(spec)
-    except GrammarError as e:
-        return str(e)
-    return None

@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import uuid
 from typing import Any, Iterable
 
-from kvray.replica.grammar import build_grammar
+from kvray.replica.grammar import build_grammar, compile_error
 from kvray.replica.sampling_params import StructuredOutputs
 
 HERMES, LLAMA3 = "hermes", "llama3"
@@ -39,24 +38,6 @@ _DECODER = json.JSONDecoder(strict=False)
 
 
 # ---- tools, schemas, families ---------------------------------------------------------------
-@functools.lru_cache(maxsize=256)
-def schema_error(schema_json: str) -> str | None:
-    """Why xgrammar cannot compile this JSON schema (JSON text), or None when it can."""
-    import xgrammar
-
-    try:
-        xgrammar.Grammar.from_json_schema(schema_json, any_whitespace=False)
-    except Exception as e:  # RuntimeError / InvalidJSONError from the converter
-        return _xgrammar_message(e)
-    return None
-
-
-def _xgrammar_message(e: Exception) -> str:
-    """The last line of an xgrammar error, less its "[time] file.cc:line: " prefix."""
-    line = (str(e).strip().splitlines() or [type(e).__name__])[-1]
-    return re.sub(r"^\[[\d:.]+\] \S+:\d+: ", "", line)
-
-
 def _as_dict(x: Any) -> dict:
     return x.model_dump(exclude_none=True) if hasattr(x, "model_dump") else dict(x)
 
@@ -346,17 +327,6 @@ def _compact_json_grammar(schema_json: str) -> str:
     return str(build_grammar(StructuredOutputs(json_schema=schema_json)))
 
 
-@functools.lru_cache(maxsize=256)
-def _structural_tag_error(text: str) -> str | None:
-    import xgrammar
-
-    try:
-        xgrammar.Grammar.from_structural_tag(text)
-    except Exception as e:
-        return _xgrammar_message(e)
-    return None
-
-
 def tool_constraint(tools: Any, tool_choice: Any, parallel_tool_calls: bool | None,
                     family: str | None) -> StructuredOutputs | None:
     """The structured-outputs constraint that enforces ``tool_choice``: None for ``"none"``,
@@ -391,7 +361,7 @@ def tool_constraint(tools: Any, tool_choice: Any, parallel_tool_calls: bool | No
     text = json.dumps({"type": "structural_tag", "format": {
         "type": "tags_with_separator", "tags": tags, "separator": sep, "at_least_one": True,
         "stop_after_first": single}})
-    why = _structural_tag_error(text)
+    why = compile_error(StructuredOutputs(structural_tag=text))
     if why:
         raise ValueError(f"cannot build the tool-call grammar: {why}")
     return StructuredOutputs(structural_tag=text)

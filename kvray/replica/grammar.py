@@ -17,6 +17,7 @@ wander off into endless whitespace, and the output is complete as soon as the va
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -86,6 +87,17 @@ def _strict_strings(grammar):
     if _LOOSE_CHAR not in text:
         return grammar
     return xgr.Grammar.from_ebnf(text.replace(_LOOSE_CHAR, _JSON_CHAR))
+
+
+@functools.lru_cache(maxsize=512)
+def compile_error(spec: StructuredOutputs) -> str | None:
+    """Why the grammar library cannot compile ``spec`` (None: it can), without a vocabulary:
+    what the Router checks before a request goes anywhere. Cached per constraint."""
+    try:
+        build_grammar(spec)
+    except GrammarError as e:
+        return str(e)
+    return None
 
 
 class GrammarCache:
