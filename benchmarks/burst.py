@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import random
+import os
 import sys
 import threading
 import time
@@ -28,7 +29,9 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# Run as a script, Python puts benchmarks/ first on sys.path, where its file names could shadow
+# installed packages: import from the repository root instead (siblings as benchmarks.X).
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if os.path.abspath(p or ".") != str(ROOT / "benchmarks")]
 
 from benchmarks import serving  # noqa: E402
 from benchmarks.routing_gpu import SLO, add_app_options, device_name, wait_ready  # noqa: E402

@@ -44,9 +44,11 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import serving  # noqa: E402
-import serving_overhead  # noqa: E402
+# Run as a script, Python puts benchmarks/ first on sys.path, where its file names could shadow
+# installed packages: import from the repository root instead (siblings as benchmarks.X).
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if os.path.abspath(p or ".") != str(ROOT / "benchmarks")]
+from benchmarks import serving  # noqa: E402
+from benchmarks import serving_overhead  # noqa: E402
 
 SLO_CLASS = "interactive"
 FIGURES = ("tok_s", "ttft_p50", "ttft_p90", "ttft_p99", "tpot_p50", "tpot_p90", "tpot_p99", "attainment")
@@ -318,7 +320,7 @@ def floor_setup(model: str, ceilings: tuple[float, float] | None = None) -> dict
     if ceilings is None and not torch.cuda.is_available():
         print("no CUDA device: no hardware floor for the all-at-once set", flush=True)
         return None
-    import offline_throughput
+    from benchmarks import offline_throughput
     from kvray.replica.models.loader import load_config, model_class, resolve_model
     if ceilings is None:
         ceilings = offline_throughput.measure_ceilings()

@@ -31,7 +31,12 @@ import sys
 import time
 from multiprocessing import get_context
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pathlib import Path  # noqa: E402
+
+_ROOT = Path(__file__).resolve().parents[1]
+# Run as a script, Python puts benchmarks/ first on sys.path, where its file names could shadow
+# installed packages: import from the repository root instead (siblings as benchmarks.X).
+sys.path[:] = [str(_ROOT)] + [p for p in sys.path if os.path.abspath(p or ".") != str(_ROOT / "benchmarks")]
 
 from benchmarks.sim import report  # noqa: E402
 from benchmarks.sim.cluster import DEFAULT_POLICIES, POLICIES, SimConfig, run_point  # noqa: E402

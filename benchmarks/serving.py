@@ -101,7 +101,6 @@ def azure_mix_workload(a, rate: float, vocab: int, max_len: int) -> list[Req]:
     """The router simulator's workload over HTTP: the Azure code + conversation traces merged
     (conv -> interactive, code -> batch), ``--duration`` seconds of arrivals at ``rate``
     (the traces' own gaps scaled, or gamma with ``--cv``), each request generating its trace length."""
-    sys.path.insert(0, str(ROOT))
     from benchmarks.sim.workload import DEFAULT_TRACES, build_requests, merged_trace
 
     trace = _TRACES.get("mix")

@@ -51,8 +51,10 @@ import requests
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import serving  # noqa: E402
+# Run as a script, Python puts benchmarks/ first on sys.path, where its file names could shadow
+# installed packages: import from the repository root instead (siblings as benchmarks.X).
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if os.path.abspath(p or ".") != str(ROOT / "benchmarks")]
+from benchmarks import serving  # noqa: E402
 
 INGRESS_ENV = {
     "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
@@ -192,7 +194,7 @@ def paired_summary(pairs: list[dict]) -> tuple[str, dict]:
 
 
 def breakdown_tables(trace_dir: str) -> str:
-    import latency_breakdown  # imports kvray.tracing, which reads KVRAY_TRACE_DIR once: only after start_baseline
+    from benchmarks import latency_breakdown  # imports kvray.tracing, which reads KVRAY_TRACE_DIR once: only after start_baseline
     out = []
     for target in ("baseline", "http"):
         d = Path(trace_dir) / target

@@ -15,7 +15,12 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pathlib import Path  # noqa: E402
+
+_ROOT = Path(__file__).resolve().parents[1]
+# Run as a script, Python puts benchmarks/ first on sys.path, where its file names could shadow
+# installed packages: import from the repository root instead (siblings as benchmarks.X).
+sys.path[:] = [str(_ROOT)] + [p for p in sys.path if os.path.abspath(p or ".") != str(_ROOT / "benchmarks")]
 from benchmarks.sim.cluster import POLICIES, SimConfig, run_point  # noqa: E402
 from benchmarks.sim.workload import DEFAULT_TRACES, merged_trace, build_requests  # noqa: E402
 from kvray.slo import SLOTarget  # noqa: E402

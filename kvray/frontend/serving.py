@@ -201,7 +201,7 @@ class OpenAIServing:
                 replica = self.dispatcher.book.replica_of(p.rid) if self.dispatcher is not None else None
                 logger.warning("request %s: replica %s failed before its first token (%s: %s)", p.rid, replica,
                                type(e).__name__, e)
-                err, status = APIError(503, f"the model replica failed: {type(e).__name__}"), 503
+                err, status = replica_failed(e), 503
             else:
                 if not isinstance(item, Refusal):
                     return stream, item
@@ -297,7 +297,7 @@ class OpenAIServing:
             req.close_streams()
             logger.exception("request %s failed", p.rid)
             self._done(req, 503)
-            err = APIError(503, f"the model replica failed: {type(e).__name__}")
+            err = replica_failed(e)
             return JSONResponse(err.body(), status_code=503)
         req.close_streams()
         name = p.req.model or self.model_names[0]
@@ -344,10 +344,18 @@ class OpenAIServing:
         except Exception as e:
             logger.exception("stream %s failed", p.rid)
             status = 503
-            yield _sse(APIError(503, f"the model replica failed: {type(e).__name__}").body())
+            yield _sse(replica_failed(e).body())
             yield _DONE
         finally:
             self._end(req, status)
+
+
+def replica_failed(e: BaseException) -> APIError:
+    """The 503 for a replica that failed mid-request, saying why: a Ray call error carries the
+    replica's own exception as ``cause`` ("the engine process died (killed by SIGKILL)"), not a
+    bare ``RayTaskError(RuntimeError)``."""
+    cause = getattr(e, "cause", None) or e
+    return APIError(503, f"the model replica failed: {str(cause).strip() or type(cause).__name__}")
 
 
 async def _next_output(c: Choice) -> tuple:

@@ -163,6 +163,10 @@ def _exit_soon(error: BaseException) -> None:
 
 
 class LLMReplica:
+    # set before anything in __init__ can fail: Serve calls __del__ on a replica whose start failed
+    engine = None
+    _metrics_task: asyncio.Task | None = None
+
     def __init__(self, model: str, engine_options: dict | None = None, shutdown_timeout_s: float = 30.0,
                  stream_interval_ms: float = 0.0, served_model_name: str | None = None):
         from kvray.platform.autoscaling import pin_replica_gpus
@@ -187,7 +191,6 @@ class LLMReplica:
         self._started_at = time.time()  # wall clock: when this replica's engine was ready
         self._first_token_at: float | None = None  # wall clock of the first token it produced
         self.metrics = ReplicaMetrics(served_model_name or model, self._replica_id, None if in_serve else MemorySink())
-        self._metrics_task: asyncio.Task | None = None
 
     async def model_info(self) -> dict:
         """What the Router needs before it can tokenize: the tokenizer itself and the limits."""
@@ -324,6 +327,8 @@ class LLMReplica:
     async def __del__(self):
         if self._metrics_task is not None:
             self._metrics_task.cancel()
+        if self.engine is None:  # the engine never started: nothing to stop
+            return
         try:
             await self.engine.shutdown(timeout_s=self._shutdown_timeout_s)
         except Exception:  # pragma: no cover

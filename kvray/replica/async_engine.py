@@ -29,6 +29,7 @@ from kvray.records import Command, Delta, EngineStats, Event, Op, RequestSnapsho
 from kvray.replica.config import EngineConfig
 from kvray.replica.detokenizer import IncrementalDetokenizer
 from kvray.replica.engine_loop import EngineLoop, engine_info
+from kvray.replica.engine_process import EngineProcess, EngineProcessError
 from kvray.replica.outputs import RequestMetrics, RequestOutput
 from kvray.replica.sampling_params import SamplingParams
 from kvray.replica.sequence import validate_prompt
@@ -73,7 +74,6 @@ class AsyncLLMEngine:
         if start:
             shorten_switch_interval()
         if process:
-            from kvray.replica.engine_process import EngineProcess
             self._process = EngineProcess(config, self._on_output, self._fail)
             info = self._process.info
             self._send = self._process.send
@@ -241,7 +241,7 @@ class AsyncLLMEngine:
 
     def check_health(self) -> None:
         if self._error is not None:
-            raise RuntimeError(f"the engine loop died: {self._error}")
+            raise RuntimeError(_death_message(self._error))
         if not self._stopped and not self.is_alive() and (self._process is not None or self._thread.ident):
             raise RuntimeError("the engine loop is not running")
 
@@ -288,7 +288,7 @@ class AsyncLLMEngine:
         if error is None:  # a requested stop
             return
         self._error = error
-        err = RuntimeError(f"the engine loop died: {error}")
+        err = RuntimeError(_death_message(error))
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for rid in list(self._streams):
             stream = self._streams.pop(rid, None)
@@ -297,6 +297,12 @@ class AsyncLLMEngine:
         _deliver(by_loop)
         if self._on_death is not None:
             self._on_death(error)
+
+
+def _death_message(error: BaseException) -> str:
+    """What the requests of a dead engine are told. The process's own message says how it died
+    ("the engine process died (killed by SIGKILL)"); a loop that raised says what it raised."""
+    return str(error) if isinstance(error, EngineProcessError) else f"the engine loop died: {error}"
 
 
 def _deliver(by_loop: dict) -> None:

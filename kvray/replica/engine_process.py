@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +33,16 @@ CPU_ENGINE_NICENESS = 10
 
 class EngineProcessError(RuntimeError):
     pass
+
+
+def exit_status(code: int) -> str:
+    """``with exit code 1``, or ``(killed by SIGKILL)`` for a negative code (the signal's number)."""
+    if code < 0:
+        try:
+            return f"(killed by {signal.Signals(-code).name})"
+        except ValueError:
+            return f"(killed by signal {-code})"
+    return f"with exit code {code}"
 
 
 class EngineProcess:
@@ -53,9 +64,8 @@ class EngineProcess:
         try:
             event = self._conn.recv()
         except EOFError:
-            code = self.proc.wait()
-            raise EngineProcessError(f"the engine process exited with code {code} while loading the model "
-                                     "(its log is above)") from None
+            raise EngineProcessError(f"the engine process died {exit_status(self.proc.wait())} while loading the "
+                                     "model (its log is above)") from None
         if event.kind is not EventKind.READY:
             self.proc.wait()
             raise EngineProcessError(f"the engine process failed to start: {event.text}")
@@ -100,8 +110,7 @@ class EngineProcess:
                     break
         except (EOFError, OSError):
             if not self._stopping:
-                code = self.proc.wait()
-                error = EngineProcessError(f"the engine process exited unexpectedly (code {code})")
+                error = EngineProcessError(f"the engine process died {exit_status(self.proc.wait())}")
         self._conn.close()
         self._on_exit(error)
 

@@ -4,14 +4,11 @@ import copy
 import json
 import random
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import online  # noqa: E402
+from benchmarks import online
+
 
 TRACE_ROWS = [(100, 10), (5000, 2000), (300, 700), (7, 1)]
 
@@ -192,7 +189,7 @@ def test_markdown_has_the_command_the_figures_and_the_comparison(tiny_run):
 
 
 def test_offline_throughput_repeats_report_min_median_and_every_run():
-    import offline_throughput
+    from benchmarks import offline_throughput
     s = offline_throughput.repeat_stats([900.0, 1100.0, 1000.0], floor=2000.0)
     assert s["kvray_tok_s"] == s["kvray_tok_s_median"] == 1000.0 and s["kvray_tok_s_min"] == 900.0
     assert s["of_floor_min"] == pytest.approx(0.45) and s["of_floor_median"] == pytest.approx(0.5)

@@ -2,18 +2,15 @@
 import json
 import os
 import random
-import sys
 from datetime import datetime, timedelta
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from benchmarks import router_sim  # noqa: E402
-from benchmarks.sim import report  # noqa: E402
-from benchmarks.sim.cluster import Cluster, SimConfig, run_point  # noqa: E402
-from benchmarks.sim.replica import ReplicaConfig  # noqa: E402
-from benchmarks.sim.workload import DEFAULT_TRACES, build_requests, load_trace, merged_trace  # noqa: E402
+from benchmarks import router_sim
+from benchmarks.sim import report
+from benchmarks.sim.cluster import Cluster, SimConfig, run_point
+from benchmarks.sim.replica import ReplicaConfig
+from benchmarks.sim.workload import DEFAULT_TRACES, build_requests, load_trace, merged_trace
 
 
 def write_trace(path, n, prompt, output, gap, seed):

@@ -1,12 +1,9 @@
 """benchmarks/serving_overhead.py's loads and its paired report (the GPU runs are in RESULTS.md)."""
 import argparse
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import serving  # noqa: E402
-import serving_overhead as so  # noqa: E402
+from benchmarks import serving
+from benchmarks import serving_overhead as so
+
 
 
 def _args(**kw):

@@ -50,12 +50,12 @@ async def _stream(session, url, i, started):
                 continue
             started.set()
             if raw.strip() == b"data: [DONE]":
-                return "done", time.monotonic()
+                return "done", time.monotonic(), None
             chunk = json.loads(raw[6:])
             if "error" in chunk:
                 assert chunk["error"]["message"] and chunk["error"]["type"]
-                return "error", time.monotonic()
-    return "cut", time.monotonic()
+                return "error", time.monotonic(), chunk["error"]["message"]
+    return "cut", time.monotonic(), None
 
 
 async def _probe(session, url, stop: asyncio.Event, statuses: list):
@@ -84,7 +84,7 @@ def _kill_under_load(url, kill, settle_s: float):
                 if not s.done():
                     s.cancel()
             results = await asyncio.gather(*streams, return_exceptions=True)
-            ended = [("survived", None) if isinstance(r, asyncio.CancelledError) else r for r in results]
+            ended = [("survived", None, None) if isinstance(r, asyncio.CancelledError) else r for r in results]
             for r in ended:
                 if isinstance(r, BaseException):
                     raise r
@@ -96,10 +96,10 @@ def _kill_under_load(url, kill, settle_s: float):
 
 
 def _check(t_kill, ended, statuses):
-    errors = [t for kind, t in ended if kind == "error"]
+    errors = [t for kind, t, _ in ended if kind == "error"]
     assert errors, ended  # the killed replica had streams (least-load spreads 16 over both)
     assert all(t - t_kill <= 5.0 for t in errors), [round(t - t_kill, 2) for t in errors]
-    assert not [k for k, _ in ended if k == "cut"], ended  # an error event, never a silently cut stream
+    assert not [k for k, _, _ in ended if k == "cut"], ended  # an error event, never a silently cut stream
     new = [(s, text) for t0, s, text in statuses if t0 > t_kill]  # sent after the kill
     assert new and all(s == 200 for s, _ in new), [x for x in new if x[0] != 200][:3]
     print(f"{len(errors)} streams got an error {min(errors) - t_kill:.2f}-{max(errors) - t_kill:.2f} s after the kill; "
@@ -112,6 +112,9 @@ def test_killing_an_engine_process(base):
     # settle: long enough for the replacement to come up while the probe keeps asking
     t_kill, ended, statuses = _kill_under_load(base, lambda: os.kill(victim, signal.SIGKILL), settle_s=6.0)
     _check(t_kill, ended, statuses)
+    # the clients are told what happened, not "RayTaskError(RuntimeError)"
+    messages = {msg for kind, _, msg in ended if kind == "error"}
+    assert all("engine process died (killed by SIGKILL)" in m for m in messages), messages
     deadline = t_kill + 15.0
     while not (_ready(base) and victim not in engine_processes() and len(engine_processes()) >= len(before_kill)):
         assert time.monotonic() < deadline, "the app was not back to two replicas within 15 s of the kill"

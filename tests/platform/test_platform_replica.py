@@ -190,3 +190,12 @@ def test_graceful_shutdown(timeout_s, reason):
 
 async def _drain(gen):
     return [b async for b in gen]
+
+
+def test_a_replica_whose_engine_never_started_shuts_down_cleanly(caplog):
+    """Serve calls ``__del__`` on a replica whose ``__init__`` raised (a bad model, say): it has no
+    engine and no metrics task, and stopping it must not raise (it used to log an AttributeError)."""
+    with pytest.raises(Exception, match="does not exist"):
+        LLMReplica("/no/such/checkpoint", {"device": "cpu"})
+    half_built = LLMReplica.__new__(LLMReplica)  # what __del__ sees after __init__ failed early
+    asyncio.run(half_built.__del__())

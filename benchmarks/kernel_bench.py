@@ -1,6 +1,6 @@
 """Benchmark kvray's Triton paged attention on a CUDA GPU (issue 3).
 
-    python benchmarks/kernels.py [--sweep] [--out DIR] [--no-append]
+    python benchmarks/kernel_bench.py [--sweep] [--out DIR] [--no-append]
 
 * copy bandwidth: a large device-to-device copy (bytes read + written), measured in the same run;
 * decode (Qwen3-0.6B shape: 16 q heads, 8 KV heads, d=128, block 16, bf16), batch {1,16,64,256} x
@@ -28,7 +28,12 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from pathlib import Path  # noqa: E402
+
+_ROOT = Path(__file__).resolve().parents[1]
+# Run as a script, Python puts benchmarks/ first on sys.path, where its file names could shadow
+# installed packages: import from the repository root instead (siblings as benchmarks.X).
+sys.path[:] = [str(_ROOT)] + [p for p in sys.path if os.path.abspath(p or ".") != str(_ROOT / "benchmarks")]
 import kvray.kernels as K  # noqa: E402
 
 H, KVH, D, PAGE, DT = 16, 8, 128, 16, torch.bfloat16
@@ -335,7 +340,7 @@ def main() -> None:
         os.environ["TRITON_INTERPRET"] = "1"
         args.no_append = True
     elif not torch.cuda.is_available():
-        sys.exit("benchmarks/kernels.py needs a CUDA GPU")
+        sys.exit("benchmarks/kernel_bench.py needs a CUDA GPU")
 
     def log(msg):
         print(msg, flush=True)
