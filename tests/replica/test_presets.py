@@ -197,6 +197,7 @@ FULL_SIZE = {
     # name: (architecture, hidden, intermediate, layers, heads, kv heads, head_dim, vocab, tied, theta, max pos, params)
     "qwen3-0.6b": ("Qwen3ForCausalLM", 1024, 3072, 28, 16, 8, 128, 151936, True, 1e6, 40960, 596_049_920),
     "llama-3.2-1b": ("LlamaForCausalLM", 2048, 8192, 16, 32, 8, 64, 128256, True, 500000.0, 131072, 1_235_814_400),
+    "llama-3.1-8b": ("LlamaForCausalLM", 4096, 14336, 32, 32, 8, 128, 128256, False, 500000.0, 131072, 8_030_261_248),
 }
 
 
@@ -213,9 +214,10 @@ def test_full_size_preset_shapes(name):
     from kvray.replica.models.layers import rope_parameters
     rope = rope_parameters(cfg)
     assert rope["rope_theta"] == theta
-    if name == "llama-3.2-1b":
+    if name.startswith("llama"):
+        factor = {"llama-3.2-1b": 32.0, "llama-3.1-8b": 8.0}[name]
         assert (rope["rope_type"], rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"],
-                rope["original_max_position_embeddings"]) == ("llama3", 32.0, 1.0, 4.0, 8192)
+                rope["original_max_position_embeddings"]) == ("llama3", factor, 1.0, 4.0, 8192)
     else:
         assert rope["rope_type"] == "default"
     shapes = presets.parameter_shapes(preset)

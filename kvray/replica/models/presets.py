@@ -97,6 +97,16 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
             "tie_word_embeddings": True, "initializer_range": 0.02, "pretraining_tp": 1,
             "torch_dtype": "bfloat16", "use_cache": True},
            LLAMA3_TOKENIZER, max_shard_size=1_000_000_000, seed=5),
+    Preset("llama-3.1-8b", "Llama-3.1-8B shapes (32 layers, hidden 4096, vocab 128256, untied), bf16, random weights",
+           {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+            "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "head_dim": 128, "vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+            "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+            "tie_word_embeddings": False, "initializer_range": 0.02, "pretraining_tp": 1,
+            "torch_dtype": "bfloat16", "use_cache": True},
+           LLAMA3_TOKENIZER, max_shard_size=5_000_000_000, seed=6),
 ]}
 
 
