@@ -5,7 +5,7 @@ Where TTFT p50 keeps growing with the rate (requests wait longer the later they 
 replicas are saturated: no routing or scheduling policy can meet a 10 s TTFT there for most
 requests, since the work arrives faster than the step-time model lets the replicas do it.
 
-  python benchmarks/sim_ceiling.py --replicas 4 --rates 300 340 380 --coeffs benchmarks/step_coeffs_h200.json
+  python benchmarks/sim_ceiling.py --replicas 4 --rates 300 340 380 --coeffs kvray/step_coeffs/qwen3-0.6b.json
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ sys.path[:] = [str(_ROOT)] + [p for p in sys.path if os.path.abspath(p or ".") !
 from benchmarks.sim.cluster import POLICIES, SimConfig, run_point  # noqa: E402
 from benchmarks.sim.workload import DEFAULT_TRACES, merged_trace, build_requests  # noqa: E402
 from kvray.slo import SLOTarget  # noqa: E402
-from kvray.step_cost import load_coeffs  # noqa: E402
+from kvray.step_cost import coeffs_file, load_coeffs  # noqa: E402
 
 NO_SLO = {name: SLOTarget(name, ttft_ms=1e12, tpot_ms=1e12, priority=prio) for name, prio in
           (("interactive", 2.0), ("batch", 1.0))}
@@ -35,8 +35,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--replicas", type=int, default=4)
     ap.add_argument("--rates", type=float, nargs="+", required=True, help="cluster arrival rates, req/s")
     ap.add_argument("--policy", default="least_load", choices=sorted(POLICIES))
-    ap.add_argument("--coeffs", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                     "step_coeffs_h200.json"))
+    ap.add_argument("--coeffs", default=coeffs_file("qwen3-0.6b"))
     ap.add_argument("--arrivals", choices=["gamma", "trace"], default="trace")
     ap.add_argument("--duration", type=float, default=120.0, help="seconds of arrivals per point")
     ap.add_argument("--seed", type=int, default=0)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 
 from kvray.records import RequestSnapshot
@@ -44,8 +45,15 @@ class StepCoeffs:
         return self.a + self.b * batched + self.c * context + self.d * num_seqs
 
 
-# Rough H100 + Qwen3-0.6B priors (the lead replaces them with GPU-fitted values).
+# The fallback prior for a model whose shape has no coefficients file (a rough H100 + Qwen3-0.6B guess).
 DEFAULT_COEFFS = StepCoeffs(a=6e-3, b=4e-5, c=2e-8, d=3e-5)
+
+# Per-model coefficients, one JSON file per model shape (``benchmarks/step_records.py`` writes
+# them): ``a``..``d``, ``model`` (the file's name without .json), ``device``, ``source``, the fit
+# errors, and ``shape``: the config fields of SHAPE_FIELDS that a model must match to use them.
+COEFFS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "step_coeffs")
+SHAPE_FIELDS = ("architectures", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "vocab_size", "dtype", "quant_method")
 
 
 def load_coeffs(path: str) -> StepCoeffs:
@@ -53,7 +61,47 @@ def load_coeffs(path: str) -> StepCoeffs:
     with open(path) as f:
         raw = json.load(f)
     raw = raw.get("coeffs", raw)
-    return StepCoeffs(*(float(raw[k]) for k in "abcd"))
+    try:
+        return StepCoeffs(*(float(raw[k]) for k in "abcd"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: step-time coefficients need numbers a, b, c and d ({e})") from None
+
+
+def known_models() -> list[str]:
+    """Models with a coefficients file in COEFFS_DIR."""
+    return sorted(f[:-5] for f in os.listdir(COEFFS_DIR) if f.endswith(".json"))
+
+
+def coeffs_file(model: str) -> str:
+    """The coefficients file of ``model`` (``llama-3.1-8b`` or ``kvray:llama-3.1-8b``)."""
+    name = model.removeprefix("kvray:")
+    if name not in known_models():
+        raise ValueError(f"no step-time coefficients for model {model!r}; known: {', '.join(known_models())}")
+    return os.path.join(COEFFS_DIR, name + ".json")
+
+
+def coeffs_for_model(model: str) -> StepCoeffs:
+    return load_coeffs(coeffs_file(model))
+
+
+def shape_of(config, dtype: str) -> dict:
+    """The SHAPE_FIELDS of a model config (a transformers config or anything with those
+    attributes), with the dtype it runs in and its quantization method (None when unquantized)."""
+    quant = getattr(config, "quantization_config", None)
+    method = (quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None))
+    shape = {k: getattr(config, k, None) for k in SHAPE_FIELDS[:-2]}
+    shape["architectures"] = list(shape["architectures"] or [])
+    return {**shape, "dtype": str(dtype).removeprefix("torch."), "quant_method": method}
+
+
+def prior_for_shape(shape: dict) -> StepCoeffs:
+    """The coefficients of the known model with exactly this shape (``shape_of``), else DEFAULT_COEFFS."""
+    for name in known_models():
+        with open(os.path.join(COEFFS_DIR, name + ".json")) as f:
+            meta = json.load(f)
+        if meta.get("shape") == {k: shape.get(k) for k in SHAPE_FIELDS}:
+            return load_coeffs(os.path.join(COEFFS_DIR, name + ".json"))
+    return DEFAULT_COEFFS
 
 
 def _solve(m: list[list[float]], v: list[float]) -> list[float] | None:

@@ -105,3 +105,58 @@ def test_prediction_helpers():
     assert predict_tpot_s(m, 20, 20000, chunk) <= 0.05 + 1e-9
     assert tpot_safe_chunk(m, 20, 20000, None, 8192) == 8192
     assert tpot_safe_chunk(m, 2000, 20000, 0.05, 8192, min_chunk=64) == 64  # decodes alone exceed it
+
+
+# ---- per-model coefficients (kvray/step_coeffs) ----------------------------------------------
+
+def test_every_coefficients_file_is_complete_and_names_its_model():
+    import json
+    import os
+
+    from kvray.step_cost import COEFFS_DIR, SHAPE_FIELDS, coeffs_for_model, known_models
+    assert {"qwen3-0.6b", "llama-3.1-8b"} <= set(known_models())
+    for name in known_models():
+        meta = json.load(open(os.path.join(COEFFS_DIR, name + ".json")))
+        assert meta["model"] == name and meta["device"] and meta["source"]
+        assert set(meta["shape"]) == set(SHAPE_FIELDS)
+        c = coeffs_for_model(f"kvray:{name}")
+        assert all(x >= 0 for x in c.as_tuple()) and c.a > 0 and c.b > 0
+
+
+def test_unknown_model_and_bad_file_are_value_errors(tmp_path):
+    from kvray.step_cost import coeffs_for_model, load_coeffs
+    with pytest.raises(ValueError, match="no step-time coefficients for model 'nope'; known: .*llama-3.1-8b"):
+        coeffs_for_model("nope")
+    bad = tmp_path / "c.json"
+    bad.write_text('{"a": 1, "b": 2, "c": 3}')
+    with pytest.raises(ValueError, match="numbers a, b, c and d"):
+        load_coeffs(str(bad))
+
+
+def test_prior_follows_the_model_shape_dtype_and_quantization():
+    from kvray.replica.models.presets import hf_config
+    from kvray.step_cost import coeffs_for_model, prior_for_shape, shape_of
+    cfg = hf_config("llama-3.1-8b")
+    assert prior_for_shape(shape_of(cfg, "torch.bfloat16")) == coeffs_for_model("llama-3.1-8b")
+    assert prior_for_shape(shape_of(hf_config("qwen3-0.6b"), "bfloat16")) == coeffs_for_model("qwen3-0.6b")
+    # the same shape in another dtype, quantized, or a shape without a file: the generic prior
+    assert prior_for_shape(shape_of(cfg, "torch.float32")) == DEFAULT_COEFFS
+    cfg.quantization_config = {"quant_method": "fp8"}
+    assert prior_for_shape(shape_of(cfg, "torch.bfloat16")) == DEFAULT_COEFFS
+    assert prior_for_shape(shape_of(hf_config("tiny-qwen3"), "torch.float32")) == DEFAULT_COEFFS
+
+
+def test_the_engine_starts_from_its_shapes_coefficients(tmp_path, monkeypatch):
+    """An engine whose model shape has a coefficients file fits its steps from that prior."""
+    import json
+
+    from kvray import LLM
+    from kvray import step_cost
+    from kvray.replica.models.presets import hf_config
+    shape = step_cost.shape_of(hf_config("tiny-qwen3"), "float32")
+    (tmp_path / "tiny-qwen3.json").write_text(json.dumps(
+        {"model": "tiny-qwen3", "a": 0.011, "b": 2e-5, "c": 3e-8, "d": 1e-6, "device": "test", "source": "test",
+         "shape": shape}))
+    monkeypatch.setattr(step_cost, "COEFFS_DIR", str(tmp_path))
+    llm = LLM("kvray:tiny-qwen3", max_model_len=256, num_kv_blocks=64, dtype="float32", device="cpu")
+    assert llm.engine.step_cost.prior == StepCoeffs(0.011, 2e-5, 3e-8, 1e-6)

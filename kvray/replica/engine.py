@@ -24,7 +24,7 @@ from kvray.replica.scheduler import Scheduler, SchedulerOutput
 from kvray.replica import deadline_policy  # noqa: F401  (registers the "deadline" policy)
 from kvray.replica.scheduling_policy import make_policy
 from kvray.replica.sequence import Sequence, SequenceStatus, validate_prompt
-from kvray.step_cost import StepTimeModel
+from kvray.step_cost import StepTimeModel, prior_for_shape, shape_of
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +106,9 @@ class LLMEngine:
         self.runner.prepare(self.max_num_batched_tokens, config.max_num_seqs, self.max_model_len)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         # The step-cost model, fitted from every step this engine runs: the deadline policy sizes
-        # prefill chunks with it, and the stats publish it to the router and the autoscaler.
-        self.step_cost = StepTimeModel.online()
+        # prefill chunks with it, and the stats publish it to the router and the autoscaler. Its
+        # prior is the fit recorded for this model shape (kvray/step_coeffs), if there is one.
+        self.step_cost = StepTimeModel.online(prior_for_shape(shape_of(self.hf_config, dtype)))
         self.policy = make_policy(config.scheduling_policy)
         if hasattr(self.policy, "cost"):
             self.policy.cost = self.step_cost
