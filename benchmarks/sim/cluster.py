@@ -32,12 +32,14 @@ POLICIES = {
 DEFAULT_POLICIES = ["round_robin", "p2c", "least_load", "slo_aware"]
 
 ARRIVE, STEP_END, POLL, DELIVER, RECHECK = range(5)
+MAX_ATTEMPTS = 3  # the Router's dispatches of one request (kvray.frontend.serving.MAX_ATTEMPTS)
 
 
 @dataclass
 class SimConfig:
     replica: ReplicaConfig = field(default_factory=ReplicaConfig)
     true_coeffs: StepCoeffs = DEFAULT_COEFFS
+    true_model: object | None = None   # anything with predict(batched, context, seqs); None: true_coeffs
     noise: float = 0.05            # lognormal sigma of step times around the model
     poll_interval_s: float = 0.1   # routing-stats poll period (the router's staleness)
     poll_delay_s: float = 0.0      # extra delivery delay of a poll
@@ -57,6 +59,7 @@ class Record:
     finished: float | None = None
     n_out: int = 0
     rejected: bool = False
+    refusals: int = 0   # engines that refused it (queue full) before it found a place, or its 429
 
 
 def make_router(policy: str, cfg: SimConfig, seed: int):
@@ -75,10 +78,10 @@ class Cluster:
         self.cfg = cfg
         self.now = 0.0
         clock = lambda: self.now  # noqa: E731
-        true_model = StepTimeModel.fixed_coeffs(cfg.true_coeffs)
+        true_model = cfg.true_model or StepTimeModel.fixed_coeffs(cfg.true_coeffs)
         self.replicas = [
             SimReplica(f"r{i}", cfg.replica, DeadlinePolicy() if sched_name == "deadline" else FCFSPolicy(),
-                       true_model, clock, cfg.noise, seed=seed * 1000 + i)
+                       true_model, clock, cfg.noise, seed=seed * 1000 + i, prior=cfg.true_coeffs)
             for i in range(num_replicas)]
         # The router's book, on the simulator's clock: the same events as in the Router.
         self.book = ReplicaBook(clock=clock)
@@ -142,19 +145,36 @@ class Cluster:
     def _route(self, i: int) -> bool:
         """Decide request i, as ``kvray.router.dispatch.Dispatcher`` does: on arrival, and for a
         held request whenever a first token or a completion frees capacity, and at its recheck time."""
-        d = self.router.decide(self.hints[i], self.book, self.now)
-        if d.action == DISPATCH:
+        hint = self.hints[i]
+        d = self.router.decide(hint, self.book, self.now)
+        while d.action == DISPATCH:
             self.queued.pop(i, None)
-            self._dispatch(i, int(d.route[0][1:]), d.cached_tokens)
-            return True
+            ri = int(d.route[0][1:])
+            if not self.replicas[ri].queue_full(hint.num_prompt_tokens):
+                self._dispatch(i, ri, d.cached_tokens)
+                return True
+            # The engine's queue is full: the Router leaves that replica out and decides again,
+            # up to MAX_ATTEMPTS dispatches; a refusal everywhere, or anything but a dispatch
+            # after one, is a 429 (kvray.frontend.serving's _dispatch).
+            rec = self.records[i]
+            rec.refusals += 1
+            hint.avoid += (self.replicas[ri].rid,)
+            if rec.refusals >= MAX_ATTEMPTS or len(set(hint.avoid)) >= len(self.replicas):
+                return self._reject(i)
+            d = self.router.decide(hint, self.book, self.now)
+            if d.action != DISPATCH:
+                return self._reject(i)
         if d.action == QUEUE:
             token = self.queued.get(i, 0) + 1
             self.queued[i] = token
             self._push(max(d.recheck_at, self.now + 1e-6), RECHECK, i, token)
             return False
-        self.queued.pop(i, None)  # rejected (429): counted as a miss
-        rec = self.records[i]
-        rec.rejected = True
+        return self._reject(i)
+
+    def _reject(self, i: int) -> bool:
+        """A 429: counted as a miss."""
+        self.queued.pop(i, None)
+        self.records[i].rejected = True
         self.open -= 1
         self.seqs.pop(i, None)
         return False
@@ -233,12 +253,13 @@ def summarize(records: list[Record], measure_from: float) -> dict:
     for name, recs in sorted(by.items()):
         slo = recs[0].req.slo
         ttfts, tpots = [], []
-        ok = rejected = 0
+        ok = rejected = unserved = 0
         for rec in recs:
             if rec.rejected:
                 rejected += 1
                 continue
             if rec.first_token is None:
+                unserved += 1
                 continue
             ttft = rec.first_token - rec.req.arrival
             ttfts.append(ttft)
@@ -249,7 +270,7 @@ def summarize(records: list[Record], measure_from: float) -> dict:
             ok += slo.attained(ttft, tpot)
         n = len(recs)
         out[name] = {
-            "n": n, "attained": ok, "attainment": ok / n if n else 1.0, "rejected": rejected,
+            "n": n, "attained": ok, "attainment": ok / n if n else 1.0, "rejected": rejected, "unserved": unserved,
             "ttft_p50": _pct(ttfts, 50), "ttft_p90": _pct(ttfts, 90), "ttft_p99": _pct(ttfts, 99),
             "tpot_p50": _pct(tpots, 50), "tpot_p90": _pct(tpots, 90), "tpot_p99": _pct(tpots, 99),
         }

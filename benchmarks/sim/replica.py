@@ -10,17 +10,22 @@ from kvray.records import ReplicaStats
 from kvray.replica.block_manager import BlockManager
 from kvray.replica.scheduler import Scheduler, SchedulerOutput
 from kvray.replica.sequence import Sequence, SequenceStatus
-from kvray.step_cost import StepTimeModel
+from kvray.step_cost import DEFAULT_COEFFS, StepCoeffs, StepTimeModel
 
 
 @dataclass
 class ReplicaConfig:
-    num_blocks: int = 16384          # 262k KV tokens (Qwen3-0.6B on an 80 GB GPU holds more)
+    num_blocks: int = 24576          # 393k KV tokens: Llama-3.1-8B in bf16 on an 80 GB H100 at 0.9 utilization
     block_size: int = 16
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192  # the engine's default with chunked prefill
+    max_num_batched_tokens: int = 2048  # the engine's default step budget (kvray.replica.engine.DEFAULT_STEP_TOKENS)
     max_model_len: int = 8192
     enable_prefix_caching: bool = True
+    # The online engine's bounded queue (kvray.replica.config.EngineConfig): a request that would
+    # make more requests, or more prompt tokens, wait for a batch slot is refused (429). None: the
+    # engine's defaults, max_num_seqs requests and 16 steps' worth of prompt tokens.
+    max_queued_requests: int | None = None
+    max_queued_prompt_tokens: int | None = None
 
 
 class SimReplica:
@@ -31,14 +36,15 @@ class SimReplica:
     ``step_cost`` is what the engine learns of it (the deadline policy and the router use that).
     """
 
-    def __init__(self, rid: str, cfg: ReplicaConfig, policy, true_model, clock, noise: float = 0.0, seed: int = 0):
+    def __init__(self, rid: str, cfg: ReplicaConfig, policy, true_model, clock, noise: float = 0.0, seed: int = 0,
+                 prior: StepCoeffs = DEFAULT_COEFFS):
         self.rid = rid
         self.cfg = cfg
         self.bm = BlockManager(cfg.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.sched = Scheduler(self.bm, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_model_len, policy,
                                enable_chunked_prefill=True, clock=clock)
         self.policy = policy
-        self.step_cost = StepTimeModel.online()
+        self.step_cost = StepTimeModel.online(prior)  # a real engine starts from its model shape's recorded fit
         if hasattr(policy, "cost"):
             policy.cost = self.step_cost  # as LLMEngine does
         self.true_model = true_model
@@ -49,6 +55,21 @@ class SimReplica:
         self._t0 = 0.0
         self.target_len: dict[str, int] = {}   # request id -> tokens it generates before stopping
         self.busy_time = 0.0
+
+    def queue_full(self, prompt_tokens: int) -> bool:
+        """Whether the engine refuses a new request of ``prompt_tokens`` (as
+        ``AsyncLLMEngine._check_queue`` does: requests waiting for a batch slot, and their prompt
+        tokens plus the running prefills' remainders)."""
+        cfg, sched = self.cfg, self.sched
+        waiting = sched.num_waiting
+        requests = max(waiting, sched.num_running + waiting - cfg.max_num_seqs)
+        if requests >= (cfg.max_queued_requests or cfg.max_num_seqs):
+            return True
+        if not requests:
+            return False
+        tokens = sum(s.num_tokens - s.num_computed_tokens for s in sched.waiting)
+        tokens += sum(s.num_tokens - s.num_computed_tokens - 1 for s in sched.running if s.is_prefill)
+        return tokens + prompt_tokens > (cfg.max_queued_prompt_tokens or 16 * cfg.max_num_batched_tokens)
 
     def add(self, seq: Sequence, output_len: int) -> None:
         self.target_len[seq.request_id] = output_len

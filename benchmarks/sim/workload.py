@@ -10,7 +10,21 @@ from datetime import datetime
 from kvray.slo import SLOTarget
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TRACE_DIR = os.path.normpath(os.path.join(REPO, "..", "shared", "traces"))
+
+
+def trace_dir() -> str:
+    """Where the Azure traces are: ``$KVRAY_TRACE_DIR``, else the first of ``../shared/traces``
+    beside the checkout, ``.carry/traces`` inside it (what travels to a GPU machine) and
+    ``../../shared/traces`` (beside a worktree's parent) that exists."""
+    env = os.environ.get("KVRAY_TRACE_DIR")
+    if env:
+        return env
+    options = [os.path.join(REPO, "..", "shared", "traces"), os.path.join(REPO, ".carry", "traces"),
+               os.path.join(REPO, "..", "..", "shared", "traces")]
+    return os.path.normpath(next((d for d in options if os.path.isdir(d)), options[0]))
+
+
+TRACE_DIR = trace_dir()
 DEFAULT_TRACES = {
     "code": os.path.join(TRACE_DIR, "azure_llm_2023_code.csv"),
     "conv": os.path.join(TRACE_DIR, "azure_llm_2023_conv.csv"),

@@ -20,6 +20,10 @@ questions of ``kvray.replica.scheduling_policy``:
   shortens the step so the mean recovers). The budget is the largest prompt chunk whose step, with all running
   decodes, the cost model predicts within the tightest such limit (times ``safety``), at least
   ``min_prefill_tokens``. O(running).
+* **prefill_reserve** — the prompt tokens of waiting sequences that rank before every running
+  chunked prefill (by the admission key above), up to the step's prefill budget: the running
+  prefills leave them that much of the budget, so an urgent prompt starts at the next step
+  instead of after a long prompt's remaining chunks. O(waiting + running).
 * **pick_victim** — the lowest priority first; among those, the most slack (latest
   deadline), then the newest.
 
@@ -72,6 +76,20 @@ class DeadlinePolicy(SchedulingPolicy):
         heap = [(key(s, now), i, s) for i, s in enumerate(waiting)]
         heapq.heapify(heap)
         return _drain(heap)
+
+    def prefill_reserve(self, waiting: deque[Sequence], running, prefill_budget: int, now: float) -> int:
+        key = self._key
+        keys = [key(s, now) for s in running if s.num_tokens - s.num_computed_tokens > 1]
+        if not keys:
+            return 0
+        first = min(keys)
+        reserve = 0
+        for s in waiting:
+            if key(s, now) < first:
+                reserve += s.num_tokens - s.num_computed_tokens
+                if reserve >= prefill_budget:
+                    return prefill_budget
+        return reserve
 
     # ---- preemption ------------------------------------------------------------------------
     def pick_victim(self, candidates: list[Sequence]) -> Sequence:

@@ -138,6 +138,10 @@ class Scheduler:
         prefill_left = self.policy.prefill_token_budget(self.running, budget, now)
         if prefill_left < 0:
             raise ValueError(f"policy {type(self.policy).__name__} returned a negative prefill budget")
+        # Prompt tokens held back from the running prefills for waiting sequences the policy
+        # ranks before them (they are admitted below, in policy order).
+        reserve = min(prefill_left, self.policy.prefill_reserve(self._waiting, self._running, prefill_left, now)) \
+            if self._waiting else 0
 
         # 1. running sequences
         order = list(self._running)
@@ -150,7 +154,7 @@ class Scheduler:
             remaining = seq.num_tokens - seq.num_computed_tokens
             n = min(remaining, budget)
             if remaining > 1:
-                n = min(n, prefill_left)
+                n = min(n, prefill_left - reserve)
             if n <= 0:
                 kept[seq] = None
                 continue

@@ -249,8 +249,9 @@ class ReplicaState:
         for p, pend in self._pending.items():
             if not pend.ids:
                 continue
-            if key < 1e9:  # on time: on-time requests with (d - now) / p <= key
-                ahead += pend.tokens_between(now, now + key * p)
+            if key < 1e9:  # on time: on-time requests with (d - now) / p <= key, and those of lower
+                # classes due before the new request's deadline (their slack shrinks faster: they pass it)
+                ahead += pend.tokens_between(now, max(now + key * p, deadline if deadline is not None else now))
             elif deadline is not None:  # late: every on-time request, then late ones by deadline
                 ahead += pend.tokens_between(now, math.inf) + pend.tokens_between(-math.inf, min(deadline, now))
             else:
