@@ -1,9 +1,11 @@
 """Router simulator: goodput of routing policies over kvray replicas, without GPUs.
 
 Each replica runs the real kvray Scheduler and BlockManager (tokens are fake, lengths come from
-the trace) and each step lasts what a StepTimeModel predicts, with fixed coefficients (defaults:
-a rough H100 + Qwen3-0.6B guess; ``--coeffs path.json`` with keys a, b, c, d and optionally
-``device`` and ``source``). Requests replay the Azure LLM code + conversation traces
+the trace) and each step lasts what a StepTimeModel predicts, with fixed coefficients: those of
+``--model`` in kvray/step_coeffs (default llama-3.1-8b), or ``--coeffs path.json`` (keys a, b,
+c, d, optionally ``device``, ``source`` and the ``split`` decode/mixed fits of
+benchmarks/step_records.py, used with ``--true-model split``). The engines' queues are bounded as
+the online engine's are (429 when full). Requests replay the Azure LLM code + conversation traces
 (../shared/traces), conv -> interactive (500 ms TTFT / 50 ms TPOT), code -> batch (10 s / 200 ms),
 arrivals from a gamma process (``--cv``) or the trace's own timestamps, scaled to each rate.
 
@@ -19,8 +21,8 @@ requests of each class meet both TTFT and TPOT (rejections count as misses). Wri
 PNG, prints a markdown table and (unless --quick / --no-results-md) updates this script's
 section of benchmarks/RESULTS.md.
 
-    python benchmarks/router_sim.py                      # 4, 16, 64 replicas (~15 min on 2 cores)
-    python benchmarks/router_sim.py --replicas 4 16 --arrivals trace
+    python benchmarks/router_sim.py --no-results-md --out out/router_sim/gamma        # 4, 16, 64 replicas (hours)
+    python benchmarks/router_sim.py --replicas 4 16 --arrivals trace --coeffs OUT/step_coeffs_llama-3.1-8b.json
     python benchmarks/router_sim.py --quick              # seconds: 2 replicas, a few points
 """
 from __future__ import annotations
@@ -42,10 +44,11 @@ from benchmarks.sim import report  # noqa: E402
 from benchmarks.sim.cluster import DEFAULT_POLICIES, POLICIES, SimConfig, run_point  # noqa: E402
 from benchmarks.sim.replica import ReplicaConfig  # noqa: E402
 from benchmarks.sim.workload import DEFAULT_TRACES, build_requests, merged_trace  # noqa: E402
-from kvray.step_cost import DEFAULT_COEFFS, StepCoeffs, load_coeffs  # noqa: E402
+from benchmarks.sim.steps import true_model  # noqa: E402
+from kvray.step_cost import StepCoeffs, coeffs_file, load_coeffs  # noqa: E402
 
 DEFAULT_DURATION = {4: 120.0, 16: 60.0, 64: 30.0}
-DEFAULT_GRID = [3, 5, 7, 9, 11, 13, 15, 18]  # requests/s per replica
+DEFAULT_GRID = [10, 14, 17, 20, 23, 26, 30]  # requests/s per replica (Llama-3.1-8B on an H100: ~20)
 _TRACE_CACHE: dict = {}
 
 
@@ -53,9 +56,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--replicas", type=int, nargs="+", default=[4, 16, 64])
     ap.add_argument("--policies", nargs="+", default=DEFAULT_POLICIES, choices=sorted(POLICIES))
-    ap.add_argument("--coeffs", help="JSON with step-time coefficients a, b, c, d (+ device, source)")
-    for k, v in zip("abcd", DEFAULT_COEFFS.as_tuple()):
-        ap.add_argument(f"--{k}", type=float, default=None, help=f"step-time coefficient {k} (default {v:g})")
+    ap.add_argument("--model", default="llama-3.1-8b", help="step-time coefficients of kvray/step_coeffs/<model>.json")
+    ap.add_argument("--coeffs", help="JSON with step-time coefficients a, b, c, d (+ device, source) instead")
+    ap.add_argument("--true-model", choices=["linear", "split"], default="linear",
+                    help="replicas step by the one linear fit, or by the file's split decode/mixed fits")
+    for k in "abcd":
+        ap.add_argument(f"--{k}", type=float, default=None, help=f"override step-time coefficient {k}")
     ap.add_argument("--code-trace", default=DEFAULT_TRACES["code"])
     ap.add_argument("--conv-trace", default=DEFAULT_TRACES["conv"])
     ap.add_argument("--arrivals", choices=["gamma", "trace"], default="gamma")
@@ -70,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--noise", type=float, default=0.05, help="lognormal sigma of step times")
     ap.add_argument("--num-blocks", type=int, default=16384)
     ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048, help="the engine's step budget")
     ap.add_argument("--max-model-len", type=int, default=8192)
     ap.add_argument("--max-tokens", type=int, default=1024,
                     help="the clients' max_tokens (outputs stop at the trace length)")
@@ -78,14 +84,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="prompts start with one of --num-prefixes shared prefixes")
     ap.add_argument("--num-prefixes", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--out", default=None, help="output prefix (default out/router_sim/<arrivals>)")
     ap.add_argument("--results-md", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"))
     ap.add_argument("--no-results-md", action="store_true")
     ap.add_argument("--quick", action="store_true", help="tiny run for tests: 2 replicas, 4 rates, 20 s")
     args = ap.parse_args(argv)
     if args.quick:
-        args.replicas, args.grid, args.refine, args.duration = [2], [2, 6, 10, 16], 0, 20.0
+        args.replicas, args.grid, args.refine, args.duration = [2], [4, 14, 24, 34], 0, 20.0
         args.no_results_md = True
     if args.out is None:
         args.out = os.path.join("out", "router_sim", "quick" if args.quick else args.arrivals)
@@ -93,14 +99,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def coefficients(args) -> tuple[StepCoeffs, str]:
-    if args.coeffs:
-        import json
-        c = load_coeffs(args.coeffs)
-        with open(args.coeffs) as f:
-            meta = json.load(f)
-        source = f"{args.coeffs} (device: {meta.get('device', '?')}; {meta.get('source', 'fitted')})"
-    else:
-        c, source = DEFAULT_COEFFS, "default priors: a rough H100 + Qwen3-0.6B guess, not yet fitted on a GPU"
+    import json
+    path = args.coeffs or coeffs_file(args.model)
+    c = load_coeffs(path)
+    with open(path) as f:
+        meta = json.load(f)
+    rel = os.path.relpath(path, _ROOT) if path.startswith(str(_ROOT)) else path
+    source = f"{rel} (device: {meta.get('device', '?')}; {meta.get('source', 'fitted')})"
     over = {k: getattr(args, k) for k in "abcd" if getattr(args, k) is not None}
     if over:
         c = StepCoeffs(**{**dict(zip("abcd", c.as_tuple())), **over})
@@ -158,8 +163,11 @@ def main(argv=None) -> dict:
     rcfg = ReplicaConfig(num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs,
                          max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                          enable_prefix_caching=args.shared_prefix_tokens > 0)
-    cfg = SimConfig(replica=rcfg, true_coeffs=coeffs, noise=args.noise, poll_interval_s=args.poll_interval,
-                    poll_delay_s=args.poll_delay, p2c_max_ongoing=2 * args.max_num_seqs)
+    truth = true_model(args.coeffs or coeffs_file(args.model), args.true_model) \
+        if args.true_model == "split" else None
+    cfg = SimConfig(replica=rcfg, true_coeffs=coeffs, true_model=truth, noise=args.noise,
+                    poll_interval_s=args.poll_interval, poll_delay_s=args.poll_delay,
+                    p2c_max_ongoing=2 * args.max_num_seqs)
     workload = dict(cv=args.cv, arrivals=args.arrivals, interactive_frac=args.interactive_frac,
                     max_model_len=args.max_model_len, max_tokens=args.max_tokens,
                     shared_prefix_tokens=args.shared_prefix_tokens, num_prefixes=args.num_prefixes)

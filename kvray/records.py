@@ -65,6 +65,7 @@ class ReplicaStats:
     num_channels: int = 0
     max_model_len: int = 0
     max_queued_requests: int = 0
+    max_queued_prompt_tokens: int = 0  # the engine refuses a request that would queue more prompt tokens (0: unknown)
     started_at: float = 0.0
     first_token_at: float | None = None
 

@@ -130,6 +130,9 @@ class SimReplica:
         for s in reqs:
             prompt = 0 if s.metrics.first_token_time is not None else s.num_prompt_tokens
             outstanding += prompt + max(0, min(s.params.max_tokens, decode_cap) - s.num_output_tokens)
+        cfg = self.cfg
         return ReplicaStats(engine=self.sched.stats(self.step_cost), time=now, replica_id=self.rid,
                             outstanding_tokens=outstanding, num_active_requests=len(reqs),
-                            max_model_len=self.cfg.max_model_len)
+                            max_model_len=cfg.max_model_len, max_queued_requests=cfg.max_queued_requests or
+                            cfg.max_num_seqs, max_queued_prompt_tokens=cfg.max_queued_prompt_tokens or
+                            16 * cfg.max_num_batched_tokens)

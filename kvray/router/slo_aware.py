@@ -2,11 +2,13 @@
 
 Feasibility of a replica for a request: predicted TTFT <= ``ttft_margin`` x target, where the
 prediction is the time already waited + the queued prompt tokens the replica serves first (all
-of them for an FCFS replica; for a deadline replica the more urgent ones, stretched by the recent
-inflow of higher classes) + the request's uncached prompt tokens, processed in TPOT-safe chunks
-next to the running decodes, with the replica's own published step-cost fit; predicted TPOT with
-the request added <= the tightest TPOT target there (the request's own included); a free
-sequence slot; free KV blocks for prompt + budgeted output.
+of them for an FCFS replica; for a deadline replica the more urgent ones and those of lower
+classes due before the request's deadline, stretched by the recent inflow of higher classes) +
+the request's uncached prompt tokens, processed in TPOT-safe chunks next to the running decodes,
+with the replica's own published step-cost fit; predicted TPOT with the request added <= the
+tightest TPOT target there (the request's own included); a free sequence slot; room in the
+engine's bounded queue (which would refuse it with a 429); free KV blocks for prompt + budgeted
+output.
 
 Among feasible replicas: the longest prefix-cache hit first (at least ``min_prefix_blocks``),
 then ``mode="pack"``: the busiest (most tokens held) among those where the request starts at
@@ -103,6 +105,9 @@ class SLOAwarePolicy(RoutingPolicy):
         if guard is not None:
             tpot = min(tpot, max(decode, guard))
         room = v.num_requests < v.max_num_seqs
+        queue_limit = v.stats.max_queued_prompt_tokens  # the engine refuses what would queue more (a 429)
+        if queue_limit and v.queued_prefill_tokens + uncached > queue_limit:
+            room = False
         free = v.free_blocks
         if free is not None:
             room = room and free >= -(-(uncached + req.decode_estimate) // bs)
