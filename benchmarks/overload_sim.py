@@ -40,20 +40,21 @@ from kvray.step_cost import coeffs_file, load_coeffs  # noqa: E402
 POLICIES = ["slo_aware", "p2c", "least_load"]
 
 
-def program_args(p: argparse.ArgumentParser) -> None:
+def program_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
     """The program's options (shared with routing_gpu.py --program)."""
     p.add_argument("--goodput", default="auto", help="G in req/s, or 'auto': the simulator's (best policy's)")
     p.add_argument("--levels", default="1,1.5,2", help="window loads after the burst, multiples of G")
-    p.add_argument("--window", type=float, default=15.0, help="seconds of arrivals of a window at <= 1x")
-    p.add_argument("--overload", type=float, default=20.0, help="seconds of arrivals judged in a window above 1x")
-    p.add_argument("--settle", type=float, default=10.0, help="seconds at a window's load above 1x before it is judged")
-    p.add_argument("--gap", type=float, default=3.0, help="pause after each window (queues drain)")
+    p.add_argument("--window", type=float, default=10.0, help="seconds of arrivals of a window at <= 1x")
+    p.add_argument("--overload", type=float, default=12.0, help="seconds of arrivals judged in a window above 1x")
+    p.add_argument("--settle", type=float, default=6.0, help="seconds at a window's load above 1x before it is judged")
+    p.add_argument("--gap", type=float, default=2.0, help="pause after each window (queues drain)")
     p.add_argument("--burst", type=float, default=10.0, help="seconds of the burst (and of the windows around it)")
     p.add_argument("--burst-factor", type=float, default=10.0)
     p.add_argument("--burst-base", type=float, default=0.7)
-    p.add_argument("--drain", type=float, default=10.0, help="cut-off after the last arrival")
+    p.add_argument("--drain", type=float, default=8.0, help="cut-off after the last arrival")
     p.add_argument("--cv", type=float, default=1.0, help="inter-arrival coefficient of variation (1: Poisson)")
-    p.add_argument("--seed", type=int, default=0)
+    if seed:
+        p.add_argument("--seed", type=int, default=0)
 
 
 def make_program(a, goodput: float) -> list[prog.Phase]:
@@ -118,10 +119,12 @@ def main(argv=None) -> dict:
         a.goodput = measured["goodput"]
         a.policies = [x for x in a.policies if x in measured["policies"]]
         a.num_blocks = a.num_blocks or measured.get("num_kv_blocks")
-    replica = ReplicaConfig(max_model_len=a.max_model_len)
+    replica = ReplicaConfig(max_model_len=a.max_model_len, enable_prefix_caching=False)  # random prompts: no hits
     if a.num_blocks:
         replica.num_blocks = a.num_blocks
     kinds = ["linear", "split"] if a.true_model == "both" else [a.true_model]
+    if a.true_model == "both" and "split" not in json.loads(Path(coeffs_path).read_text()):
+        kinds = ["linear"]  # a file without decode/mixed fits (an estimate)
     cfgs = {k: sim_config(coeffs_path, k, replica, a.drain) for k in kinds}
     goodputs = None
     if a.goodput == "auto":

@@ -13,7 +13,17 @@ Goodput = the highest rate at which >= 90% of each class's requests meet both TT
 (429s count as misses). Writes OUT/<policy>.json|png (serving.py's reports), OUT/summary.json,
 OUT/goodput.png, and prints a markdown table.
 
+``--program`` plays the single-replica load program of ``benchmarks/overload_sim.py`` instead (a
+10x burst on 0.7x G, then windows at 1x, 1.5x and 2x G, G = the replica's goodput, ``auto``: the
+simulator's with ``--coeffs``) through the same ingress, for each policy, and writes every
+request's outcome to OUT/routing_program.json (merged into an existing one for the same program,
+so policies can run in separate commands); ``--compare-sim`` then runs overload_sim.py on it
+(predicted vs measured, OUT/fidelity.md|json|png). Requests go through HAProxy (``--ingress``),
+the shipped configs' ingress.
+
   python benchmarks/routing_gpu.py --replicas 4 --gpus-per-replica 0.5 --rates 4,8,12,16 --duration 30
+  python benchmarks/routing_gpu.py --program --replicas 1 --gpus-per-replica 1 --model kvray:llama-3.1-8b \
+      --max-model-len 8192 --coeffs OUT/step_coeffs_llama-3.1-8b.json --compare-sim --out OUT
   # CPU smoke test:
   python benchmarks/routing_gpu.py --model kvray:tiny-qwen3 --engine '{"device": "cpu"}' \\
       --gpus-per-replica 0 --replicas 2 --rates 1 --duration 5 --max-model-len 1024
@@ -35,7 +45,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # installed packages: import from the repository root instead (siblings as benchmarks.X).
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if os.path.abspath(p or ".") != str(ROOT / "benchmarks")]
 
-from benchmarks import serving  # noqa: E402
+from benchmarks import overload_sim, program_http, serving  # noqa: E402
+from benchmarks.sim import program as prog  # noqa: E402
+from benchmarks.sim.replica import ReplicaConfig  # noqa: E402
+from benchmarks.sim.workload import CLASSES, DEFAULT_TRACES, merged_trace  # noqa: E402
 
 P2C = "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter"
 SLO = {"interactive": {"ttft_ms": 500, "tpot_ms": 50, "priority": 2.0},
@@ -139,6 +152,72 @@ def device_name() -> str:
         return "cpu"
 
 
+def program_setup(a, out: Path) -> tuple[dict, list]:
+    """The program's record (an existing one for the same program, to add policies to) and requests."""
+    from kvray.step_cost import coeffs_file
+
+    path = out / "routing_program.json"
+    keys = ("levels", "window", "overload", "settle", "gap", "burst", "burst_factor", "burst_base", "drain", "cv",
+            "seed", "max_model_len")
+    args = {k: getattr(a, k) for k in keys}
+    record = json.loads(path.read_text()) if path.exists() else None
+    if record and (record["program_args"] != args or record["model"] != a.model):
+        raise SystemExit(f"{path} holds another program or model: use another --out")
+    coeffs = a.coeffs or coeffs_file(a.model)
+    if record is None:
+        goodputs = None
+        if a.goodput == "auto":
+            replica = ReplicaConfig(max_model_len=a.max_model_len, enable_prefix_caching=False)
+            cfg = overload_sim.sim_config(coeffs, "linear", replica, a.drain)
+            goodputs = overload_sim.predicted_goodputs(overload_sim.POLICIES, cfg, a.seed, a.cv, jobs=3)
+        record = {"device": device_name(), "model": a.model, "coefficients": coeffs, "program_args": args,
+                  "goodput": max(goodputs.values()) if goodputs else float(a.goodput),
+                  "predicted_goodputs": goodputs, "policies": {}}
+    phases = overload_sim.make_program(a, record["goodput"])
+    record["phases"] = [vars(ph) for ph in phases]
+    labelled = prog.program_requests(merged_trace(DEFAULT_TRACES), phases, seed=a.seed, cv=a.cv,
+                                     max_model_len=a.max_model_len)
+    print(f"program: G = {record['goodput']:.2f} req/s, {len(labelled)} requests over "
+          f"{sum(ph.duration_s for ph in phases):.0f} s", flush=True)
+    return record, labelled
+
+
+def run_program(a, url: str, out: Path) -> dict:
+    import asyncio
+
+    from ray import serve
+
+    record, labelled = program_setup(a, out)
+    phases = [prog.Phase(**ph) for ph in record["phases"]]
+    warm = prog.program_requests(merged_trace(DEFAULT_TRACES), [prog.Phase("warm-up", 4.0, 4.0)], seed=a.seed + 1,
+                                 max_model_len=a.max_model_len)
+    for policy in a.policies:
+        t0 = time.time()
+        deploy(policy, a)
+        wait_ready(url)
+        asyncio.run(program_http.play(url, warm, drain_s=20.0, seed=a.seed + 1))
+        reps = requests.get(url + "/v1/kvray/replicas", timeout=10).json()["replicas"]
+        blocks = [(r.get("stats") or {}).get("engine", {}).get("num_total_blocks") for r in reps.values()]
+        record["num_kv_blocks"] = next((b for b in blocks if b), record.get("num_kv_blocks"))  # none with P2C
+        print(f"\n#### {policy}: ready and warm in {time.time() - t0:.0f} s, KV blocks {record['num_kv_blocks']}",
+              flush=True)
+        outcomes = asyncio.run(program_http.play(url, labelled, drain_s=a.drain, seed=a.seed))
+        windows = prog.summarize_windows(outcomes, phases, CLASSES)
+        record["policies"][policy] = {"windows": windows, "outcomes": prog.outcomes_to_json(outcomes)}
+        (out / "routing_program.json").write_text(json.dumps(record, default=str))
+        for name, w in windows.items():
+            c = w["classes"]
+            print(f"{policy} {name:>12}: rate {w['rate']:.1f}, goodput {w['goodput_rps']:.2f} req/s, attainment "
+                  + ", ".join(f"{k} {v['attainment']:.0%} (429 {v['rejected']}, timeouts {v['timeouts']})"
+                              for k, v in c.items()), flush=True)
+        serve.delete("kvray")
+        time.sleep(3)
+    if a.compare_sim:
+        overload_sim.main(["--measured", str(out / "routing_program.json"), "--coeffs", record["coefficients"],
+                           "--true-model", "both", "--jobs", "3", "--out", str(out / "fidelity")])
+    return record
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policies", nargs="+", default=["slo_aware", "p2c", "least_load"],
@@ -152,11 +231,20 @@ def main(argv=None) -> dict:
     p.add_argument("--duration", type=float, default=30.0)
     p.add_argument("--out", default="out/routing_gpu")
     p.add_argument("--plot-only", metavar="SUMMARY_JSON", help="only draw the PNG next to a summary JSON")
+    p.add_argument("--ingress", choices=["haproxy", "proxy"], default="haproxy",
+                   help="HAProxy in front of Routers serving HTTP themselves (the shipped configs), or Serve's proxy")
+    p.add_argument("--program", action="store_true", help="the single-replica load program instead of --rates")
+    p.add_argument("--coeffs", default=None, help="--program: step-time coefficients (default: the model's in "
+                   "kvray/step_coeffs) for --goodput auto and --compare-sim")
+    p.add_argument("--compare-sim", action="store_true", help="--program: predicted vs measured afterwards")
+    overload_sim.program_args(p, seed=False)
     a = p.parse_args(argv)
     if a.plot_only:
         summary = json.loads(Path(a.plot_only).read_text())
         plot(summary, Path(a.plot_only).with_suffix(".png"))
         return summary
+    if a.ingress == "haproxy":  # read by Ray Serve in this process and in the cluster it starts
+        os.environ.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_THROUGHPUT_OPTIMIZED="1")
 
     import ray
     from ray import serve
@@ -166,6 +254,12 @@ def main(argv=None) -> dict:
     ray.init(include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": a.port})
     url = f"http://127.0.0.1:{a.port}"
+    if a.program:
+        try:
+            return run_program(a, url, out)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
     summary = {"device": device_name(), "replicas": a.replicas, "gpus_per_replica": a.gpus_per_replica,
                "model": a.model, "rates": a.rates, "duration_s": a.duration, "slo": SLO,
                "command": "python benchmarks/routing_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -13,10 +13,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def trace_dir() -> str:
-    """Where the Azure traces are: ``$KVRAY_TRACE_DIR``, else the first of ``../shared/traces``
+    """Where the Azure traces are: ``$KVRAY_AZURE_TRACES``, else the first of ``../shared/traces``
     beside the checkout, ``.carry/traces`` inside it (what travels to a GPU machine) and
     ``../../shared/traces`` (beside a worktree's parent) that exists."""
-    env = os.environ.get("KVRAY_TRACE_DIR")
+    env = os.environ.get("KVRAY_AZURE_TRACES")
     if env:
         return env
     options = [os.path.join(REPO, "..", "shared", "traces"), os.path.join(REPO, ".carry", "traces"),

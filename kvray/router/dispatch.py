@@ -35,9 +35,14 @@ class Dispatcher:
         self.counts: Counter = Counter()  # dispatched, queued, rejected
 
     def decide(self, hint: RoutingHint) -> Decision:
-        """One decision now; on DISPATCH the replica is reserved and ``hint.route`` set."""
+        """One decision now; on DISPATCH the replica is reserved and ``hint.route`` set. With no
+        replica in the book (LLMReplica runs another request router, such as Serve's default,
+        which never fills it) the request goes on with no route: that router picks."""
         book = self.book
         with book.lock:
+            if not book.replicas:
+                self.counts["dispatched"] += 1
+                return Decision(DISPATCH, reason="no replica book: the deployment's request router picks")
             d = self.policy.decide(hint, book, self._clock())
             if d.action == DISPATCH:
                 book.on_dispatch(hint, d.route[0], d.cached_tokens)

@@ -146,3 +146,17 @@ def test_predictions_use_the_step_fit_the_replica_publishes():
 def test_bad_options_name_the_problem(opts, msg):
     with pytest.raises(ValueError, match=msg):
         make_policy("slo_aware", **opts)
+
+
+@pytest.mark.parametrize("policy", ["slo_aware", "least_load"])
+def test_without_a_replica_book_the_deployments_own_router_picks(policy):
+    """LLMReplica under another request router (Serve's default P2C) never fills the book: the
+    Router lets requests through with no route instead of refusing them all."""
+    d = Dispatcher(ReplicaBook(clock=Clock()), make_policy(policy), clock=Clock())
+    h = hint("r1")
+    dec = admit(d, h)
+    assert dec.action == DISPATCH and dec.route == () and h.route == ()
+    assert d.counts["dispatched"] == 1 and d.book.snapshot() == {}
+    d.book.sync({"a": replica()})  # once the book knows replicas, the policy decides again
+    h2 = hint("r2")
+    assert admit(d, h2).action == DISPATCH and h2.route == ("a",)
