@@ -69,13 +69,14 @@ def sim_config(coeffs_path: str, kind: str, replica: ReplicaConfig, drain_s: flo
 
 
 def _goodput_task(t):
-    policy, cfg, seed, cv, max_model_len = t
-    return policy, prog.predict_goodput(policy, merged_trace(DEFAULT_TRACES), cfg, seed=seed, cv=cv,
+    policy, cfg, seed, cv, max_model_len, traces = t
+    return policy, prog.predict_goodput(policy, merged_trace(traces), cfg, seed=seed, cv=cv,
                                         duration_s=60.0, steps=7, max_model_len=max_model_len)
 
 
-def predicted_goodputs(policies, cfg: SimConfig, seed: int, cv: float, jobs: int) -> dict[str, float]:
-    tasks = [(p, cfg, seed, cv, cfg.replica.max_model_len) for p in policies]
+def predicted_goodputs(policies, cfg: SimConfig, seed: int, cv: float, jobs: int,
+                       traces: dict = DEFAULT_TRACES) -> dict[str, float]:
+    tasks = [(p, cfg, seed, cv, cfg.replica.max_model_len, traces) for p in policies]
     if jobs > 1:
         with get_context("fork").Pool(min(jobs, len(tasks))) as pool:
             return dict(pool.map(_goodput_task, tasks))
@@ -107,6 +108,8 @@ def main(argv=None) -> dict:
                    "replica's, else the simulator's default)")
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--code-trace", default=DEFAULT_TRACES["code"])
+    p.add_argument("--conv-trace", default=DEFAULT_TRACES["conv"])
     p.add_argument("--out", default="out/overload_sim")
     program_args(p)
     a = p.parse_args(argv)
@@ -126,14 +129,15 @@ def main(argv=None) -> dict:
     if a.true_model == "both" and "split" not in json.loads(Path(coeffs_path).read_text()):
         kinds = ["linear"]  # a file without decode/mixed fits (an estimate)
     cfgs = {k: sim_config(coeffs_path, k, replica, a.drain) for k in kinds}
+    traces = {"code": a.code_trace, "conv": a.conv_trace}
     goodputs = None
     if a.goodput == "auto":
-        goodputs = predicted_goodputs(a.policies, cfgs[kinds[0]], a.seed, a.cv, a.jobs)
+        goodputs = predicted_goodputs(a.policies, cfgs[kinds[0]], a.seed, a.cv, a.jobs, traces)
         goodput = max(goodputs.values())
     else:
         goodput = float(a.goodput)
     phases = make_program(a, goodput)
-    labelled = prog.program_requests(merged_trace(DEFAULT_TRACES), phases, seed=a.seed, cv=a.cv,
+    labelled = prog.program_requests(merged_trace(traces), phases, seed=a.seed, cv=a.cv,
                                      max_model_len=a.max_model_len)
     predicted = {k: simulate_all(a.policies, labelled, cfg, a.seed, a.jobs) for k, cfg in cfgs.items()}
     windows = {k: {pol: prog.summarize_windows(outs, phases, CLASSES) for pol, outs in by.items()}

@@ -163,3 +163,49 @@ def test_the_engine_fits_the_one_model_its_policy_and_stats_use():
     stats = eng.stats()
     assert stats.num_steps == eng.step_cost.num_samples >= 40
     assert stats.step_coeffs == eng.step_cost.coeffs.as_tuple() != eng.step_cost.prior.as_tuple()
+
+
+def _long_prefill_then_urgent(policy):
+    """A 2,000-token batch prompt starts its chunked prefill (256 tokens a step); an interactive
+    request arrives on the next step. Returns (the interactive request, the steps' outputs)."""
+    clock = Clock()
+    s = scheduler(policy, clock, max_batched=256)
+    long = batch("long", 2000, arrival=0.0)
+    s.add(long)
+    outs = [run_step(s, clock)]
+    urgent = interactive("urgent", 200, arrival=clock.t)
+    s.add(urgent)
+    outs += [run_step(s, clock) for _ in range(3)]
+    return long, urgent, outs
+
+
+def test_an_urgent_prompt_overtakes_a_running_long_prefill():
+    long, urgent, outs = _long_prefill_then_urgent(DeadlinePolicy())
+    granted = dict((q.request_id, n) for q, n in outs[1].scheduled)
+    assert granted["urgent"] == 200 and granted["long"] == 56  # the rest of the step's 256 prompt tokens
+    assert urgent.metrics.first_token_time is not None and urgent.metrics.first_token_time == pytest.approx(0.04)
+    assert long.num_computed_tokens > 256 + 56 + 256  # then the long prefill goes on (nothing more urgent waits)
+    # FCFS keeps the running prefill first: the interactive prompt waits for the long one's chunks
+    long_f, urgent_f, outs_f = _long_prefill_then_urgent(FCFSPolicy())
+    assert [n for q, n in outs_f[1].scheduled] == [256] and urgent_f.metrics.first_token_time is None
+
+
+def test_prefill_reserve_counts_only_waiting_sequences_more_urgent_than_every_running_prefill():
+    clock = Clock()
+    pol = DeadlinePolicy()
+    s = scheduler(pol, clock, max_batched=256)
+    s.add(interactive("running", 1000, arrival=0.0))
+    run_step(s, clock)  # "running" is prefilling now, with a 500 ms deadline
+    later_batch = batch("b", 300, arrival=clock.t)
+    s.add(later_batch)
+    assert pol.prefill_reserve(s.waiting, s.running, 256, clock.t) == 0  # less urgent: no reserve
+    s.add(interactive("i", 100, arrival=clock.t))  # same class, later deadline: not more urgent either
+    assert pol.prefill_reserve(s.waiting, s.running, 256, clock.t) == 0
+    clock.t = 0.45  # the batch request stays less urgent; a fresh interactive one is not ahead of the running
+    s.add(interactive("late-but-later", 100, arrival=clock.t))
+    assert pol.prefill_reserve(s.waiting, s.running, 256, clock.t) == 0
+    clock.t = 0.6  # "running" has missed its deadline: every on-time waiting sequence ranks before it
+    assert pol.prefill_reserve(s.waiting, s.running, 256, clock.t) == 256  # capped at the budget
+    # ... except "i", late too and due after it (late sequences go by deadline)
+    assert pol.prefill_reserve(s.waiting, s.running, 10_000, clock.t) == 300 + 100
+    assert FCFSPolicy().prefill_reserve(s.waiting, s.running, 256, clock.t) == 0

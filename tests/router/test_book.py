@@ -131,8 +131,13 @@ def test_prefix_lru_and_who_goes_first_on_a_deadline_replica():
     assert v.prefill_ahead_of(urgency(0.6, 2.0, 0.1), 0.6, 0.1) == 1000
     # ...a new batch request for both; an FCFS replica serves everything queued first.
     assert v.prefill_ahead_of(urgency(10.5, 1.0, 0.1), 10.5, 0.1) == 5000
-    book.update_stats("r1", stats(0.0, scheduling_policy="fcfs", queued_prefill_tokens=5000))
-    assert v.prefill_ahead_of(urgency(0.6, 2.0, 0.1), 0.6, 0.1) == 5000
+    # A batch request due before a new interactive one's deadline passes it as its slack runs out
+    # (slack / priority shrinks twice as fast for weight 1 as for weight 2): it counts as ahead.
+    book.on_dispatch(hint(3000, 10, rid="due", arrival_time=-9.55, ttft_ms=10_000, priority=1.0), "r1")
+    assert v.prefill_ahead_of(urgency(0.6, 2.0, 0.1), 0.6, 0.1) == 1000 + 3000
+    assert urgency(0.45, 1.0, 0.1) > urgency(0.6, 2.0, 0.1)  # although it ranks after it now
+    book.update_stats("r1", stats(0.0, scheduling_policy="fcfs", queued_prefill_tokens=8000))
+    assert v.prefill_ahead_of(urgency(0.6, 2.0, 0.1), 0.6, 0.1) == 8000
 
 
 def test_the_replica_reports_other_routers_tpot_targets_and_its_step_fit():

@@ -1,6 +1,7 @@
 """The slo_aware policy's decisions on hand-built replica books (no Ray): feasibility, packing,
 TPOT protection, holding and refusing what no replica can serve in time, and the baselines."""
 import copy
+import dataclasses
 
 import pytest
 from helpers import Clock, hint, stats
@@ -133,6 +134,25 @@ def test_waiting_in_the_router_counts_against_the_deadline():
     pol = SLOAwarePolicy()
     assert choose(pol, req(arrival=1.0), book, 1.0).action == DISPATCH
     assert choose(pol, req(arrival=1.0), book, 1.4).action != DISPATCH  # 400 ms already spent
+
+
+def test_a_replica_whose_engine_queue_would_refuse_is_not_used():
+    """The engine refuses (429) a request that would queue more prompt tokens than its limit: the
+    policy sends it elsewhere, or holds it in the router, instead of into that refusal."""
+    def with_limit(book, rid, limit):
+        st = book.replicas[rid].stats
+        book.update_stats(rid, dataclasses.replace(st, time=st.time + 1, max_queued_prompt_tokens=limit))
+        return book
+
+    pol = SLOAwarePolicy(mode="pack")
+    book = with_limit(book_of(view("full", running=30, queued=30_000, tokens=90_000), view("other", running=1)),
+                      "full", 32_768)
+    assert choose(pol, req(BATCH, prompt=4000), book, 1.0).route[0] == "other"
+    alone = with_limit(book_of(view("full", running=30, queued=30_000, tokens=90_000)), "full", 32_768)
+    assert choose(pol, req(BATCH, prompt=4000), alone, 1.0).action == QUEUE  # batch can wait for room
+    assert choose(pol, req(BATCH, prompt=2000), alone, 1.0).action == DISPATCH  # this one fits the queue
+    unknown = book_of(view("full", running=30, queued=30_000, tokens=90_000))  # limit not reported: not checked
+    assert choose(pol, req(BATCH, prompt=4000), unknown, 1.0).action == DISPATCH
 
 
 def test_no_replicas_or_seq_slots_or_kv():
