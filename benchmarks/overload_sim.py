@@ -96,6 +96,17 @@ def simulate_all(policies, labelled, cfg: SimConfig, seed: int, jobs: int) -> di
     return dict(map(_sim_task, tasks))
 
 
+def merge_measured(runs: list[dict]) -> dict:
+    """One record of several runs of the same program (same G, seed and windows), policies merged."""
+    merged = dict(runs[0], policies=dict(runs[0]["policies"]))
+    for r in runs[1:]:
+        if r["program_args"] != merged["program_args"] or r["goodput"] != merged["goodput"]:
+            raise SystemExit("--measured: the runs played different programs (program_args or goodput differ)")
+        merged["policies"].update(r["policies"])
+        merged["num_kv_blocks"] = merged.get("num_kv_blocks") or r.get("num_kv_blocks")
+    return merged
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-3.1-8b", help="coefficients of kvray/step_coeffs/<model>.json")
@@ -103,7 +114,9 @@ def main(argv=None) -> dict:
     p.add_argument("--true-model", choices=["linear", "split", "both"], default="linear",
                    help="the simulator's step times: the one linear fit, or split decode/mixed fits (both: two runs)")
     p.add_argument("--policies", nargs="+", default=POLICIES, choices=POLICIES)
-    p.add_argument("--measured", default=None, help="routing_program.json of routing_gpu.py --program")
+    p.add_argument("--measured", nargs="+", default=None,
+                   help="routing_program.json of routing_gpu.py --program (several: runs of the same program, "
+                   "their policies merged)")
     p.add_argument("--num-blocks", type=int, default=None, help="KV blocks of the replica (default: the measured "
                    "replica's, else the simulator's default)")
     p.add_argument("--max-model-len", type=int, default=8192)
@@ -114,7 +127,7 @@ def main(argv=None) -> dict:
     program_args(p)
     a = p.parse_args(argv)
     coeffs_path = a.coeffs or coeffs_file(a.model)
-    measured = json.loads(Path(a.measured).read_text()) if a.measured else None
+    measured = merge_measured([json.loads(Path(m).read_text()) for m in a.measured]) if a.measured else None
     if measured:  # the measured run's program, G, seed and replica
         for k in ("levels", "window", "overload", "settle", "gap", "burst", "burst_factor", "burst_base", "drain", "cv", "seed",
                   "max_model_len"):

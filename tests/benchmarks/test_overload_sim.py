@@ -143,12 +143,19 @@ def test_overload_sim_predicts_and_compares_with_a_measurement(traces, tmp_path)
                                  "seed": 0, "max_model_len": 4096},
                 "policies": {p: {"outcomes": prog.outcomes_to_json(prog.simulate(p, labelled, cfg))}
                              for p in ("slo_aware", "p2c")}}
-    (tmp_path / "m.json").write_text(json.dumps(measured))
-    both = _quick(traces, tmp_path / "fid", "--measured", str(tmp_path / "m.json"))
+    for pol in ("slo_aware", "p2c"):  # two runs of the same program (two commands on the GPU), merged
+        one = dict(measured, policies={pol: measured["policies"][pol]})
+        (tmp_path / f"{pol}.json").write_text(json.dumps(one))
+    both = _quick(traces, tmp_path / "fid", "--measured", str(tmp_path / "slo_aware.json"),
+                  str(tmp_path / "p2c.json"))
     assert set(both["measured"]) == {"slo_aware", "p2c"}
     assert both["measured"]["p2c"] == both["windows"]["linear"]["p2c"]
     md = (tmp_path / "fid.md").read_text()
     assert "| slo_aware | 1x | measured |" in md and "linear: yes" in md
+    other = dict(measured, goodput=7.0)
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="different programs"):
+        _quick(traces, tmp_path / "bad", "--measured", str(tmp_path / "p2c.json"), str(tmp_path / "other.json"))
 
 
 class _FakeKvray:
