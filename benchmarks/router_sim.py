@@ -180,7 +180,12 @@ def main(argv=None) -> dict:
         with get_context("fork").Pool(args.jobs) as pool:
             results = list(pool.imap_unordered(sweep, tasks))
     else:
-        results = [sweep(t) for t in tasks]
+        results = []
+        for t in tasks:
+            results.append(sweep(t))
+            r = results[-1]
+            print(f"{r['replicas']} replicas, {r['policy']}: goodput {r['goodput']:g} req/s "
+                  f"({len(r['points'])} points, {time.perf_counter() - t0:.0f} s so far)", flush=True)
     wall = time.perf_counter() - t0
 
     curves: dict = {}

@@ -191,6 +191,8 @@ def run_program(a, url: str, out: Path) -> dict:
     phases = [prog.Phase(**ph) for ph in record["phases"]]
     warm = prog.program_requests(merged_trace(DEFAULT_TRACES), [prog.Phase("warm-up", 4.0, 4.0)], seed=a.seed + 1,
                                  max_model_len=a.max_model_len)
+    for r, _ in warm:  # the warm-up's prompts at full length, its outputs short
+        r.output_len = r.max_tokens = min(r.output_len, 32)
     for policy in a.policies:
         t0 = time.time()
         deploy(policy, a)

@@ -130,7 +130,20 @@ def plot(payload: dict, path: str) -> bool:
     if payload.get("measured"):
         sources.insert(0, ("measured", payload["measured"], "-"))
     pols = list(sources[0][1])
-    fig, axes = plt.subplots(1, len(pols), figsize=(5 * len(pols), 4.2), squeeze=False)
+    fig, axes = plt.subplots(2, len(pols), figsize=(5 * len(pols), 8.0), squeeze=False)
+    for ax, pol in zip(axes[1], pols):  # goodput per window: bars (first source), markers (the others)
+        names = list(sources[0][1][pol])
+        for k, (name, by, _) in enumerate(sources):
+            ys = [by[pol][n]["goodput_rps"] if n in by[pol] else 0.0 for n in names]
+            if k == 0:
+                ax.bar(range(len(names)), ys, color="lightsteelblue", label=f"{name}: goodput")
+            else:
+                ax.plot(range(len(names)), ys, "o" if k == 1 else "x", label=f"{name}: goodput")
+        ax.plot(range(len(names)), [sources[0][1][pol][n]["rate"] for n in names], "_", ms=14, color="k",
+                label="offered")
+        ax.set_xticks(range(len(names)), names, fontsize=7)
+        ax.set_ylabel("requests/s that met their SLO")
+        ax.legend(fontsize=6)
     for ax, pol in zip(axes[0], pols):
         for name, by, style in sources:
             ws = [w for n, w in by[pol].items() if n.endswith("x") and w["min_attainment"] is not None]

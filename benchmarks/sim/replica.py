@@ -26,6 +26,9 @@ class ReplicaConfig:
     # engine's defaults, max_num_seqs requests and 16 steps' worth of prompt tokens.
     max_queued_requests: int | None = None
     max_queued_prompt_tokens: int | None = None
+    # The engine schedules the next step while the current one runs (EngineConfig.async_scheduling):
+    # a request that arrives during a step joins the step after the next one.
+    async_scheduling: bool = True
 
 
 class SimReplica:
@@ -55,29 +58,45 @@ class SimReplica:
         self._t0 = 0.0
         self.target_len: dict[str, int] = {}   # request id -> tokens it generates before stopping
         self.busy_time = 0.0
+        self._inbox: list[Sequence] = []  # arrived during the step in flight (async: the step after next)
+        self._next: list[Sequence] = []   # arrived during the previous step: the next step takes them
 
     def queue_full(self, prompt_tokens: int) -> bool:
         """Whether the engine refuses a new request of ``prompt_tokens`` (as
         ``AsyncLLMEngine._check_queue`` does: requests waiting for a batch slot, and their prompt
         tokens plus the running prefills' remainders)."""
         cfg, sched = self.cfg, self.sched
+        transit = self._inbox + self._next  # submitted, not in the scheduler yet (counted, as the engine does)
         waiting = sched.num_waiting
-        requests = max(waiting, sched.num_running + waiting - cfg.max_num_seqs)
+        requests = max(waiting, sched.num_running + waiting + len(transit) - cfg.max_num_seqs)
         if requests >= (cfg.max_queued_requests or cfg.max_num_seqs):
             return True
         if not requests:
             return False
         tokens = sum(s.num_tokens - s.num_computed_tokens for s in sched.waiting)
         tokens += sum(s.num_tokens - s.num_computed_tokens - 1 for s in sched.running if s.is_prefill)
+        tokens += sum(s.num_tokens for s in transit)
         return tokens + prompt_tokens > (cfg.max_queued_prompt_tokens or 16 * cfg.max_num_batched_tokens)
 
     def add(self, seq: Sequence, output_len: int) -> None:
         self.target_len[seq.request_id] = output_len
-        self.sched.add(seq)
+        if self.busy and self.cfg.async_scheduling:
+            self._inbox.append(seq)  # the next step is scheduled already
+        else:
+            self.sched.add(seq)
 
     def start_step(self, now: float) -> float | None:
         """Schedule a step at ``now``; its duration, or None when there is nothing to run."""
-        if self.busy or not self.sched.has_unfinished():
+        if self.busy:
+            return None
+        # What arrived during the previous step joins now; what arrived during the last one, the next
+        # step (with nothing to run, the engine takes it at once).
+        ready, self._next, self._inbox = self._next, self._inbox, []
+        if not self.sched.has_unfinished():
+            ready, self._next = ready + self._next, []
+        for seq in ready:
+            self.sched.add(seq)
+        if not self.sched.has_unfinished():
             return None
         out = self.sched.schedule()
         if out.is_empty:
@@ -126,7 +145,7 @@ class SimReplica:
         outstanding tokens of its requests (uncached prompt until the first token, then the
         decode budget left, capped as the router caps it)."""
         outstanding = 0
-        reqs = list(self.sched.running) + list(self.sched.waiting)
+        reqs = list(self.sched.running) + list(self.sched.waiting) + self._inbox + self._next
         for s in reqs:
             prompt = 0 if s.metrics.first_token_time is not None else s.num_prompt_tokens
             outstanding += prompt + max(0, min(s.params.max_tokens, decode_cap) - s.num_output_tokens)
