@@ -107,7 +107,7 @@ def merge_measured(runs: list[dict]) -> dict:
     return merged
 
 
-def main(argv=None) -> dict:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-3.1-8b", help="coefficients of kvray/step_coeffs/<model>.json")
     p.add_argument("--coeffs", default=None, help="a coefficients JSON instead (benchmarks/step_records.py's)")
@@ -125,13 +125,26 @@ def main(argv=None) -> dict:
     p.add_argument("--conv-trace", default=DEFAULT_TRACES["conv"])
     p.add_argument("--out", default="out/overload_sim")
     program_args(p)
-    a = p.parse_args(argv)
+    return p
+
+
+def write(payload: dict, out: Path) -> None:
+    md = rep.markdown(payload)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.json").write_text(json.dumps(payload, indent=1, default=str))
+    Path(f"{out}.md").write_text(md)
+    has_png = rep.plot(payload, f"{out}.png")
+    print(md)
+    print(f"wrote {out}.json, {out}.md" + (f", {out}.png" if has_png else ""))
+
+
+def main(argv=None) -> dict:
+    a = parser().parse_args(argv)
     coeffs_path = a.coeffs or coeffs_file(a.model)
     measured = merge_measured([json.loads(Path(m).read_text()) for m in a.measured]) if a.measured else None
     if measured:  # the measured run's program, G, seed and replica
-        for k in ("levels", "window", "overload", "settle", "gap", "burst", "burst_factor", "burst_base", "drain", "cv", "seed",
-                  "max_model_len"):
-            setattr(a, k, measured["program_args"][k])
+        for k, v in measured["program_args"].items():
+            setattr(a, k, v)
         a.goodput = measured["goodput"]
         a.policies = [x for x in a.policies if x in measured["policies"]]
         a.num_blocks = a.num_blocks or measured.get("num_kv_blocks")
@@ -162,14 +175,7 @@ def main(argv=None) -> dict:
         payload["measured"] = {pol: prog.summarize_windows(prog.outcomes_from_json(m["outcomes"]), phases, CLASSES)
                                for pol, m in measured["policies"].items() if pol in a.policies}
         payload["device"] = measured.get("device")
-    md = rep.markdown(payload)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{out}.json").write_text(json.dumps(payload, indent=1, default=str))
-    Path(f"{out}.md").write_text(md)
-    has_png = rep.plot(payload, f"{out}.png")
-    print(md)
-    print(f"wrote {out}.json, {out}.md" + (f", {out}.png" if has_png else ""))
+    write(payload, Path(a.out))
     return payload
 
 

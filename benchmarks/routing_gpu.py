@@ -220,7 +220,7 @@ def run_program(a, url: str, out: Path) -> dict:
     return record
 
 
-def main(argv=None) -> dict:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policies", nargs="+", default=["slo_aware", "p2c", "least_load"],
                    choices=["slo_aware", "p2c", "least_load"])
@@ -240,31 +240,14 @@ def main(argv=None) -> dict:
                    "kvray/step_coeffs) for --goodput auto and --compare-sim")
     p.add_argument("--compare-sim", action="store_true", help="--program: predicted vs measured afterwards")
     overload_sim.program_args(p, seed=False)
-    a = p.parse_args(argv)
-    if a.plot_only:
-        summary = json.loads(Path(a.plot_only).read_text())
-        plot(summary, Path(a.plot_only).with_suffix(".png"))
-        return summary
-    if a.ingress == "haproxy":  # read by Ray Serve in this process and in the cluster it starts
-        os.environ.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_THROUGHPUT_OPTIMIZED="1")
+    return p
 
-    import ray
+
+def run_rates(a, url: str, out: Path, command: str) -> dict:
     from ray import serve
 
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ray.init(include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": a.port})
-    url = f"http://127.0.0.1:{a.port}"
-    if a.program:
-        try:
-            return run_program(a, url, out)
-        finally:
-            serve.shutdown()
-            ray.shutdown()
     summary = {"device": device_name(), "replicas": a.replicas, "gpus_per_replica": a.gpus_per_replica,
-               "model": a.model, "rates": a.rates, "duration_s": a.duration, "slo": SLO,
-               "command": "python benchmarks/routing_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "model": a.model, "rates": a.rates, "duration_s": a.duration, "slo": SLO, "command": command,
                "policies": {}}
     try:
         for policy in a.policies:
@@ -284,8 +267,6 @@ def main(argv=None) -> dict:
             time.sleep(3)
     finally:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        serve.shutdown()
-        ray.shutdown()
     try:
         plot(summary, out / "goodput.png")
     except ImportError:
@@ -297,6 +278,33 @@ def main(argv=None) -> dict:
         ratio = f"{g / base:.2f}x" if g and base else "-"
         print(f"| {policy} | {g} | {ratio} |")
     return summary
+
+
+def main(argv=None) -> dict:
+    a = parser().parse_args(argv)
+    if a.plot_only:
+        summary = json.loads(Path(a.plot_only).read_text())
+        plot(summary, Path(a.plot_only).with_suffix(".png"))
+        return summary
+    if a.ingress == "haproxy":  # read by Ray Serve in this process and in the cluster it starts
+        os.environ.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_THROUGHPUT_OPTIMIZED="1")
+
+    import ray
+    from ray import serve
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ray.init(include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": a.port})
+    url = f"http://127.0.0.1:{a.port}"
+    try:
+        if a.program:
+            return run_program(a, url, out)
+        return run_rates(a, url, out, "python benchmarks/routing_gpu.py " + " ".join(
+            argv if argv is not None else sys.argv[1:]))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def errors(coeffs, records) -> dict:
     return {"median_rel_err": errs[len(errs) // 2], "p90_rel_err": errs[int(0.9 * len(errs))]} if errs else {}
 
 
-def main(argv=None) -> dict:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="llama-3.1-8b")
     ap.add_argument("--out-dir", default="out/step_records")
@@ -84,17 +84,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--engine", default="{}", help="JSON of extra engine options (a CPU smoke test: "
                     '\'{"device": "cpu", "num_kv_blocks": 256}\')')
-    a = ap.parse_args(argv)
-    import torch
+    return ap
 
-    from kvray import LLM
-    from kvray.step_cost import COEFFS_DIR, shape_of
 
-    t0 = time.time()
-    llm = LLM(f"kvray:{a.preset}", max_model_len=a.max_model_len, max_num_seqs=256, gpu_memory_utilization=0.9,
-              **json.loads(a.engine))
-    eng = llm.engine
-    print(f"engine ready in {time.time() - t0:.0f} s", flush=True)
+def record_steps(eng) -> list:
+    """The engine's step records from now on (its ``step`` wrapped to keep each new one)."""
     records = []
     orig = eng.step
 
@@ -106,6 +100,22 @@ def main(argv=None) -> dict:
         return out
 
     eng.step = step
+    return records
+
+
+def main(argv=None) -> dict:
+    a = parser().parse_args(argv)
+    import torch
+
+    from kvray import LLM
+    from kvray.step_cost import COEFFS_DIR, shape_of
+
+    t0 = time.time()
+    llm = LLM(f"kvray:{a.preset}", max_model_len=a.max_model_len, max_num_seqs=256, gpu_memory_utilization=0.9,
+              **json.loads(a.engine))
+    eng = llm.engine
+    print(f"engine ready in {time.time() - t0:.0f} s", flush=True)
+    records = record_steps(eng)
     limit = a.max_model_len - 2
     lengths = [(max(1, min(r.prompt, limit - 1)), max(1, min(r.output, 1024, limit - min(r.prompt, limit - 1))))
                for r in merged_trace(DEFAULT_TRACES)]

@@ -135,13 +135,7 @@ class Scheduler:
         out = SchedulerOutput()
         scheduled = out.scheduled
         budget = self.max_num_batched_tokens
-        prefill_left = self.policy.prefill_token_budget(self.running, budget, now)
-        if prefill_left < 0:
-            raise ValueError(f"policy {type(self.policy).__name__} returned a negative prefill budget")
-        # Prompt tokens held back from the running prefills for waiting sequences the policy
-        # ranks before them (they are admitted below, in policy order).
-        reserve = min(prefill_left, self.policy.prefill_reserve(self._waiting, self._running, prefill_left, now)) \
-            if self._waiting else 0
+        prefill_left, reserve = self._prefill_budget(budget, now)
 
         # 1. running sequences
         order = list(self._running)
@@ -194,6 +188,16 @@ class Scheduler:
 
         out.num_decode_tokens = out.num_batched_tokens - out.num_prefill_tokens
         return out
+
+    def _prefill_budget(self, budget: int, now: float) -> tuple[int, int]:
+        """The step's prompt-token budget, and the part of it held back from the running chunked
+        prefills for waiting sequences the policy ranks before them (admitted in policy order)."""
+        prefill = self.policy.prefill_token_budget(self.running, budget, now)
+        if prefill < 0:
+            raise ValueError(f"policy {type(self.policy).__name__} returned a negative prefill budget")
+        if not self._waiting:
+            return prefill, 0
+        return prefill, min(prefill, self.policy.prefill_reserve(self._waiting, self._running, prefill, now))
 
     def _admit(self, out: SchedulerOutput, budget: int, prefill_left: int, now: float) -> None:
         bm = self.block_manager
