@@ -241,16 +241,21 @@ def tpot_safe_chunk(model, num_decodes: int, context_tokens: float, tpot_s: floa
 
 
 def predict_ttft_s(model, prefill_ahead: float, uncached_tokens: float, num_decodes: int, context_tokens: float,
-                   chunk: int) -> float:
+                   chunk: int, lookahead: int = 0) -> float:
     """Seconds until the first token of a request whose ``uncached_tokens`` prompt tokens are
     processed after ``prefill_ahead`` queued prompt tokens, ``chunk`` tokens per step alongside
-    ``num_decodes`` running decodes (plus half of the step in progress)."""
+    ``num_decodes`` running decodes (plus half of the step in progress, and ``lookahead`` steps
+    the engine has scheduled already: with async scheduling, one, which the request cannot join)."""
     chunk = max(1, int(chunk))
-    total = max(0.0, prefill_ahead) + max(1.0, uncached_tokens)
+    seqs = num_decodes + 1
+    prefill_ahead = max(0.0, prefill_ahead)
+    t = 0.5 * model.predict(num_decodes + min(chunk, prefill_ahead), context_tokens, seqs)
+    for _ in range(lookahead):
+        t += model.predict(num_decodes + min(chunk, prefill_ahead), context_tokens, seqs)
+        prefill_ahead -= min(chunk, prefill_ahead)
+    total = prefill_ahead + max(1.0, uncached_tokens)
     n_full = int(total // chunk)
     rem = total - n_full * chunk
-    seqs = num_decodes + 1
-    t = 0.5 * model.predict(num_decodes + min(chunk, prefill_ahead), context_tokens, seqs)
     t += n_full * model.predict(num_decodes + chunk, context_tokens + chunk, seqs)
     if rem > 0:
         t += model.predict(num_decodes + rem, context_tokens + rem, seqs)

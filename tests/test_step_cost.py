@@ -107,6 +107,17 @@ def test_prediction_helpers():
     assert tpot_safe_chunk(m, 2000, 20000, 0.05, 8192, min_chunk=64) == 64  # decodes alone exceed it
 
 
+def test_ttft_counts_the_steps_an_async_engine_scheduled_already():
+    m = StepTimeModel.fixed_coeffs(StepCoeffs(a=0.01, b=1e-5, c=0.0, d=0.0))
+    # idle queue: the lookahead step carries only the decodes (10 ms + 10 tokens)
+    assert predict_ttft_s(m, 0, 500, 10, 0, 1000, lookahead=1) - predict_ttft_s(m, 0, 500, 10, 0, 1000) == \
+        pytest.approx(0.01 + 10 * 1e-5)
+    # a queue of 3,000 prompt tokens: the lookahead step takes a chunk of it, so the rest takes one
+    # step less, and the total is the same work plus the one step's fixed cost
+    assert predict_ttft_s(m, 3000, 500, 10, 0, 1000, lookahead=1) == pytest.approx(
+        0.5 * (0.01 + 1010e-5) + (0.01 + 1010e-5) * 3 + (0.01 + 510e-5))
+
+
 # ---- per-model coefficients (kvray/step_coeffs) ----------------------------------------------
 
 def test_every_coefficients_file_is_complete_and_names_its_model():

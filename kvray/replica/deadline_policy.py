@@ -20,10 +20,11 @@ questions of ``kvray.replica.scheduling_policy``:
   shortens the step so the mean recovers). The budget is the largest prompt chunk whose step, with all running
   decodes, the cost model predicts within the tightest such limit (times ``safety``), at least
   ``min_prefill_tokens``. O(running).
-* **prefill_reserve** — the prompt tokens of waiting sequences that rank before every running
-  chunked prefill (by the admission key above), up to the step's prefill budget: the running
-  prefills leave them that much of the budget, so an urgent prompt starts at the next step
-  instead of after a long prompt's remaining chunks. O(waiting + running).
+* **prefill_grants** — the step's prefill budget goes to running chunked prefills and waiting
+  sequences (as many as there are free batch slots) together, in the order of the admission
+  key above: a running prefill gets its share when its turn comes, and what waiting sequences
+  rank for is left to their admission. So an urgent prompt starts at the next step instead of
+  after a long (or less urgent) prompt's remaining chunks. O((waiting + running) log).
 * **pick_victim** — the lowest priority first; among those, the most slack (latest
   deadline), then the newest.
 
@@ -77,19 +78,25 @@ class DeadlinePolicy(SchedulingPolicy):
         heapq.heapify(heap)
         return _drain(heap)
 
-    def prefill_reserve(self, waiting: deque[Sequence], running, prefill_budget: int, now: float) -> int:
+    def prefill_grants(self, prefills: list[Sequence], waiting, prefill_budget: int, now: float,
+                       free_slots: int) -> list[int]:
         key = self._key
-        keys = [key(s, now) for s in running if s.num_tokens - s.num_computed_tokens > 1]
-        if not keys:
-            return 0
-        first = min(keys)
-        reserve = 0
-        for s in waiting:
-            if key(s, now) < first:
-                reserve += s.num_tokens - s.num_computed_tokens
-                if reserve >= prefill_budget:
-                    return prefill_budget
-        return reserve
+        items = [(key(s, now), 0, i, s) for i, s in enumerate(prefills)]
+        items += [(key(s, now), 1, i, s) for i, s in enumerate(waiting)]
+        items.sort(key=lambda x: x[:3])
+        grants, left, slots = [0] * len(prefills), prefill_budget, free_slots
+        for _, waits, i, s in items:
+            if left <= 0:
+                break
+            if waits:
+                if slots <= 0:
+                    continue
+                slots -= 1
+            g = min(s.num_tokens - s.num_computed_tokens, left)
+            if not waits:
+                grants[i] = g
+            left -= g
+        return grants
 
     # ---- preemption ------------------------------------------------------------------------
     def pick_victim(self, candidates: list[Sequence]) -> Sequence:

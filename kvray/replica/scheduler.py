@@ -135,7 +135,7 @@ class Scheduler:
         out = SchedulerOutput()
         scheduled = out.scheduled
         budget = self.max_num_batched_tokens
-        prefill_left, reserve = self._prefill_budget(budget, now)
+        prefill_left, grants = self._prefill_budget(budget, now)
 
         # 1. running sequences
         order = list(self._running)
@@ -148,7 +148,7 @@ class Scheduler:
             remaining = seq.num_tokens - seq.num_computed_tokens
             n = min(remaining, budget)
             if remaining > 1:
-                n = min(n, prefill_left - reserve)
+                n = min(n, prefill_left, grants.get(id(seq), 0))
             if n <= 0:
                 kept[seq] = None
                 continue
@@ -189,15 +189,18 @@ class Scheduler:
         out.num_decode_tokens = out.num_batched_tokens - out.num_prefill_tokens
         return out
 
-    def _prefill_budget(self, budget: int, now: float) -> tuple[int, int]:
-        """The step's prompt-token budget, and the part of it held back from the running chunked
-        prefills for waiting sequences the policy ranks before them (admitted in policy order)."""
+    def _prefill_budget(self, budget: int, now: float) -> tuple[int, dict[int, int]]:
+        """The step's prompt-token budget, and each running chunked prefill's share of it (by
+        ``id``), as the policy grants them; what they leave goes to the waiting sequences."""
         prefill = self.policy.prefill_token_budget(self.running, budget, now)
         if prefill < 0:
             raise ValueError(f"policy {type(self.policy).__name__} returned a negative prefill budget")
-        if not self._waiting:
-            return prefill, 0
-        return prefill, min(prefill, self.policy.prefill_reserve(self._waiting, self._running, prefill, now))
+        prefills = [s for s in self._running if s.num_tokens - s.num_computed_tokens > 1]
+        if not prefills:
+            return prefill, {}
+        slots = self.max_num_seqs - len(self._running)
+        shares = self.policy.prefill_grants(prefills, self._waiting if slots > 0 else (), prefill, now, slots)
+        return prefill, {id(s): g for s, g in zip(prefills, shares)}
 
     def _admit(self, out: SchedulerOutput, budget: int, prefill_left: int, now: float) -> None:
         bm = self.block_manager

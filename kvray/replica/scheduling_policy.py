@@ -12,10 +12,11 @@ The scheduler asks a policy three things each step:
 * ``prefill_token_budget(running, max_num_batched_tokens, now)``: the most prompt/recompute
   tokens (new admissions plus continuing chunked prefills) to schedule this step; decodes
   are never limited by it. A deadline-aware policy can lower it to protect running decodes.
-* ``prefill_reserve(waiting, running, prefill_budget, now)``: how many of those tokens the
-  running sequences' chunked prefills leave to the waiting ones this step (0: running prefills
-  first). A deadline-aware policy reserves them for waiting sequences more urgent than every
-  running prefill, so that a long prompt being prefilled does not hold an urgent one back.
+* ``prefill_grants(prefills, waiting, prefill_budget, now, free_slots)``: each running chunked
+  prefill's share of those tokens this step (``prefills`` in running order); what they leave
+  goes to the waiting sequences. The default serves the running prefills first, in running
+  order. A deadline-aware policy grants by urgency across running and waiting sequences, so
+  that a long prompt being prefilled does not hold a more urgent one back.
 
 Policies must not mutate the arguments.
 """
@@ -49,9 +50,14 @@ class SchedulingPolicy:
     def prefill_token_budget(self, running: list[Sequence], max_num_batched_tokens: int, now: float) -> int:
         return max_num_batched_tokens
 
-    def prefill_reserve(self, waiting: deque[Sequence], running: Iterable[Sequence], prefill_budget: int,
-                        now: float) -> int:
-        return 0
+    def prefill_grants(self, prefills: list[Sequence], waiting: Iterable[Sequence], prefill_budget: int, now: float,
+                       free_slots: int) -> list[int]:
+        grants, left = [], prefill_budget
+        for s in prefills:
+            g = min(s.num_tokens - s.num_computed_tokens, left)
+            grants.append(g)
+            left -= g
+        return grants
 
 
 class FCFSPolicy(SchedulingPolicy):

@@ -1,6 +1,7 @@
 """``slo_aware``: the SLO-aware routing policy with admission control (pure Python, no Ray).
 
-Feasibility of a replica for a request: predicted TTFT <= ``ttft_margin`` x target, where the
+Feasibility of a replica for a request: predicted TTFT <= the TTFT budget, ``ttft_margin`` x
+target but at least ``ttft_slack_s`` short of it (room for the error of a prediction), where the
 prediction is the time already waited + the queued prompt tokens the replica serves first (all
 of them for an FCFS replica; for a deadline replica the more urgent ones and those of lower
 classes due before the request's deadline, stretched by the recent inflow of higher classes) +
@@ -34,6 +35,11 @@ from kvray.slo import urgency
 from kvray.step_cost import predict_ttft_s, predict_tpot_s, tpot_safe_chunk
 
 
+# Steps a busy engine has scheduled beyond the one in progress (async scheduling, kvray's
+# default): a request sent now joins the step after them.
+ENGINE_LOOKAHEAD = 1
+
+
 @dataclass
 class Estimate:
     replica: ReplicaState
@@ -50,22 +56,26 @@ class Estimate:
 class SLOAwarePolicy(RoutingPolicy):
     name = "slo_aware"
 
-    def __init__(self, mode: str = "pack", *, ttft_margin: float = 0.85, tpot_margin: float = 0.95,
-                 min_prefix_blocks: int = 1, recheck_interval_s: float = 0.05, min_prefill_tokens: int = 128,
+    def __init__(self, mode: str = "pack", *, ttft_margin: float = 0.85, ttft_slack_s: float = 0.125,
+                 tpot_margin: float = 0.9, min_prefix_blocks: int = 1, recheck_interval_s: float = 0.05, min_prefill_tokens: int = 128,
                  pack_wait_s: float = 0.1, max_candidates: int | None = 16, **unknown):
         moved = {"on_infeasible": "it is set per SLO class: slo_classes.<name>.on_infeasible",
                  "step_coeffs": "each replica publishes the step-cost fit of its engine"}
         for k in unknown:
-            raise ValueError(f"slo_aware option {k!r}: " + moved.get(k, "unknown; known: mode, ttft_margin, tpot_margin, "
-                             "min_prefix_blocks, recheck_interval_s, min_prefill_tokens, pack_wait_s, max_candidates"))
+            raise ValueError(f"slo_aware option {k!r}: " + moved.get(k, "unknown; known: mode, ttft_margin, "
+                             "ttft_slack_s, tpot_margin, min_prefix_blocks, recheck_interval_s, min_prefill_tokens, "
+                             "pack_wait_s, max_candidates"))
         if mode not in ("pack", "spread"):
             raise ValueError(f"mode={mode!r}: must be 'pack' or 'spread'")
+        if not isinstance(ttft_slack_s, (int, float)) or ttft_slack_s < 0:
+            raise ValueError(f"ttft_slack_s={ttft_slack_s!r}: must be a number >= 0")
         for name, v in (("ttft_margin", ttft_margin), ("tpot_margin", tpot_margin),
                         ("recheck_interval_s", recheck_interval_s), ("pack_wait_s", pack_wait_s)):
             if not isinstance(v, (int, float)) or v <= 0:
                 raise ValueError(f"{name}={v!r}: must be a number > 0")
         self.mode = mode
         self.ttft_margin = ttft_margin
+        self.ttft_slack_s = ttft_slack_s
         self.tpot_margin = tpot_margin
         self.min_prefix_blocks = min_prefix_blocks
         self.recheck_interval_s = recheck_interval_s
@@ -94,7 +104,8 @@ class SLOAwarePolicy(RoutingPolicy):
         # prefill capacity that later, higher-priority arrivals take (deadline replicas).
         deadline = _deadline(req)
         ahead = v.prefill_ahead_of(urgency(deadline, req.priority, now), deadline, now)
-        ttft = predict_ttft_s(m, ahead, uncached, decodes, ctx, chunk)
+        ttft = predict_ttft_s(m, ahead, uncached, decodes, ctx, chunk,
+                              lookahead=ENGINE_LOOKAHEAD if decodes or v.queued_prefill_tokens else 0)
         if not fcfs:
             ttft /= 1.0 - min(0.8, rate_above * per_tok)
         # TPOT: a decode step with the request added, stretched by the replica's prefill share;
@@ -115,7 +126,12 @@ class SLOAwarePolicy(RoutingPolicy):
 
     def _feasible(self, req: RoutingHint, est: Estimate, now: float) -> bool:
         waited = now - req.arrival_time
-        return est.tpot_ok and est.room and waited + est.ttft_s <= self.ttft_margin * _ttft_s(req)
+        return est.tpot_ok and est.room and waited + est.ttft_s <= self.ttft_budget(req)
+
+    def ttft_budget(self, req: RoutingHint) -> float:
+        """The most a request's predicted TTFT (time waited included) may be to be sent."""
+        ttft = _ttft_s(req)
+        return min(self.ttft_margin * ttft, ttft - self.ttft_slack_s)
 
     @staticmethod
     def idle_ttft(est: Estimate) -> float:
@@ -179,13 +195,13 @@ class SLOAwarePolicy(RoutingPolicy):
         best = min(ok, key=lambda e: e.ttft_s)
         ttft_s = _ttft_s(req)
         # Retry-After: how far the best replica is over the TTFT budget, within [0.05, ttft_s].
-        excess = (now - req.arrival_time) + best.ttft_s - self.ttft_margin * ttft_s
+        excess = (now - req.arrival_time) + best.ttft_s - self.ttft_budget(req)
         retry = min(ttft_s, max(0.05, excess))
         if req.on_infeasible == "best_effort":
             return self._dispatch(best, "best effort: no replica meets the SLO", ests)
         if req.on_infeasible == "queue":
             # The last moment a dispatch could still meet the deadline: an idle replica's TTFT.
-            last = req.arrival_time + self.ttft_margin * ttft_s - self.idle_ttft(best)
+            last = req.arrival_time + self.ttft_budget(req) - self.idle_ttft(best)
             if now + 1e-9 < last:
                 recheck = min(now + max(self.recheck_interval_s, 0.1 * (last - now)), last)
                 return Decision(QUEUE, recheck_at=recheck, retry_after_s=retry, predicted_ttft_s=best.ttft_s,

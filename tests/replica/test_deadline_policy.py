@@ -190,22 +190,27 @@ def test_an_urgent_prompt_overtakes_a_running_long_prefill():
     assert [n for q, n in outs_f[1].scheduled] == [256] and urgent_f.metrics.first_token_time is None
 
 
-def test_prefill_reserve_counts_only_waiting_sequences_more_urgent_than_every_running_prefill():
+def test_prefill_grants_go_by_urgency_across_running_and_waiting_sequences():
     clock = Clock()
     pol = DeadlinePolicy()
     s = scheduler(pol, clock, max_batched=256)
-    s.add(interactive("running", 1000, arrival=0.0))
-    run_step(s, clock)  # "running" is prefilling now, with a 500 ms deadline
-    later_batch = batch("b", 300, arrival=clock.t)
-    s.add(later_batch)
-    assert pol.prefill_reserve(s.waiting, s.running, 256, clock.t) == 0  # less urgent: no reserve
-    s.add(interactive("i", 100, arrival=clock.t))  # same class, later deadline: not more urgent either
-    assert pol.prefill_reserve(s.waiting, s.running, 256, clock.t) == 0
-    clock.t = 0.45  # the batch request stays less urgent; a fresh interactive one is not ahead of the running
-    s.add(interactive("late-but-later", 100, arrival=clock.t))
-    assert pol.prefill_reserve(s.waiting, s.running, 256, clock.t) == 0
-    clock.t = 0.6  # "running" has missed its deadline: every on-time waiting sequence ranks before it
-    assert pol.prefill_reserve(s.waiting, s.running, 256, clock.t) == 256  # capped at the budget
-    # ... except "i", late too and due after it (late sequences go by deadline)
-    assert pol.prefill_reserve(s.waiting, s.running, 10_000, clock.t) == 300 + 100
-    assert FCFSPolicy().prefill_reserve(s.waiting, s.running, 256, clock.t) == 0
+    long = batch("long", 2000, arrival=0.0)
+    s.add(long)
+    run_step(s, clock)  # the batch prompt is being prefilled (deadline 10 s)
+    inter = interactive("inter", 1000, arrival=clock.t)
+    s.add(inter)
+    run_step(s, clock)  # an interactive prompt started beside it (deadline 0.52 s)
+    prefills = [q for q in s.running if q.num_tokens - q.num_computed_tokens > 1]
+    assert [q.request_id for q in prefills] == ["long", "inter"]  # running order: the batch one first
+    assert (long.num_computed_tokens, inter.num_computed_tokens) == (256, 256)  # inter took step 2's budget
+    # by urgency: the interactive prefill (744 tokens left) first, then the batch one (1,744 left)
+    assert pol.prefill_grants(prefills, [], 600, clock.t, 10) == [0, 600]
+    assert pol.prefill_grants(prefills, [], 1000, clock.t, 10) == [256, 744]
+    # a waiting interactive request more urgent than the batch prefill takes its 100 tokens before it
+    # (a waiting batch request due after the running one does not)...
+    waiting = [batch("b2", 300, arrival=clock.t), interactive("urgent", 100, arrival=clock.t)]
+    assert pol.prefill_grants(prefills, waiting, 2000, clock.t, 10) == [2000 - 744 - 100, 744]
+    # ...but only with a free batch slot to be admitted into
+    assert pol.prefill_grants(prefills, waiting, 2000, clock.t, 0) == [2000 - 744, 744]
+    # FCFS: running prefills first, in running order
+    assert FCFSPolicy().prefill_grants(prefills, waiting, 600, clock.t, 10) == [600, 0]

@@ -184,3 +184,18 @@ def test_bad_arguments(mode):
         SLOAwarePolicy(mode="random")
     with pytest.raises(ValueError):
         SLOTarget("x", 100, 10, on_infeasible="drop")
+
+
+def test_the_ttft_budget_keeps_a_margin_and_a_fixed_slack():
+    pol = SLOAwarePolicy()
+    assert pol.ttft_budget(req(INTERACTIVE)) == pytest.approx(0.5 - 0.125)  # the slack binds on 500 ms
+    assert pol.ttft_budget(req(BATCH)) == pytest.approx(0.85 * 10.0)        # the margin on 10 s
+    assert SLOAwarePolicy(ttft_slack_s=0).ttft_budget(req(INTERACTIVE)) == pytest.approx(0.425)
+    # 280 ms already waited in the router: a replica predicted to need ~120 ms more is over budget
+    book = book_of(view("r0", running=10, queued=1000, tokens=30_000))
+    est = pol.estimate(req(arrival=1.0), book.replicas["r0"], 1.28)
+    assert 0.375 < 0.28 + est.ttft_s < 0.425
+    assert choose(pol, req(arrival=1.0), book, 1.28).action == QUEUE
+    assert choose(SLOAwarePolicy(ttft_slack_s=0), req(arrival=1.0), book, 1.28).action == DISPATCH
+    with pytest.raises(ValueError, match="ttft_slack_s"):
+        SLOAwarePolicy(ttft_slack_s=-1)
