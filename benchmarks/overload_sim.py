@@ -53,6 +53,8 @@ def program_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
     p.add_argument("--burst-base", type=float, default=0.7)
     p.add_argument("--drain", type=float, default=8.0, help="cut-off after the last arrival")
     p.add_argument("--cv", type=float, default=1.0, help="inter-arrival coefficient of variation (1: Poisson)")
+    p.add_argument("--code-trace", default=DEFAULT_TRACES["code"], help="Azure code trace (batch requests)")
+    p.add_argument("--conv-trace", default=DEFAULT_TRACES["conv"], help="Azure conversation trace (interactive)")
     if seed:
         p.add_argument("--seed", type=int, default=0)
 
@@ -121,8 +123,6 @@ def parser() -> argparse.ArgumentParser:
                    "replica's, else the simulator's default)")
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--jobs", type=int, default=1)
-    p.add_argument("--code-trace", default=DEFAULT_TRACES["code"])
-    p.add_argument("--conv-trace", default=DEFAULT_TRACES["conv"])
     p.add_argument("--out", default="out/overload_sim")
     program_args(p)
     return p
@@ -144,7 +144,8 @@ def main(argv=None) -> dict:
     measured = merge_measured([json.loads(Path(m).read_text()) for m in a.measured]) if a.measured else None
     if measured:  # the measured run's program, G, seed and replica
         for k, v in measured["program_args"].items():
-            setattr(a, k, v)
+            if k not in ("code_trace", "conv_trace"):  # the same traces, perhaps at another path here
+                setattr(a, k, v)
         a.goodput = measured["goodput"]
         a.policies = [x for x in a.policies if x in measured["policies"]]
         a.num_blocks = a.num_blocks or measured.get("num_kv_blocks")

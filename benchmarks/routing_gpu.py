@@ -48,7 +48,7 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if os.path.abspath(p or ".") !=
 from benchmarks import overload_sim, program_http, serving  # noqa: E402
 from benchmarks.sim import program as prog  # noqa: E402
 from benchmarks.sim.replica import ReplicaConfig  # noqa: E402
-from benchmarks.sim.workload import CLASSES, DEFAULT_TRACES, merged_trace  # noqa: E402
+from benchmarks.sim.workload import CLASSES, merged_trace  # noqa: E402
 
 P2C = "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter"
 SLO = {"interactive": {"ttft_ms": 500, "tpot_ms": 50, "priority": 2.0},
@@ -152,6 +152,10 @@ def device_name() -> str:
         return "cpu"
 
 
+def traces(a) -> dict[str, str]:
+    return {"code": a.code_trace, "conv": a.conv_trace}
+
+
 def program_setup(a, out: Path) -> tuple[dict, list]:
     """The program's record (an existing one for the same program, to add policies to) and requests."""
     from kvray.step_cost import coeffs_file
@@ -169,34 +173,35 @@ def program_setup(a, out: Path) -> tuple[dict, list]:
         if a.goodput == "auto":
             replica = ReplicaConfig(max_model_len=a.max_model_len, enable_prefix_caching=False)
             cfg = overload_sim.sim_config(coeffs, "linear", replica, a.drain)
-            goodputs = overload_sim.predicted_goodputs(overload_sim.POLICIES, cfg, a.seed, a.cv, jobs=3)
+            goodputs = overload_sim.predicted_goodputs(overload_sim.POLICIES, cfg, a.seed, a.cv, 3, traces(a))
+            if max(goodputs.values()) <= 0:
+                raise SystemExit("the simulator finds no rate the replica serves within its SLOs: pass --goodput")
         record = {"device": device_name(), "model": a.model, "coefficients": coeffs, "program_args": args,
                   "goodput": max(goodputs.values()) if goodputs else float(a.goodput),
                   "predicted_goodputs": goodputs, "policies": {}}
     phases = overload_sim.make_program(a, record["goodput"])
     record["phases"] = [vars(ph) for ph in phases]
-    labelled = prog.program_requests(merged_trace(DEFAULT_TRACES), phases, seed=a.seed, cv=a.cv,
+    labelled = prog.program_requests(merged_trace(traces(a)), phases, seed=a.seed, cv=a.cv,
                                      max_model_len=a.max_model_len)
     print(f"program: G = {record['goodput']:.2f} req/s, {len(labelled)} requests over "
           f"{sum(ph.duration_s for ph in phases):.0f} s", flush=True)
     return record, labelled
 
 
-def run_program(a, url: str, out: Path) -> dict:
+def run_program(a, url: str, out: Path, record: dict, labelled: list) -> dict:
     import asyncio
 
     from ray import serve
 
-    record, labelled = program_setup(a, out)
     phases = [prog.Phase(**ph) for ph in record["phases"]]
-    warm = prog.program_requests(merged_trace(DEFAULT_TRACES), [prog.Phase("warm-up", 4.0, 4.0)], seed=a.seed + 1,
+    warm = prog.program_requests(merged_trace(traces(a)), [prog.Phase("warm-up", 4.0, 4.0)], seed=a.seed + 1,
                                  max_model_len=a.max_model_len)
     for r, _ in warm:  # the warm-up's prompts at full length, its outputs short
         r.output_len = r.max_tokens = min(r.output_len, 32)
     for policy in a.policies:
         t0 = time.time()
         deploy(policy, a)
-        wait_ready(url)
+        wait_ready(url, timeout_s=300)
         asyncio.run(program_http.play(url, warm, drain_s=20.0, seed=a.seed + 1))
         reps = requests.get(url + "/v1/kvray/replicas", timeout=10).json()["replicas"]
         blocks = [(r.get("stats") or {}).get("engine", {}).get("num_total_blocks") for r in reps.values()]
@@ -214,9 +219,6 @@ def run_program(a, url: str, out: Path) -> dict:
                               for k, v in c.items()), flush=True)
         serve.delete("kvray")
         time.sleep(3)
-    if a.compare_sim:
-        overload_sim.main(["--measured", str(out / "routing_program.json"), "--coeffs", record["coefficients"],
-                           "--true-model", "both", "--jobs", "3", "--out", str(out / "fidelity")])
     return record
 
 
@@ -288,20 +290,29 @@ def main(argv=None) -> dict:
         return summary
     if a.ingress == "haproxy":  # read by Ray Serve in this process and in the cluster it starts
         os.environ.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_THROUGHPUT_OPTIMIZED="1")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if a.program:  # the simulator's work (it forks) before Ray starts, and after it stops
+        record, labelled = program_setup(a, out)
+        record = with_serve(a, lambda url: run_program(a, url, out, record, labelled))
+        if a.compare_sim:
+            overload_sim.main(["--measured", str(out / "routing_program.json"), "--coeffs", record["coefficients"],
+                               "--true-model", "both", "--jobs", "3", "--code-trace", a.code_trace,
+                               "--conv-trace", a.conv_trace, "--out", str(out / "fidelity")])
+        return record
+    return with_serve(a, lambda url: run_rates(a, url, out, "python benchmarks/routing_gpu.py " + " ".join(
+        argv if argv is not None else sys.argv[1:])))
 
+
+def with_serve(a, run):
+    """``run(url)`` with Ray and Serve started in this process, stopped afterwards."""
     import ray
     from ray import serve
 
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     ray.init(include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": a.port})
-    url = f"http://127.0.0.1:{a.port}"
     try:
-        if a.program:
-            return run_program(a, url, out)
-        return run_rates(a, url, out, "python benchmarks/routing_gpu.py " + " ".join(
-            argv if argv is not None else sys.argv[1:]))
+        return run(f"http://127.0.0.1:{a.port}")
     finally:
         serve.shutdown()
         ray.shutdown()

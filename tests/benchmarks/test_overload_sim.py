@@ -213,3 +213,38 @@ def test_the_http_client_judges_requests_like_the_simulator():
     cls, body = fake.bodies[0]
     assert cls == "batch" and body["max_tokens"] == 3 and body["ignore_eos"] and body["stream"]
     assert all(0 <= t < 50 for t in body["prompt"]) and len(body["prompt"]) == 10
+
+
+def test_routing_gpu_program_end_to_end_on_cpu(traces, tmp_path, monkeypatch):
+    """The single-GPU program through HAProxy and the Router, with a tiny CPU engine: every policy
+    deploys, every request ends as an outcome, and the comparison with the simulator is written."""
+    import socket
+
+    from benchmarks import routing_gpu
+
+    for var in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED"):  # set by main: restored after
+        monkeypatch.setenv(var, "1")
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    coeffs = tmp_path / "tiny.json"  # the tiny engine on a CPU: ~0.1 s a step
+    coeffs.write_text(json.dumps({"a": 0.05, "b": 2e-4, "c": 0.0, "d": 1e-3, "device": "cpu", "source": "test"}))
+    out = tmp_path / "out"
+    record = routing_gpu.main([
+        "--program", "--replicas", "1", "--gpus-per-replica", "0", "--cpus-per-replica", "1", "--router-replicas", "1",
+        "--router-cpus", "0.5", "--model", "kvray:tiny-qwen3", "--engine", '{"device": "cpu"}', "--max-model-len",
+        "1024", "--policies", "slo_aware", "p2c", "--coeffs", str(coeffs), "--goodput", "1.0", "--window", "3",
+        "--overload", "3", "--settle", "1", "--gap", "1", "--burst", "2", "--drain", "4", "--port", str(port),
+        "--code-trace", traces["code"], "--conv-trace", traces["conv"], "--compare-sim", "--out", str(out)])
+    saved = json.loads((out / "routing_program.json").read_text())
+    assert set(saved["policies"]) == {"slo_aware", "p2c"} and saved["goodput"] == 1.0
+    n = len(prog.program_requests(merged_trace(traces), [prog.Phase(**ph) for ph in saved["phases"]],
+                                  max_model_len=1024))
+    for pol, got in saved["policies"].items():
+        outcomes = prog.outcomes_from_json(got["outcomes"])
+        assert len(outcomes) == n and {o.status for o in outcomes} <= {"ok", "rejected", "timeout"}, pol
+        assert sum(o.status == "ok" for o in outcomes) >= n // 2, pol
+        assert all(o.ttft is not None and o.ttft > 0 for o in outcomes if o.status == "ok")
+    assert record["num_kv_blocks"] and (out / "fidelity.md").exists()
+    assert "| p2c | 1x | measured |" in (out / "fidelity.md").read_text()
