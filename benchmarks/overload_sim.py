@@ -51,7 +51,8 @@ def program_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
     p.add_argument("--burst", type=float, default=10.0, help="seconds of the burst (and of the windows around it)")
     p.add_argument("--burst-factor", type=float, default=10.0)
     p.add_argument("--burst-base", type=float, default=0.7)
-    p.add_argument("--drain", type=float, default=8.0, help="cut-off after the last arrival")
+    p.add_argument("--drain", type=float, default=11.0, help="cut-off after the last arrival: longer than any "
+                   "TTFT target, so that a request still unanswered then (a timeout) has missed it anyway")
     p.add_argument("--cv", type=float, default=1.0, help="inter-arrival coefficient of variation (1: Poisson)")
     p.add_argument("--code-trace", default=DEFAULT_TRACES["code"], help="Azure code trace (batch requests)")
     p.add_argument("--conv-trace", default=DEFAULT_TRACES["conv"], help="Azure conversation trace (interactive)")
