@@ -132,7 +132,8 @@ def main(argv=None) -> dict:
     held = [r for i, r in enumerate(rows) if not i % 4]
     held_coeffs, _ = fit(train)
     dtype = next(eng.runner.model.parameters()).dtype
-    result = {"model": a.preset, **dict(zip("abcd", coeffs.as_tuple())), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    result = {"model": a.preset, **dict(zip("abcd", coeffs.as_tuple())), "device": device,
               "source": f"{len(rows)} engine steps of {a.preset} (Azure code + conversation lengths, concurrency "
                         f"{a.concurrency}), benchmarks/step_records.py, {time.strftime('%Y-%m-%d')}",
               **{k: v for k, v in stats.items() if k != "steps"},

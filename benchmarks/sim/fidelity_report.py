@@ -38,7 +38,8 @@ def window_table(windows: dict) -> str:
         for name, w in by.items():
             lines.append(f"| {pol} | {name} | {w['rate']:.1f} | {_att(w)} | {w['goodput_rps']:.2f} | "
                          f"{_count(w, 'rejected')} | {_count(w, 'timeouts')} | {_ms(_inter(w, 'ttft_p50'))} / "
-                         f"{_ms(_inter(w, 'ttft_p99'))} | {_ms(_inter(w, 'tpot_p50'))} / {_ms(_inter(w, 'tpot_p99'))} |")
+                         f"{_ms(_inter(w, 'ttft_p99'))} | {_ms(_inter(w, 'tpot_p50'))} / "
+                         f"{_ms(_inter(w, 'tpot_p99'))} |")
     return "\n".join(lines)
 
 
@@ -77,7 +78,8 @@ def fidelity_tables(payload: dict) -> str:
             rows = [("measured", w)] + [(f"sim ({k})", payload["windows"][k][pol][name]) for k in kinds]
             for src, x in rows:
                 b = x["classes"].get("batch", {})
-                lines.append(f"| {pol} | {name} | {src} | {_att(x)} | {x['goodput_rps']:.2f} | {_count(x, 'rejected')} | "
+                lines.append(f"| {pol} | {name} | {src} | {_att(x)} | {x['goodput_rps']:.2f} | "
+                             f"{_count(x, 'rejected')} | "
                              f"{_ms(_inter(x, 'ttft_p50'))} / {_ms(_inter(x, 'ttft_p99'))} | "
                              f"{_ms(_inter(x, 'tpot_p50'))} / {_ms(_inter(x, 'tpot_p99'))} | "
                              f"{_ms(b.get('ttft_p50'))} / {_ms(b.get('ttft_p99'))} |")
@@ -98,9 +100,9 @@ def fidelity_tables(payload: dict) -> str:
 
 def markdown(payload: dict) -> str:
     kinds = payload["true_models"]
+    per = payload.get("predicted_goodputs")
     out = [f"G = {payload['goodput']:.1f} req/s"
-           + (f" (simulator's goodput per policy: {', '.join(f'{k} {v:.1f}' for k, v in payload['predicted_goodputs'].items())})"
-              if payload.get("predicted_goodputs") else "")
+           + (f" (simulator's goodput per policy: {', '.join(f'{k} {v:.1f}' for k, v in per.items())})" if per else "")
            + f"; step-time coefficients: `{payload['coefficients']}`; {payload['num_requests']} requests."]
     primary = payload.get("measured")
     if primary:
@@ -157,7 +159,8 @@ def plot(payload: dict, path: str) -> bool:
         ax.set_ylabel("SLO attainment (429s and timeouts are misses)")
         ax.set_title(pol)
         ax.legend(fontsize=6)
-    fig.suptitle(f"one replica, G = {payload['goodput']:.1f} req/s; {os.path.basename(payload['coefficients'])}", fontsize=9)
+    fig.suptitle(f"one replica, G = {payload['goodput']:.1f} req/s; {os.path.basename(payload['coefficients'])}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -117,7 +117,8 @@ def summarize_windows(outcomes: list[Outcome], phases: list[Phase], targets: dic
                 "n": len(rows), "attained": met, "attainment": met / len(rows) if rows else None,
                 "goodput_rps": met / dur, "rejected": sum(o.status == "rejected" for o in rows),
                 "timeouts": sum(o.status == "timeout" for o in rows), "errors": sum(o.status == "error" for o in rows),
-                **{f"ttft_p{p}": pct(ttfts, p) for p in (50, 90, 99)}, **{f"tpot_p{p}": pct(tpots, p) for p in (50, 90, 99)},
+                **{f"ttft_p{p}": pct(ttfts, p) for p in (50, 90, 99)},
+                **{f"tpot_p{p}": pct(tpots, p) for p in (50, 90, 99)},
             }
         met_all = sum(c["attained"] for c in classes.values())
         out[window] = {"rate": rates[window], "duration_s": dur, "classes": classes, "goodput_rps": met_all / dur,

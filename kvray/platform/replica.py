@@ -319,7 +319,8 @@ class LLMReplica:
             num_active_requests=len(self._active), num_requests_total=self._num_requests,
             num_aborted_total=self._num_aborted, num_channels=sum(1 for b in self._outboxes.values() if b.readers),
             max_model_len=engine.max_model_len, max_queued_requests=engine.max_queued_requests,
-            max_queued_prompt_tokens=engine.max_queued_prompt_tokens, started_at=self._started_at, first_token_at=self._first_token_at)
+            max_queued_prompt_tokens=engine.max_queued_prompt_tokens, started_at=self._started_at,
+            first_token_at=self._first_token_at)
 
     def check_health(self) -> None:
         self.engine.check_health()

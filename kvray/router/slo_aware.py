@@ -57,8 +57,8 @@ class SLOAwarePolicy(RoutingPolicy):
     name = "slo_aware"
 
     def __init__(self, mode: str = "pack", *, ttft_margin: float = 0.85, ttft_slack_s: float = 0.125,
-                 tpot_margin: float = 0.9, min_prefix_blocks: int = 1, recheck_interval_s: float = 0.05, min_prefill_tokens: int = 128,
-                 pack_wait_s: float = 0.1, max_candidates: int | None = 16, **unknown):
+                 tpot_margin: float = 0.9, min_prefix_blocks: int = 1, recheck_interval_s: float = 0.05,
+                 min_prefill_tokens: int = 128, pack_wait_s: float = 0.1, max_candidates: int | None = 16, **unknown):
         moved = {"on_infeasible": "it is set per SLO class: slo_classes.<name>.on_infeasible",
                  "step_coeffs": "each replica publishes the step-cost fit of its engine"}
         for k in unknown:
