@@ -248,3 +248,14 @@ def test_routing_gpu_program_end_to_end_on_cpu(traces, tmp_path, monkeypatch):
         assert all(o.ttft is not None and o.ttft > 0 for o in outcomes if o.status == "ok")
     assert record["num_kv_blocks"] and (out / "fidelity.md").exists()
     assert "| p2c | 1x | measured |" in (out / "fidelity.md").read_text()
+
+
+def test_step_model_check_prints_the_known_figures(traces, capsys):
+    from benchmarks import step_model_check
+
+    step_model_check.main(["--conv-trace", traces["conv"], "--rates", "4", "--duration", "10"])
+    out = capsys.readouterr().out
+    assert "step of 192 decodes (1,000-token contexts) + a 512-token chunk: 28.0 ms" in out  # the estimate
+    tok_s = float(out.split("offline workload B: ")[1].split()[0])
+    assert 5000 < tok_s < 12000
+    assert "| 4 | 100.0% |" in out
