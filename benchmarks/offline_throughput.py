@@ -1,6 +1,6 @@
 """Offline throughput of one kvray replica against transformers, and the hardware floor.
 
-Workloads (../shared/design.md):
+Workloads (docs/benchmarks.md):
   A: 256 requests, prompt and output lengths each uniform in [100, 1024], random ids, ignore_eos, random.Random(0)
   B: 256 requests x (512 prompt, 256 output)
 Baselines in the same run on the same random weights: transformers `generate` with static

@@ -143,7 +143,7 @@ def wait_until(cond, timeout_s: float, what: str):
         time.sleep(0.5)
 
 
-# The ingress that gpu.yaml, the RayServices and the launcher config start (README, "Which ingress").
+# The ingress that gpu.yaml, the RayServices and the launcher config start (docs/deploy.md, "Which ingress").
 HAPROXY = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 # Ray's metrics agent gets new values from each process this often (default 10 s): the apps of the

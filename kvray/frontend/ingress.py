@@ -91,8 +91,8 @@ FAST_INGRESS = "RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1"
 
 
 def _warn_if_slow_ingress(args: AppArgs) -> None:
-    """Serve's Python proxy in front of a GPU engine costs throughput and tail latency (README,
-    "Which ingress"); say so where the user sees it, with the command that avoids it."""
+    """Serve's Python proxy in front of a GPU engine costs throughput and tail latency
+    (docs/deploy.md, "Which ingress"); say so where the user sees it, with the command that avoids it."""
     if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" or args.engine.device == "cpu":
         return
     logger.warning("kvray: requests pass through Ray Serve's Python proxy, which kept 60%% of the engine's "

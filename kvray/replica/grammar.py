@@ -12,8 +12,11 @@ step loop and cached, and the per-request matcher whose token mask the sampler a
   of the structured rows of a batch at once (xgrammar's batch matcher, in parallel threads) and
   ``apply_masks`` applies them on the logits' device to just those rows.
 
-JSON is generated compact (no free whitespace): a model, even a random-weight one, then cannot
-wander off into endless whitespace, and the output is complete as soon as the value is.
+JSON is generated on one line with fixed separators (``{"name": "John Smith", "age": 42}``: no
+whitespace but the ``", "`` and ``": "`` separators), so a model cannot wander off into endless
+whitespace, and the request ends as soon as the value is complete. A grammar cannot make a model
+finish a value, though: an unbounded integer, string or array can run until ``max_tokens``
+(``finish_reason: "length"``, not valid JSON), as random-weight models often do.
 """
 from __future__ import annotations
 
