@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 _POLICIES = ("fcfs", "deadline")
+MAX_TENSOR_PARALLEL = 64
 
 
 @dataclass
@@ -23,7 +24,11 @@ class EngineConfig:
     seed: int = 0
     scheduling_policy: str = "fcfs"
     attention_backend: str | None = None  # None: automatic; "reference" forces plain torch
-    cpu_kv_cache_gib: float = 1.0  # KV budget when running on the CPU
+    cpu_kv_cache_gib: float = 1.0  # KV budget when running on the CPU (per rank)
+    # Tensor parallelism: the model's layers split over this many ranks (GPUs of one node, or CPU
+    # processes with gloo), each holding 1/N of the weights and of the KV heads. Rank 0 is the
+    # engine's own process; it starts the others (kvray.replica.parallel). docs/parallel.md.
+    tensor_parallel_size: int = 1
     # One-step lookahead: schedule and launch step N+1 while the GPU runs step N (its decode input
     # ids gathered on the device from step N's sampled tokens), then read back and apply step N.
     # Hides the host's scheduling, input building and stop checks behind the GPU; output is
@@ -65,3 +70,6 @@ class EngineConfig:
             raise bad("attention_backend", "must be null, 'reference' or 'triton'")
         if self.cpu_kv_cache_gib <= 0:
             raise bad("cpu_kv_cache_gib", "must be > 0")
+        tp = self.tensor_parallel_size
+        if not isinstance(tp, int) or isinstance(tp, bool) or not 1 <= tp <= MAX_TENSOR_PARALLEL:
+            raise bad("tensor_parallel_size", f"must be an integer from 1 to {MAX_TENSOR_PARALLEL}")

@@ -18,6 +18,7 @@ from kvray.replica.grammar import GrammarCache
 from kvray.replica.model_runner import ModelRunner, resolve_device
 from kvray.replica.models.loader import load_config, load_tokenizer, resolve_dtype, resolve_model
 from kvray.replica.outputs import RequestOutput
+from kvray.replica.parallel.lifecycle import RankFailure
 from kvray.replica.sampling_params import SamplingParams
 from kvray.replica.sampler import SampleResult
 from kvray.replica.scheduler import Scheduler, SchedulerOutput
@@ -224,11 +225,13 @@ class LLMEngine:
         stop checks, its detokenizer) fails that sequence alone, and a step that raises as a
         whole fails the sequences it was running (``seq.error`` says why; they end as
         ``"abort"``) while waiting requests carry on. Only ``MAX_STEP_FAILURES`` failed steps in
-        a row raise from here.
+        a row raise from here, and a lost tensor-parallel rank (``RankFailure``) at once.
         """
         failed = self._take_compiled() if self._compiling else []
         try:
             done = failed + self._step()
+        except RankFailure:
+            raise
         except Exception as e:  # noqa: BLE001 - any failure of the step: fail its requests, not the engine
             self._step_failures += 1
             if self._step_failures >= MAX_STEP_FAILURES:

@@ -10,20 +10,24 @@ sends the ``EngineConfig``, and gets back an ``Event`` of kind ``READY`` (with t
 once the model is loaded, or ``ERROR``. From then on it sends ``kvray.records.Command``s; the
 child sends an ``OUT`` event per step and ``ERROR`` if its loop dies. When the parent goes
 away, the child sees the socket close and exits.
+
+With tensor parallelism the child is rank 0 and starts the other ranks itself
+(``kvray.replica.parallel``): they die with it. If one of them dies, the child sends ``ERROR``
+naming the rank and how it died, and exits at once (its requests cannot finish: the model is
+incomplete), so the replica fails them and exits, and Serve replaces it.
 """
 from __future__ import annotations
 
 import gc
 import logging
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
 from multiprocessing.connection import Connection
 
 from kvray.records import Command, Event, EventKind, Op
+from kvray.replica.parallel.lifecycle import exit_status, on_rank_death, spawn
 
 logger = logging.getLogger(__name__)
 
@@ -35,29 +39,12 @@ class EngineProcessError(RuntimeError):
     pass
 
 
-def exit_status(code: int) -> str:
-    """``with exit code 1``, or ``(killed by SIGKILL)`` for a negative code (the signal's number)."""
-    if code < 0:
-        try:
-            return f"(killed by {signal.Signals(-code).name})"
-        except ValueError:
-            return f"(killed by signal {-code})"
-    return f"with exit code {code}"
-
-
 class EngineProcess:
     """The parent's handle: ``send`` commands; a reader thread calls ``on_output(event)`` for each
     step and ``on_exit(error)`` once, when the child dies or its loop fails."""
 
     def __init__(self, config, on_output, on_exit):
-        ours, theirs = socket.socketpair()
-        src_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # above kvray/
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (src_root, env.get("PYTHONPATH")) if p)
-        self.proc = subprocess.Popen([sys.executable, "-m", "kvray.replica.engine_process", str(theirs.fileno())],
-                                     pass_fds=(theirs.fileno(),), env=env)
-        theirs.close()
-        self._conn = Connection(ours.detach())
+        self.proc, self._conn = spawn("kvray.replica.engine_process")
         self._send_lock = threading.Lock()
         self._stopping = False
         self.send(config)
@@ -119,30 +106,46 @@ def _child_main(fd: int) -> int:
     from kvray.gil import shorten_switch_interval
     from kvray.replica.engine import LLMEngine
     from kvray.replica.engine_loop import EngineLoop, engine_info
+    from kvray.replica.model_runner import resolve_device
 
     # The inbox thread takes each request in while the step loop runs Python: without this it
     # can wait out CPython's 5 ms switch interval before the request reaches the loop.
     shorten_switch_interval()
     conn = Connection(fd)
+    lock = threading.Lock()
+
+    def send(event: Event) -> None:  # the step loop, the inbox and a rank's watcher all send
+        with lock:
+            conn.send(event)
+
+    def rank_died(message: str) -> None:  # a tensor-parallel rank is gone: nothing here can finish
+        logger.error("%s: the engine exits", message)
+        try:
+            send(Event(EventKind.ERROR, text=message))
+        finally:
+            os._exit(1)
+
+    on_rank_death(rank_died)
     config = conn.recv()
     try:
+        if resolve_device(config.device).type == "cpu":
+            # On a CPU-only machine the model's matmuls would otherwise take the cores from the
+            # processes that accept requests and stream tokens (HTTP, Serve): those are latency
+            # bound, the step loop is throughput bound, so it yields to them (its rank processes,
+            # started while loading, inherit this). With a GPU the step loop's host work is the
+            # GPU's critical path: it keeps its priority.
+            os.nice(CPU_ENGINE_NICENESS)
         engine = LLMEngine(config)
     except BaseException as e:
         logger.exception("the engine failed to load")
-        conn.send(Event(EventKind.ERROR, text=f"{type(e).__name__}: {e}"))
+        send(Event(EventKind.ERROR, text=f"{type(e).__name__}: {e}"))
         return 1
-    if engine.device.type == "cpu":
-        # On a CPU-only machine the model's matmuls would otherwise take the cores from the
-        # processes that accept requests and stream tokens (HTTP, Serve): those are latency
-        # bound, the step loop is throughput bound, so it yields to them. (With a GPU the step
-        # loop's host work is the GPU's critical path: it keeps its priority.)
-        os.nice(CPU_ENGINE_NICENESS)
     # What loading made (modules, weights' Python objects, CUDA graphs) lives as long as the
     # process: out of the collector's sight, so full collections in the step loop stay short.
     gc.collect()
     gc.freeze()
-    conn.send(Event(EventKind.READY, info=engine_info(engine)))
-    loop = EngineLoop(engine, conn.send)
+    send(Event(EventKind.READY, info=engine_info(engine)))
+    loop = EngineLoop(engine, send)
 
     def receive():
         try:
@@ -156,8 +159,9 @@ def _child_main(fd: int) -> int:
         loop.run()
     except BaseException as e:
         logger.exception("engine loop died")
-        conn.send(Event(EventKind.ERROR, text=f"{type(e).__name__}: {e}"))
+        send(Event(EventKind.ERROR, text=f"{type(e).__name__}: {e}"))
         return 1
+    engine.runner.close()  # the other tensor-parallel ranks, if any
     return 0
 
 

@@ -1,18 +1,31 @@
-"""Runs one scheduled step on the model: flatten, forward through the paged KV cache, sample."""
+"""Runs one scheduled step on the model: flatten, forward through the paged KV cache, sample.
+
+With tensor parallelism every rank has a ``ModelRunner`` over its shard of the model. Rank 0's
+(the engine's) starts the others (``kvray.replica.parallel.launcher``) and drives them: what
+sizes the KV cache or captures graphs runs on every rank at once (``_on_all_ranks``), and each
+step's header goes to the others before rank 0 runs the step, whose inputs they receive by
+broadcast (``follow`` on their side). Only rank 0 samples.
+"""
 from __future__ import annotations
 
 import logging
+import os
+import resource
 
 import numpy as np
 import torch
 
 from kvray.replica.config import EngineConfig
+from kvray.replica.cuda_graphs import Bucket, StepGraphs
 from kvray.replica.forward_context import ForwardContext, forward_context
-from kvray.replica.models.loader import load_model
+from kvray.replica.models.loader import load_config, load_model
+from kvray.replica.parallel.group import SINGLE, ParallelGroup, connect
+from kvray.replica.parallel.launcher import RankProcesses, WorkerSpec
+from kvray.replica.parallel.lifecycle import RankFailure
+from kvray.replica.parallel.sharding import check_tensor_parallel
 from kvray.replica.sampler import Sampler, SampleResult
 from kvray.replica.sequence import Sequence
-from kvray.replica.step_inputs import StepInputBuilder
-from kvray.replica.cuda_graphs import StepGraphs
+from kvray.replica.step_inputs import StepHeader, StepInputBuilder, StepInputs
 
 logger = logging.getLogger(__name__)
 
@@ -26,21 +39,92 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-class ModelRunner:
-    """Owns the model, its paged KV cache and the sampler."""
+def rank_devices(device: torch.device, size: int) -> list[torch.device]:
+    """The device of each rank: ``cuda:first+r`` (the GPUs this process sees: a replica's, as Ray
+    assigned them), or the CPU for all."""
+    if device.type != "cuda":
+        return [device] * size
+    first, seen = device.index or 0, torch.cuda.device_count()
+    if first + size > seen:
+        raise ValueError(f"invalid engine option tensor_parallel_size={size}: it needs {size} GPUs from cuda:{first} "
+                         f"and this process sees {seen} (CUDA_VISIBLE_DEVICES="
+                         f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); a serving replica needs "
+                         f"ray_actor_options.num_gpus: {size}")
+    return [torch.device("cuda", first + r) for r in range(size)]
 
-    def __init__(self, config: EngineConfig, model_path, dtype: torch.dtype, device: torch.device):
+
+class ModelRunner:
+    """Owns the model (this rank's shard of it), its paged KV cache and, on rank 0, the sampler."""
+
+    def __init__(self, config: EngineConfig, model_path, dtype: torch.dtype, device: torch.device, rank: int = 0,
+                 store_port: int = 0):
         self.config = config
-        self.device = device
         self.dtype = dtype
         self.block_size = config.block_size
-        self.model, self.hf_config = load_model(model_path, dtype, device)
+        self.ranks: RankProcesses | None = None
+        size = config.tensor_parallel_size
+        if size > 1:
+            device = rank_devices(device, size)[rank] if rank == 0 else device
+        self.device = device
+        self.group = self._join(model_path, rank, store_port)
+        if size > 1 and device.type == "cpu":  # the ranks share the cores
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // size))
+        self.model, self.hf_config = load_model(model_path, dtype, device, group=self.group)
+        self.load_report = self._load_report()
         self.model.eval()
         self.model.fuse_projections()
         self.layers = self.model.attention_layers()
-        self.sampler = Sampler(device, seed=config.seed)
+        self.sampler = Sampler(device, seed=config.seed) if rank == 0 else None
         self.kv_cache: torch.Tensor | None = None
         self.num_blocks = 0
+        self.inputs: StepInputBuilder | None = None
+        self.graphs: StepGraphs | None = None
+        # every rank's load report (rank order): what each read of the checkpoint, its peak memory
+        self.rank_load_reports = [self.load_report] + (self.ranks.replies("loading the model") if self.ranks else [])
+
+    # ---- tensor parallelism ----------------------------------------------------------------
+    def _join(self, model_path, rank: int, store_port: int) -> ParallelGroup:
+        """This rank's group; rank 0 first starts the other ranks."""
+        size = self.config.tensor_parallel_size
+        if size == 1:
+            return SINGLE
+        if rank:
+            return connect(rank, size, self.device, store_port)
+        check_tensor_parallel(load_config(model_path), size)
+        devices = rank_devices(self.device, size)
+        self.ranks = RankProcesses(WorkerSpec(self.config, str(model_path), self.dtype, str(self.device), 0, size, 0,
+                                              os.getpid()), devices)
+        self.ranks.replies("starting")  # alive and imported: they join now, as rank 0 does
+        group = connect(0, size, self.device, self.ranks.store.port, store=self.ranks.store)
+        self.ranks.watch_group(group)
+        return group
+
+    def _load_report(self) -> dict:
+        """What loading this rank's shard took: checkpoint bytes read, parameter bytes, peak memory."""
+        report = {"rank": self.group.rank, "pid": os.getpid(), "checkpoint_bytes_read": self.model.checkpoint_bytes_read,
+                  "param_bytes": sum(p.numel() * p.element_size() for p in self.model.parameters()),
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        if self.device.type == "cuda":
+            report["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        return report
+
+    def _on_all_ranks(self, name: str, *args) -> list:
+        """``self.<name>(*args)`` on every rank at once (their collectives pair up); the results."""
+        if self.ranks is None:
+            return [getattr(self, name)(*args)]
+        self.ranks.call(name, *args)
+        try:
+            mine = getattr(self, name)(*args)
+        except Exception as e:
+            if self.ranks.failure is not None:
+                raise self.ranks.fail(e) from e
+            raise
+        return [mine] + self.ranks.replies(name)
+
+    def close(self) -> None:
+        """Stop the other ranks (rank 0; they would also die with this process)."""
+        if self.ranks is not None:
+            self.ranks.stop()
 
     # ---- KV cache --------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -48,6 +132,10 @@ class ModelRunner:
         return per_layer * torch.tensor([], dtype=self.dtype).element_size()
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        """The cache of ``num_blocks`` blocks, on every rank (each holds its KV heads' share)."""
+        self._on_all_ranks("allocate_rank_kv_cache", num_blocks)
+
+    def allocate_rank_kv_cache(self, num_blocks: int) -> None:
         a0 = self.layers[0]
         shape = (len(self.layers), 2, num_blocks, self.block_size, a0.num_kv_heads, a0.head_dim)
         self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
@@ -59,7 +147,13 @@ class ModelRunner:
                     num_blocks * self.block_size, self.kv_cache.numel() * self.kv_cache.element_size() / 2**30)
 
     def profile_num_blocks(self, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int) -> int:
-        """How many KV blocks fit: CPU by a fixed budget, CUDA by measuring the peak of a full step."""
+        """How many KV blocks fit on every rank (the least of the ranks' numbers: the scheduler's
+        one block table indexes every rank's cache)."""
+        return min(self._on_all_ranks("rank_num_blocks", max_num_batched_tokens, max_num_seqs, max_model_len))
+
+    def rank_num_blocks(self, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int) -> int:
+        """How many KV blocks fit on this rank: CPU by a fixed budget, CUDA by measuring the peak of a
+        full step."""
         per_block = self.kv_bytes_per_block()
         if self.device.type != "cuda":
             return max(1, int(self.config.cpu_kv_cache_gib * 2**30) // per_block)
@@ -91,7 +185,7 @@ class ModelRunner:
         seq_len = min(num_tokens, max_model_len)
         num_seqs = max(1, num_tokens // seq_len)
         blocks_per_seq = -(-seq_len // self.block_size)
-        self.allocate_kv_cache(num_seqs * blocks_per_seq)
+        self.allocate_rank_kv_cache(num_seqs * blocks_per_seq)
         lens = [seq_len] * num_seqs
         ids = torch.randint(0, self.hf_config.vocab_size, (num_seqs * seq_len,), device=self.device)
         pos = torch.arange(seq_len, device=self.device).repeat(num_seqs)
@@ -103,7 +197,9 @@ class ModelRunner:
         with forward_context(ctx):
             hidden = self.model(ids, pos)
         rows = hidden[torch.arange(max_num_seqs, device=self.device) % hidden.shape[0]]
-        self.model.compute_logits(rows).softmax(-1)
+        logits = self.model.compute_logits(rows)  # None on ranks > 0 (gathered on rank 0)
+        if logits is not None:
+            logits.softmax(-1)
         self.kv_cache = None
         for attn in self.layers:
             attn.k_cache = attn.v_cache = None
@@ -111,33 +207,66 @@ class ModelRunner:
     # ---- one step --------------------------------------------------------------------------
     def prepare(self, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int) -> None:
         """Allocate the step buffers and, on CUDA unless enforce_eager, capture the CUDA graphs of
-        every step shape (decode and mixed). Call after the KV cache is allocated."""
+        every step shape (decode and mixed), on every rank. Call after the KV cache is allocated."""
+        self._on_all_ranks("prepare_rank", max_num_batched_tokens, max_num_seqs, max_model_len)
+
+    def prepare_rank(self, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int) -> None:
         max_blocks = -(-max_model_len // self.block_size)
         self.inputs = StepInputBuilder(self.device, self.block_size, max(max_num_batched_tokens, max_num_seqs),
-                                       max_num_seqs, max_blocks)
-        self.graphs = None
-        if self.device.type == "cuda" and not self.config.enforce_eager:
-            self.graphs = StepGraphs(self.model, self.inputs, max_num_seqs, max_num_batched_tokens, max_model_len)
+                                       max_num_seqs, max_blocks, self.group)
+        capture = self.device.type == "cuda" and not self.config.enforce_eager
+        # Without capture, ranks > 0 keep the graphs' buckets only, to run what rank 0 replays
+        # (a test emulates replays on the CPU) the way the replay computes it.
+        self.graphs = StepGraphs(self.model, self.inputs, max_num_seqs, max_num_batched_tokens, max_model_len,
+                                 capture=capture) if capture or self.group.rank else None
 
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Sequence, int]], pending: dict[Sequence, int] | None = None,
                 prev_tokens: torch.Tensor | None = None) -> tuple[list[Sequence], SampleResult | None]:
         """Launch the step; return the sequences that reached their end and the token sampled for each
         (still on the device, its copy to the host started). ``pending``: sequences whose last token
-        id is the row of ``prev_tokens`` given (async scheduling; see ``StepInputBuilder.build``)."""
+        id is the row of ``prev_tokens`` given (async scheduling; see ``StepInputBuilder.build``).
+        Under tensor parallelism a failure past the inputs is the engine's end (``RankFailure``):
+        the ranks may be stuck halfway through the step."""
+        if self.ranks is not None:
+            self.ranks.check()
         bucket = None
         if self.graphs is not None:
             num_tokens = sum(n for _, n in scheduled)
             bucket = self.graphs.bucket(num_tokens, len(scheduled))
-        step = self.inputs.build(scheduled, pending, prev_tokens, bucket[:2] if bucket else None)
+        step = self.inputs.build(scheduled, pending, prev_tokens, bucket)
+        if self.ranks is None:
+            logits = self._run(step, bucket)
+        else:
+            try:
+                self.ranks.send_step(step.header.pack())
+                logits = self._run(step, bucket)
+            except RankFailure:
+                raise
+            except Exception as e:
+                raise self.ranks.fail(e) from e
+        if logits is None:
+            return [], None
+        return step.sample_seqs, self.sampler(logits, step.sample_seqs).start_copy()
+
+    @torch.inference_mode()
+    def follow(self, header: StepHeader) -> None:
+        """A rank other than 0: the step rank 0 is running."""
+        bucket = Bucket(header.bucket_tokens, header.bucket_seqs, bool(header.bucket_decode)) \
+            if header.bucket_tokens else None
+        self._run(self.inputs.receive(header), bucket)
+
+    def _run(self, step: StepInputs, bucket: Bucket | None) -> torch.Tensor | None:
+        """Every rank: the step's forward (its inputs shared first), then the logits of the rows to
+        sample (rank 0's; gathered from every rank's vocabulary shard), or None."""
         if bucket is not None:
             hidden = self.graphs.replay(bucket, step.num_tokens)
         else:
+            self.inputs.share(step.header.num_seqs)
             with forward_context(step.ctx):
                 hidden = self.model(step.input_ids, step.positions)
-        if not step.sample_seqs:
-            return [], None
+        if not step.header.num_sampled:
+            return None
         if step.sample_index is not None:
             hidden = hidden.index_select(0, step.sample_index)
-        logits = self.model.compute_logits(hidden)
-        return step.sample_seqs, self.sampler(logits, step.sample_seqs).start_copy()
+        return self.model.compute_logits(hidden)

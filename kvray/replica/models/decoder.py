@@ -14,7 +14,7 @@ Interface used by the model runner:
 
 * ``model(input_ids [T], positions [T]) -> hidden [T, hidden_size]`` for a flattened batch;
   the paging metadata comes from the current forward context;
-* ``model.compute_logits(hidden [N, H]) -> [N, vocab]`` float32;
+* ``model.compute_logits(hidden [N, H]) -> [N, vocab]`` float32 (``None`` on tensor-parallel ranks > 0);
 * ``model.attention_layers()`` -> the ``Attention`` modules in layer order.
 """
 from __future__ import annotations
@@ -22,10 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kvray.replica.models.layers import Attention, Embedding, GatedMLP, Linear, RMSNorm, RotaryEmbedding, rope_parameters
+from kvray.replica.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding, rope_parameters
+from kvray.replica.models.parallel_layers import ParallelLMHead, VocabParallelEmbedding
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class DecoderModel(nn.Module):
 
     def __init__(self, config, flags: ArchFlags, dtype: torch.dtype, device=None):
         super().__init__()
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype, device)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype, device)
         self.rotary_emb = RotaryEmbedding(rope_parameters(config), _head_dim(config), device=device)
         self.layers = nn.ModuleList(
             DecoderLayer(config, flags, self.rotary_emb.rotary_dim, dtype, device)
@@ -108,17 +108,15 @@ class DecoderForCausalLM(nn.Module):
         self.dtype = dtype
         self.model = DecoderModel(config, self.flags_for(config), dtype, device)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        if self.tie_word_embeddings:
-            self.lm_head = nn.Module()
-            self.lm_head.weight = self.model.embed_tokens.weight  # shared Parameter
-        else:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, False, dtype, device)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, dtype, device,
+                                      tied=self.model.embed_tokens if self.tie_word_embeddings else None)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head.weight).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Float32 logits [N, vocab]; under tensor parallelism on rank 0 only (None elsewhere)."""
+        return self.lm_head(hidden)
 
     def fuse_projections(self) -> None:
         """After loading: merge q/k/v and gate/up projections into single matmuls."""

@@ -1,5 +1,6 @@
-"""Building blocks of the decoder models: linear, embedding, RMSNorm, rotary embedding, gated MLP
-and the paged ``Attention`` module.
+"""Building blocks of the decoder models: embedding, RMSNorm, rotary embedding, gated MLP and the
+paged ``Attention`` module (``Linear`` lives in ``linear``; the layers tensor parallelism splits, in
+``parallel_layers``).
 
 Parameters are created uninitialised (``torch.empty``) on the target device and dtype: the loader
 fills every one of them from the checkpoint and fails loudly if one is missing. Parameter names
@@ -21,35 +22,17 @@ from torch import nn
 
 from kvray import kernels
 from kvray.replica.forward_context import get_forward_context
+from kvray.replica.models.linear import Linear
+from kvray.replica.models.parallel_layers import ColumnParallelLinear, RowParallelLinear
+from kvray.replica.parallel.group import build_group
+from kvray.replica.parallel.sharding import even_split, kv_head_range
+
+__all__ = ["Linear", "RMSNorm", "RotaryEmbedding", "GatedMLP", "Attention", "rope_parameters",
+           "compute_inv_freq", "apply_rotary"]
 
 
 def _empty(*shape: int, dtype: torch.dtype, device) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
-
-
-class Linear(nn.Module):
-    """``y = x W^T (+ b)`` with HF's ``weight`` [out, in] / ``bias`` [out] names."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = _empty(out_features, in_features, dtype=dtype, device=device)
-        self.bias = _empty(out_features, dtype=dtype, device=device) if bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
-
-
-class Embedding(nn.Module):
-    def __init__(self, num_embeddings: int, dim: int, dtype: torch.dtype, device=None):
-        super().__init__()
-        self.weight = _empty(num_embeddings, dim, dtype=dtype, device=device)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight)
 
 
 class RMSNorm(nn.Module):
@@ -148,13 +131,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_d
 # ----------------------------------------------------------------------------- MLP and attention
 
 class GatedMLP(nn.Module):
-    """``down(silu(gate(x)) * up(x))``."""
+    """``down(silu(gate(x)) * up(x))``; under tensor parallelism a rank holds an equal share of the
+    intermediate features (gate/up column-parallel, down row-parallel: one all-reduce)."""
 
     def __init__(self, hidden: int, intermediate: int, bias: bool, dtype: torch.dtype, device=None):
         super().__init__()
-        self.gate_proj = Linear(hidden, intermediate, bias, dtype, device)
-        self.up_proj = Linear(hidden, intermediate, bias, dtype, device)
-        self.down_proj = Linear(intermediate, hidden, bias, dtype, device)
+        self.gate_proj = ColumnParallelLinear(hidden, intermediate, bias, dtype, device)
+        self.up_proj = ColumnParallelLinear(hidden, intermediate, bias, dtype, device)
+        self.down_proj = RowParallelLinear(intermediate, hidden, bias, dtype, device)
 
         self.gate_up_proj: Linear | None = None
 
@@ -180,6 +164,10 @@ class Attention(nn.Module):
     ``k_cache`` / ``v_cache`` ([num_blocks, block_size, num_kv_heads, head_dim]) are plain
     attributes set by the model runner, not parameters or buffers; the paging metadata comes
     from the current :class:`~kvray.replica.forward_context.ForwardContext`.
+
+    Under tensor parallelism ``num_heads`` / ``num_kv_heads`` are this rank's: an equal share of
+    the query heads, and of the KV heads (or the one KV head its query heads read, when there
+    are fewer KV heads than ranks); q/k/v are column-parallel, o row-parallel (one all-reduce).
     """
 
     def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, *, qkv_bias: bool,
@@ -188,12 +176,16 @@ class Attention(nn.Module):
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads})")
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        group = build_group()
+        q0, nq = even_split(num_heads, group.rank, group.size)
+        kv0, nkv = kv_head_range(num_kv_heads, group.rank, group.size)
+        self.num_heads, self.num_kv_heads, self.head_dim = nq, nkv, head_dim
         self.scaling = head_dim ** -0.5
-        self.q_proj = Linear(hidden, num_heads * head_dim, qkv_bias, dtype, device)
-        self.k_proj = Linear(hidden, num_kv_heads * head_dim, qkv_bias, dtype, device)
-        self.v_proj = Linear(hidden, num_kv_heads * head_dim, qkv_bias, dtype, device)
-        self.o_proj = Linear(num_heads * head_dim, hidden, o_bias, dtype, device)
+        d = head_dim
+        self.q_proj = ColumnParallelLinear(hidden, num_heads * d, qkv_bias, dtype, device, rows=(q0 * d, nq * d))
+        self.k_proj = ColumnParallelLinear(hidden, num_kv_heads * d, qkv_bias, dtype, device, rows=(kv0 * d, nkv * d))
+        self.v_proj = ColumnParallelLinear(hidden, num_kv_heads * d, qkv_bias, dtype, device, rows=(kv0 * d, nkv * d))
+        self.o_proj = RowParallelLinear(num_heads * d, hidden, o_bias, dtype, device)
         if qk_norm:
             self.q_norm = RMSNorm(head_dim, rms_norm_eps, dtype, device)
             self.k_norm = RMSNorm(head_dim, rms_norm_eps, dtype, device)

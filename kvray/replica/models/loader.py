@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
+from kvray.replica.models.checkpoint_shards import ShardReader, StoredTensor
 from kvray.replica.models.decoder import MODEL_REGISTRY, MODEL_TYPE_TO_ARCH, DecoderForCausalLM
+from kvray.replica.parallel.group import SINGLE, ParallelGroup, building
 
 PRESET_PREFIX = "kvray:"
 SINGLE_FILE = "model.safetensors"
@@ -145,7 +147,8 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def iter_checkpoint_tensors(path: Path):
-    """Yield (name, tensor) for every tensor in the checkpoint's safetensors files (on CPU)."""
+    """Yield (name, StoredTensor) for every tensor in the checkpoint's safetensors files: read on
+    demand, on CPU, while the iteration is at it (its file stays open until the next one)."""
     from safetensors import safe_open
     seen: dict[str, str] = {}
     for file in weight_files(path):
@@ -155,7 +158,7 @@ def iter_checkpoint_tensors(path: Path):
                     if name in seen:
                         raise ValueError(f"tensor {name!r} appears in both {seen[name]} and {file.name}")
                     seen[name] = file.name
-                    yield name, f.get_tensor(name)
+                    yield name, StoredTensor(f, name)
         except ValueError:
             raise
         except Exception as e:  # SafetensorError, OSError, ...: a truncated or garbled file
@@ -176,28 +179,31 @@ def _copy(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
 
 
 @torch.no_grad()
-def load_weights(model: DecoderForCausalLM, path: Path) -> None:
-    """Copy every checkpoint tensor into the parameter of the same name, converting dtype.
-    Every parameter must be filled exactly once; extra tensors are an error."""
+def load_weights(model: DecoderForCausalLM, path: Path) -> int:
+    """Copy every checkpoint tensor into the parameter of the same name, converting dtype; under
+    tensor parallelism only the parameter's slice is read (``ShardReader``). Every parameter must
+    be filled exactly once; extra tensors are an error. Returns the checkpoint bytes read."""
     params = dict(model.named_parameters())  # tied lm_head.weight is deduplicated away
+    reader = ShardReader(model)
     tied = getattr(model, "tie_word_embeddings", False)
+    embed = "model.embed_tokens.weight"
     loaded: set[str] = set()
     unexpected: list[str] = []
     tied_head = None
-    for name, tensor in iter_checkpoint_tensors(path):
+    for name, stored in iter_checkpoint_tensors(path):
         if name.endswith(_IGNORED_SUFFIXES):
             continue
         if tied and name == "lm_head.weight":
-            tied_head = tensor  # redundant copy of embed_tokens; used only if that is absent
+            if embed in params:  # redundant copy of embed_tokens; used only if that is absent
+                tied_head = reader.read(stored, embed, params[embed])
             continue
         param = params.get(name)
         if param is None:
             unexpected.append(name)
             continue
-        _copy(param, tensor, name)
+        _copy(param, reader.read(stored, name, param), name)
         loaded.add(name)
-    embed = "model.embed_tokens.weight"
-    if tied_head is not None and embed not in loaded and embed in params:
+    if tied_head is not None and embed not in loaded:
         _copy(params[embed], tied_head, "lm_head.weight")
         loaded.add(embed)
     if unexpected:
@@ -205,19 +211,27 @@ def load_weights(model: DecoderForCausalLM, path: Path) -> None:
     missing = set(params) - loaded
     if missing:
         raise ValueError(f"checkpoint {str(path)!r} is missing tensor(s): {_fmt(missing)}")
+    for module in model.modules():
+        if hasattr(module, "after_loading"):
+            module.after_loading()
+    return reader.bytes_read
 
 
-def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32, device="cpu"):
+def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32, device="cpu",
+               group: ParallelGroup = SINGLE):
     """Build the model for ``path``'s config on ``device`` in ``dtype`` (a torch dtype, a name,
     or "auto", see :func:`resolve_dtype`) and load its weights. ``path`` may be anything
-    :func:`resolve_model` accepts. Returns ``(model, hf_config)``; eval mode, gradients off."""
+    :func:`resolve_model` accepts. ``group``: a tensor-parallel rank's, which builds and loads
+    that rank's shard. Returns ``(model, hf_config)``; eval mode, gradients off;
+    ``model.checkpoint_bytes_read`` says how much of the checkpoint was read."""
     path = resolve_model(path)
     hf_config = load_config(path)
     dtype = resolve_dtype(dtype, hf_config, device)
     cls = model_class(hf_config)
     weight_files(path)  # fail on missing weights before allocating anything
-    model = cls(hf_config, dtype=dtype, device=torch.device(device))
-    load_weights(model, path)
+    with building(group):
+        model = cls(hf_config, dtype=dtype, device=torch.device(device))
+    model.checkpoint_bytes_read = load_weights(model, path)
     model.eval().requires_grad_(False)
     return model, hf_config
 
