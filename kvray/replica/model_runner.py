@@ -53,6 +53,12 @@ def rank_devices(device: torch.device, size: int) -> list[torch.device]:
     return [torch.device("cuda", first + r) for r in range(size)]
 
 
+def _rss_bytes() -> int:
+    """This process's resident memory now."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 class ModelRunner:
     """Owns the model (this rank's shard of it), its paged KV cache and, on rank 0, the sampler."""
 
@@ -66,11 +72,13 @@ class ModelRunner:
         if size > 1:
             device = rank_devices(device, size)[rank] if rank == 0 else device
         self.device = device
-        self.group = self._join(model_path, rank, store_port)
+        hf_config = load_config(model_path)  # (and transformers imported: not part of the load's memory)
+        self.group = self._join(model_path, hf_config, rank, store_port)
         if size > 1 and device.type == "cpu":  # the ranks share the cores
             torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // size))
+        rss_before = _rss_bytes()
         self.model, self.hf_config = load_model(model_path, dtype, device, group=self.group)
-        self.load_report = self._load_report()
+        self.load_report = self._load_report(rss_before)
         self.model.eval()
         self.model.fuse_projections()
         self.layers = self.model.attention_layers()
@@ -83,14 +91,14 @@ class ModelRunner:
         self.rank_load_reports = [self.load_report] + (self.ranks.replies("loading the model") if self.ranks else [])
 
     # ---- tensor parallelism ----------------------------------------------------------------
-    def _join(self, model_path, rank: int, store_port: int) -> ParallelGroup:
+    def _join(self, model_path, hf_config, rank: int, store_port: int) -> ParallelGroup:
         """This rank's group; rank 0 first starts the other ranks."""
         size = self.config.tensor_parallel_size
         if size == 1:
             return SINGLE
         if rank:
             return connect(rank, size, self.device, store_port)
-        check_tensor_parallel(load_config(model_path), size)
+        check_tensor_parallel(hf_config, size)
         devices = rank_devices(self.device, size)
         self.ranks = RankProcesses(WorkerSpec(self.config, str(model_path), self.dtype, str(self.device), 0, size, 0,
                                               os.getpid()), devices)
@@ -99,11 +107,14 @@ class ModelRunner:
         self.ranks.watch_group(group)
         return group
 
-    def _load_report(self) -> dict:
-        """What loading this rank's shard took: checkpoint bytes read, parameter bytes, peak memory."""
-        report = {"rank": self.group.rank, "pid": os.getpid(), "checkpoint_bytes_read": self.model.checkpoint_bytes_read,
+    def _load_report(self, rss_before: int) -> dict:
+        """What loading this rank's shard took: checkpoint bytes read, parameter bytes, how far the
+        process's anonymous memory rose while loading (the parameters and the tensor in hand) and
+        its peak resident memory (which also counts the checkpoint file's pages it mapped)."""
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        report = {"rank": self.group.rank, "pid": os.getpid(), **self.model.load_stats,
                   "param_bytes": sum(p.numel() * p.element_size() for p in self.model.parameters()),
-                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+                  "load_peak_rss_bytes": max(0, peak - rss_before)}
         if self.device.type == "cuda":
             report["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(self.device)
         return report

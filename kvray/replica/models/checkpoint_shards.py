@@ -4,7 +4,10 @@
 parameter needs of it: the whole tensor, or the slice that the parameter's layer holds
 (``tp_split``, see ``kvray.replica.parallel.sharding``) through safetensors' ``get_slice``, which
 reads that slice's bytes only. So a rank never holds more of the checkpoint than its shard plus
-the tensor in hand. It counts the bytes it read (``bytes_read``), which is how a test shows it.
+the tensor in hand. It counts the bytes it read (``bytes_read``) and tracks the process's
+anonymous resident memory after each read (``peak_anon_bytes``: what the loaded parameters and
+the tensor in hand hold, without the checkpoint file's pages, which the page cache shares), which
+is how a test shows it.
 """
 from __future__ import annotations
 
@@ -35,6 +38,11 @@ class ShardReader:
         self.splits: dict[str, Split] = {f"{name}.": m.tp_split for name, m in model.named_modules()
                                          if getattr(m, "tp_split", None) is not None}
         self.bytes_read = 0
+        self.peak_anon_bytes = anon_rss_bytes()
+
+    def _count(self, tensor: torch.Tensor) -> None:
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        self.peak_anon_bytes = max(self.peak_anon_bytes, anon_rss_bytes())
 
     def read(self, stored, param_name: str, param: torch.Tensor) -> torch.Tensor:
         """``stored`` (a ``StoredTensor``, or a tensor already in memory) as ``param_name`` needs it:
@@ -42,7 +50,7 @@ class ShardReader:
         split = self.splits.get(param_name.rsplit(".", 1)[0] + ".")
         if split is None:
             tensor = stored.read() if isinstance(stored, StoredTensor) else stored
-            self.bytes_read += tensor.numel() * tensor.element_size()
+            self._count(tensor)
             return tensor
         shape = tuple(stored.shape)
         d = split.dim
@@ -57,9 +65,21 @@ class ShardReader:
             tensor = stored.read() if isinstance(stored, StoredTensor) else stored
         else:
             tensor = stored.read(index) if isinstance(stored, StoredTensor) else stored[index]
-        self.bytes_read += tensor.numel() * tensor.element_size()
+        self._count(tensor)
         if index is not None and tensor.dim() == param.dim() and tensor.shape[d] < param.shape[d]:
             pad = [0, 0] * tensor.dim()
             pad[2 * (tensor.dim() - 1 - d) + 1] = param.shape[d] - tensor.shape[d]
             tensor = F.pad(tensor, pad)
         return tensor
+
+
+def anon_rss_bytes() -> int:
+    """This process's anonymous resident memory (``RssAnon``; 0 where /proc does not say)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from kvray.replica.models.checkpoint_shards import ShardReader, StoredTensor
+from kvray.replica.models.checkpoint_shards import ShardReader, StoredTensor, anon_rss_bytes
 from kvray.replica.models.decoder import MODEL_REGISTRY, MODEL_TYPE_TO_ARCH, DecoderForCausalLM
 from kvray.replica.parallel.group import SINGLE, ParallelGroup, building
 
@@ -179,10 +179,10 @@ def _copy(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
 
 
 @torch.no_grad()
-def load_weights(model: DecoderForCausalLM, path: Path) -> int:
+def load_weights(model: DecoderForCausalLM, path: Path) -> ShardReader:
     """Copy every checkpoint tensor into the parameter of the same name, converting dtype; under
     tensor parallelism only the parameter's slice is read (``ShardReader``). Every parameter must
-    be filled exactly once; extra tensors are an error. Returns the checkpoint bytes read."""
+    be filled exactly once; extra tensors are an error. Returns the reader (bytes read, peak memory)."""
     params = dict(model.named_parameters())  # tied lm_head.weight is deduplicated away
     reader = ShardReader(model)
     tied = getattr(model, "tie_word_embeddings", False)
@@ -214,7 +214,7 @@ def load_weights(model: DecoderForCausalLM, path: Path) -> int:
     for module in model.modules():
         if hasattr(module, "after_loading"):
             module.after_loading()
-    return reader.bytes_read
+    return reader
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32, device="cpu",
@@ -223,15 +223,18 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32
     or "auto", see :func:`resolve_dtype`) and load its weights. ``path`` may be anything
     :func:`resolve_model` accepts. ``group``: a tensor-parallel rank's, which builds and loads
     that rank's shard. Returns ``(model, hf_config)``; eval mode, gradients off;
-    ``model.checkpoint_bytes_read`` says how much of the checkpoint was read."""
+    ``model.load_stats`` says how much of the checkpoint was read and the memory it took."""
     path = resolve_model(path)
     hf_config = load_config(path)
     dtype = resolve_dtype(dtype, hf_config, device)
     cls = model_class(hf_config)
     weight_files(path)  # fail on missing weights before allocating anything
+    anon_before = anon_rss_bytes()
     with building(group):
         model = cls(hf_config, dtype=dtype, device=torch.device(device))
-    model.checkpoint_bytes_read = load_weights(model, path)
+    reader = load_weights(model, path)
+    model.load_stats = {"checkpoint_bytes_read": reader.bytes_read,
+                        "load_peak_anon_bytes": max(0, reader.peak_anon_bytes - anon_before)}
     model.eval().requires_grad_(False)
     return model, hf_config
 

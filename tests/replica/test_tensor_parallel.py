@@ -1,0 +1,201 @@
+"""Tensor parallelism on the CPU (gloo): two ranks give the tokens of one, each reads only its
+shard of the checkpoint, and a rank never outlives its engine nor dies unnoticed.
+
+Models: ``tiny-qwen3`` (GQA, 2 KV heads = 2 ranks, tied embeddings) and a test Llama with one
+KV head (MQA: replicated on both ranks), an untied lm_head, a vocabulary of 1031 (odd: the last
+rank's shard is padded) and biases on every projection (row-parallel biases added once).
+"""
+import gc
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kvray import LLM, SamplingParams
+from kvray.replica.models.bpe import LLAMA3_TOKENIZER
+from kvray.replica.models.presets import Preset, _tiny, make_checkpoint
+from kvray.replica.parallel.lifecycle import RankFailure
+from tests.conftest import random_prompts
+
+ROOT = Path(__file__).resolve().parents[2]
+MQA = Preset("tiny-tp-mqa", "test: MQA, untied, vocab 1031, all biases",
+             _tiny("LlamaForCausalLM", "llama", num_key_value_heads=1, vocab_size=1031, tie_word_embeddings=False,
+                   attention_bias=True, mlp_bias=True, rope_theta=10000.0, rms_norm_eps=1e-5),
+             LLAMA3_TOKENIZER, seed=9)
+# chunked prefill (32-token steps), 4 sequences at a time, async scheduling (the default)
+OPTS = dict(device="cpu", max_model_len=256, num_kv_blocks=64, max_num_batched_tokens=32, max_num_seqs=4)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def mqa_dir(tmp_path_factory) -> str:
+    return str(make_checkpoint(MQA, tmp_path_factory.mktemp("tp") / "mqa"))
+
+
+@pytest.fixture(scope="module", params=["gqa", "mqa"])
+def pair(request, mqa_dir):
+    """(TP=1 engine, TP=2 engine, prompts) of one model."""
+    model = "kvray:tiny-qwen3" if request.param == "gqa" else mqa_dir
+    one = LLM(model, **OPTS)
+    two = LLM(model, tensor_parallel_size=2, **OPTS)
+    shared = random_prompts(one.engine.vocab_size, [20], seed=1)[0]
+    lengths = [1, 3, 17, 33, 60, 5, 90, 12]
+    prompts = [(shared + p if i % 3 == 0 else p)  # some share a prefix: prefix-cache hits
+               for i, p in enumerate(random_prompts(one.engine.vocab_size, lengths, seed=2))]
+    yield one, two, prompts
+    two.engine.runner.close()
+
+
+def _tokens(llm, prompts, params=GREEDY):
+    return [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def test_two_ranks_give_the_greedy_tokens_of_one(pair):
+    one, two, prompts = pair
+    want = _tokens(one, prompts)
+    assert _tokens(two, prompts) == want
+    assert _tokens(two, prompts) == want  # again: every block comes from the prefix cache now
+    # what each rank holds: half the query heads, half the KV heads or the one KV head (replicated)
+    cfg = one.engine.hf_config
+    a1, a2 = one.engine.runner.layers[0], two.engine.runner.layers[0]
+    assert (a1.num_heads, a2.num_heads) == (cfg.num_attention_heads, cfg.num_attention_heads // 2)
+    assert a2.num_kv_heads == max(1, cfg.num_key_value_heads // 2)
+    assert two.engine.runner.kv_bytes_per_block() * (2 if cfg.num_key_value_heads >= 2 else 1) == \
+        one.engine.runner.kv_bytes_per_block()
+    assert two.engine.block_manager.num_total_blocks == two.engine.runner.num_blocks == OPTS["num_kv_blocks"]
+
+
+def test_graph_replays_on_two_ranks_give_the_eager_tokens(pair):
+    """Rank 0 pads each step to its CUDA-graph bucket and names it in the header; rank 1 runs the
+    same padded forward (on the CPU, what a replay computes, run eagerly)."""
+    from kvray.replica.cuda_graphs import StepGraphs
+
+    one, two, prompts = pair
+    want = _tokens(one, prompts)
+    runner, eng = two.engine.runner, two.engine
+    runner.graphs = StepGraphs(runner.model, runner.inputs, eng.config.max_num_seqs, eng.max_num_batched_tokens,
+                               eng.max_model_len, capture=False)
+    try:
+        sampled = [SamplingParams(temperature=0.8, seed=i, max_tokens=10) for i in range(len(prompts))]
+        want_sampled = _tokens(one, prompts, sampled)
+        assert _tokens(two, prompts) == want
+        assert _tokens(two, prompts, sampled) == want_sampled  # seeded sampling on rank 0 only
+    finally:
+        runner.graphs = None
+
+
+def test_the_model_must_split_evenly():
+    with pytest.raises(ValueError, match="tensor_parallel_size=3: the model's num_attention_heads=4"):
+        LLM("kvray:tiny-qwen3", tensor_parallel_size=3, device="cpu")
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        LLM("kvray:tiny-qwen3", tensor_parallel_size=0, device="cpu")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_gone(pid: int, timeout_s: float) -> float:
+    t0 = time.monotonic()
+    while _alive(pid):
+        assert time.monotonic() - t0 < timeout_s, f"process {pid} still alive after {timeout_s} s"
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+def test_a_dead_rank_fails_the_engine_at_once(mqa_dir):
+    llm = LLM(mqa_dir, tensor_parallel_size=2, device="cpu", max_model_len=2048, num_kv_blocks=512)
+    victim = llm.engine.runner.ranks.pids[0]
+    long = SamplingParams(temperature=0.0, max_tokens=1500, ignore_eos=True)
+    _tokens(llm, [[1, 2, 3]], SamplingParams(max_tokens=2))  # running
+    t0 = None
+
+    def kill():
+        nonlocal t0
+        t0 = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+
+    import threading
+    threading.Timer(1.0, kill).start()
+    with pytest.raises(RankFailure, match=rf"tensor-parallel rank 1 \(pid {victim}\) died \(killed by SIGKILL\)"):
+        _tokens(llm, [[1, 2, 3]] * 4, long)
+    assert time.monotonic() - t0 < 5.0
+    assert not llm.engine.has_unfinished()
+    with pytest.raises(RankFailure):  # and stays failed: nothing runs on half a model
+        _tokens(llm, [[4, 5]], SamplingParams(max_tokens=2))
+
+
+def test_an_engine_dropped_without_close_stops_its_ranks(mqa_dir):
+    llm = LLM(mqa_dir, tensor_parallel_size=2, device="cpu", max_model_len=128, num_kv_blocks=16)
+    pid = llm.engine.runner.ranks.pids[0]
+    assert _alive(pid)
+    del llm
+    gc.collect()
+    _wait_gone(pid, 15.0)
+
+
+def test_ranks_die_with_their_engine_process(mqa_dir):
+    """SIGKILL the process that runs rank 0: rank 1 goes with it (PR_SET_PDEATHSIG), at once."""
+    script = (f"from kvray import LLM; import time; llm = LLM({mqa_dir!r}, tensor_parallel_size=2, device='cpu', "
+              "max_model_len=128, num_kv_blocks=16); print(llm.engine.runner.ranks.pids[0], flush=True); "
+              "time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        worker = int(proc.stdout.readline())
+        assert _alive(worker)
+        proc.kill()
+        proc.wait(10)
+        print(f"rank 1 gone {_wait_gone(worker, 5.0):.2f} s after rank 0 was killed")
+    finally:
+        proc.kill()
+
+
+# ---- each rank reads its shard only ------------------------------------------------------------
+
+BIG = Preset("tp-load", "test: 4 layers of 512 x 2048, vocab 8192, untied: 96 MB in float32",
+             _tiny("LlamaForCausalLM", "llama", hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
+                   num_attention_heads=8, num_key_value_heads=4, head_dim=64, vocab_size=8192,
+                   tie_word_embeddings=False, rope_theta=10000.0), LLAMA3_TOKENIZER, seed=11)
+LOAD_SCRIPT = """
+import json, sys
+from kvray import LLM
+llm = LLM(sys.argv[1], tensor_parallel_size=int(sys.argv[2]), device="cpu", max_model_len=64, num_kv_blocks=8)
+print(json.dumps(llm.engine.runner.rank_load_reports))
+"""
+
+
+def _load_reports(path: str, tp: int) -> list[dict]:
+    out = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, path, str(tp)], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_each_rank_reads_only_its_slice_of_the_checkpoint(tmp_path):
+    path = str(make_checkpoint(BIG, tmp_path / "big"))
+    ckpt = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+    [single] = _load_reports(path, 1)
+    ranks = _load_reports(path, 2)
+    mib = 2**20
+    def fmt(r):
+        return (f"read {r['checkpoint_bytes_read'] / mib:.1f} MiB, holds {r['param_bytes'] / mib:.1f} MiB, peak memory "
+                f"+{r['load_peak_anon_bytes'] / mib:.0f} MiB (RSS with the mapped file +{r['load_peak_rss_bytes'] / mib:.0f})")
+    print(f"checkpoint {ckpt / mib:.1f} MiB; TP=1: {fmt(single)}; TP=2: "
+          + "; ".join(f"rank {r['rank']} {fmt(r)}" for r in ranks))
+    assert single["checkpoint_bytes_read"] > 0.99 * ckpt - 2**16
+    for r in ranks:
+        # everything but the replicated norms (a few KiB) is split in two
+        assert r["checkpoint_bytes_read"] < 0.51 * single["checkpoint_bytes_read"]
+        assert r["param_bytes"] < 0.51 * single["param_bytes"]
+        # and the process never held much more while loading: the other half was never read
+        assert r["load_peak_anon_bytes"] < 0.6 * single["load_peak_anon_bytes"]
