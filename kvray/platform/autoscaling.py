@@ -65,6 +65,7 @@ M_PREFILL = "kvray_queued_prefill_tokens"
 M_KV = "kvray_kv_usage"
 M_ATTAIN = "kvray_predicted_attainment"
 M_SLO_REQS = "kvray_slo_requests"
+M_GPUS = "kvray_gpus_per_replica"   # a replica of tensor_parallel_size N holds N GPUs
 
 
 # ---- defaults ----------------------------------------------------------------------------------
@@ -126,6 +127,7 @@ class Signals:
     """What the policy sees in one tick (all per running replica unless named total)."""
 
     replicas: int                  # running replicas (>= 1)
+    gpus_per_replica: float        # what one replica holds (its tensor_parallel_size; 0 on CPUs)
     target: float                  # target requests per replica
     total_requests: float          # requests in the engines + queued at handles (look-back average)
     queued_prefill: float          # mean queued prefill tokens per replica
@@ -163,14 +165,15 @@ class SLOHeadroomPolicy:
         sig = self.signals(ctx)
         desired, reason = self.decide(sig, current)
         out = _clamp(desired, lo, hi)
-        state["kvray"] = {"reason": reason, "desired": out, "target": sig.target, "requests": sig.total_requests,
-                          "attainment": sig.attainment, "queued_prefill": sig.queued_prefill}
+        state["kvray"] = {"reason": reason, "desired": out, "gpus": out * sig.gpus_per_replica, "target": sig.target,
+                          "requests": sig.total_requests, "attainment": sig.attainment,
+                          "queued_prefill": sig.queued_prefill}
         intent = (out, reason) if out != current else None
         if intent != getattr(self, "_intent", None):  # each change of intent once (and its end)
             self._intent = intent
-            logger.info("kvray autoscaling %s: %s -> %s replicas (%s; requests %.1f, target %.0f/replica, "
+            logger.info("kvray autoscaling %s: %s -> %s replicas, %g GPUs (%s; requests %.1f, target %.0f/replica, "
                         "attainment %s, queued prefill %.0f/replica, kv %.2f)", ctx.deployment_name, current, out,
-                        reason, sig.total_requests, sig.target,
+                        out * sig.gpus_per_replica, reason, sig.total_requests, sig.target,
                         "n/a" if sig.attainment is None else f"{sig.attainment:.2f}", sig.queued_prefill, sig.kv_usage)
         return out, state
 
@@ -193,7 +196,8 @@ class SLOHeadroomPolicy:
         att, reqs = latest.get(M_ATTAIN, {}), latest.get(M_SLO_REQS, {})
         weight = sum(reqs.get(r, 0.0) for r in att)
         attainment = (sum(att[r] * reqs.get(r, 0.0) for r in att) / weight) if weight > 0 else None
-        return Signals(replicas=n, target=target, total_requests=self._requests(ctx, now),
+        return Signals(replicas=n, gpus_per_replica=max(latest.get(M_GPUS, {}).values(), default=0.0),
+                       target=target, total_requests=self._requests(ctx, now),
                        queued_prefill=sum(prefill.values()) / n, kv_usage=max(kv.values(), default=0.0),
                        attainment=attainment, slo_requests=weight)
 
@@ -280,9 +284,10 @@ def _latest_metrics(ctx, not_before: float, aggregated_first: bool = False) -> d
 
 # ---- the replica side --------------------------------------------------------------------------
 
-def replica_autoscaling_stats(engine) -> dict[str, float]:
+def replica_autoscaling_stats(engine, num_gpus: int = 0) -> dict[str, float]:
     """``LLMReplica.record_autoscaling_stats``: the kvray_* metrics of one replica (numbers only,
-    as Serve requires), from its engine's stats and in-flight requests."""
+    as Serve requires), from its engine's stats and in-flight requests; ``num_gpus``: the GPUs the
+    replica holds."""
     s = engine.stats()
     model = StepTimeModel.fixed_coeffs(StepCoeffs(*s.step_coeffs)) if s.step_coeffs else StepTimeModel()
     attainment, n = predict_attainment(model, engine.request_snapshots(), time.monotonic(),
@@ -291,7 +296,7 @@ def replica_autoscaling_stats(engine) -> dict[str, float]:
                                        context_tokens=s.tokens_in_flight)
     return {M_MAX_NUM_SEQS: float(s.max_num_seqs), M_RUNNING: float(s.num_running), M_WAITING: float(s.num_waiting),
             M_PREFILL: float(s.queued_prefill_tokens), M_KV: s.kv_usage, M_ATTAIN: attainment,
-            M_SLO_REQS: float(n)}
+            M_SLO_REQS: float(n), M_GPUS: float(num_gpus)}
 
 
 def pin_replica_gpus() -> list[str]:
@@ -309,6 +314,16 @@ def pin_replica_gpus() -> list[str]:
     if not ids:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     return ids
+
+
+def check_replica_gpus(gpu_ids: list[str], tensor_parallel_size: int) -> None:
+    """A replica's GPUs must be its tensor-parallel ranks' (one each): a ValueError at startup
+    otherwise (``kvray check-config`` finds the same in a config file before deploying it)."""
+    n = len(gpu_ids)
+    if n and n != tensor_parallel_size:
+        raise ValueError(f"this replica holds {n} GPU(s) (Ray assigned {', '.join(gpu_ids)}) but "
+                         f"engine.tensor_parallel_size is {tensor_parallel_size}: set the LLMReplica deployment's "
+                         f"ray_actor_options.num_gpus to {tensor_parallel_size} (one GPU per rank)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""``LLMReplica``: one kvray engine per Serve replica (one per GPU).
+"""``LLMReplica``: one kvray engine per Serve replica (on ``engine.tensor_parallel_size`` GPUs of one
+node, which ``ray_actor_options.num_gpus`` reserves).
 
 Token streaming. Each request is one streaming handle call, ``generate``, that stays open
 while the request runs (so Serve's ongoing-request count, ``max_ongoing_requests``,
@@ -169,10 +170,14 @@ class LLMReplica:
 
     def __init__(self, model: str, engine_options: dict | None = None, shutdown_timeout_s: float = 30.0,
                  stream_interval_ms: float = 0.0, served_model_name: str | None = None):
-        from kvray.platform.autoscaling import pin_replica_gpus
-        pin_replica_gpus()  # before torch touches CUDA: a replica sees only the GPUs Ray gave it
+        from kvray.platform.autoscaling import check_replica_gpus, pin_replica_gpus
+        gpu_ids = pin_replica_gpus()  # before torch touches CUDA: a replica sees only the GPUs Ray gave it
         from kvray.replica.async_engine import AsyncLLMEngine  # the engine process loads torch, not this one
         from kvray.replica.config import EngineConfig
+
+        config = EngineConfig(model=model, **(engine_options or {}))
+        check_replica_gpus(gpu_ids, config.tensor_parallel_size)
+        self._num_gpus = len(gpu_ids)
 
         try:
             from ray import serve
@@ -180,8 +185,9 @@ class LLMReplica:
             in_serve = True
         except Exception:  # outside Serve (tests)
             self._replica_id, in_serve = "local", False
-        self.engine = AsyncLLMEngine(EngineConfig(model=model, **(engine_options or {})), process=True,
-                                     on_death=_exit_soon if in_serve else None)
+        # with tensor_parallel_size N the engine process is rank 0 and starts ranks 1..N-1 on the
+        # replica's other GPUs (CUDA_VISIBLE_DEVICES, which the engine process inherits)
+        self.engine = AsyncLLMEngine(config, process=True, on_death=_exit_soon if in_serve else None)
         self._shutdown_timeout_s = shutdown_timeout_s
         self._interval_s = max(0.0, stream_interval_ms) / 1000.0
         self._active: dict[str, _Active] = {}
@@ -303,7 +309,7 @@ class LLMReplica:
     def record_autoscaling_stats(self) -> dict:
         """Load signal for kvray's SLO-headroom autoscaling policy (Serve pushes it to the controller)."""
         from kvray.platform.autoscaling import replica_autoscaling_stats
-        return replica_autoscaling_stats(self.engine)
+        return replica_autoscaling_stats(self.engine, self._num_gpus)
 
     async def record_routing_stats(self) -> dict:
         # async: it runs on the replica's event loop, with the request coroutines (a sync method
