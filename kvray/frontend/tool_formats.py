@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 class CallShape:
     """How one call is written: ``head``, the function name (JSON-quoted), ``mid``, the
     arguments object, ``end``; several calls joined by ``sep``, all between ``open`` and
-    ``close``."""
+    ``close`` (which the grammar lets the end of the output stand for)."""
 
     head: str
     mid: str

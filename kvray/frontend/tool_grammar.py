@@ -56,9 +56,11 @@ def tool_constraint(tools: Any, tool_choice: Any, parallel_tool_calls: bool | No
                      "content": {"type": "grammar", "grammar": grammar}, "end": shape.end})
     calls = {"type": "tags_with_separator", "tags": tags, "separator": shape.sep, "at_least_one": True,
              "stop_after_first": single}
-    if shape.open or shape.close:
-        calls = {"type": "sequence", "elements": [{"type": "const_string", "value": v} if isinstance(v, str) else v
-                                                  for v in (shape.open, calls, shape.close) if v]}
+    if shape.open:  # a list: its close is optional, as the end of the output closes it too (the parser
+        # reads both): with EOS allowed after every call, as in the other formats, even a random-weight
+        # model stops (one that must find the close bracket among all the continuations runs on)
+        calls = {"type": "sequence", "elements": [{"type": "const_string", "value": shape.open}, calls, {
+            "type": "optional", "content": {"type": "const_string", "value": shape.close}}]}
     spec = StructuredOutputs(structural_tag=json.dumps({"type": "structural_tag", "format": calls}))
     why = compile_error(spec)
     if why:

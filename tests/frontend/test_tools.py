@@ -223,7 +223,8 @@ def test_prepare_renders_tools_and_sets_the_constraint(which, request):
     assert req.params.structured_outputs.kind == "structural_tag"
     calls = _structural(req)
     if which == "plain":  # no known format: a JSON array of calls, never a 400
-        assert calls["type"] == "sequence" and [e.get("value") for e in calls["elements"]] == ["[", None, "]"]
+        assert calls["type"] == "sequence" and calls["elements"][0] == {"type": "const_string", "value": "["}
+        assert calls["elements"][2] == {"type": "optional", "content": {"type": "const_string", "value": "]"}}
         calls = calls["elements"][1]
     assert calls["stop_after_first"] is True
     shape = F.enforced_format(F.detect_format(tok)).shape
