@@ -80,7 +80,7 @@ class RouterArgs(BaseModel):
 
 # The values of args.tool_call_parser: a format name (kvray.frontend.tool_formats reads each), "auto"
 # (detected from the chat template) or "none" (tool_choice=auto returns text).
-TOOL_CALL_PARSERS = ("auto", "none", "hermes", "llama3_json", "pythonic")
+TOOL_CALL_PARSERS = ("auto", "none", "hermes", "llama3_json", "qwen3_coder", "pythonic")
 
 API_KEY_ENV = "KVRAY_API_KEY"
 _DEFAULT_SLO = {"interactive": {"ttft_ms": 500.0, "tpot_ms": 50.0}, "batch": {"ttft_ms": 10000.0, "tpot_ms": 200.0}}

@@ -19,17 +19,19 @@ from typing import Any
 
 from kvray.app_config import TOOL_CALL_PARSERS
 from kvray.frontend.tool_calls import forces_calls, parses_tool_calls
-from kvray.frontend.tool_parsers import (HermesStream, JsonArrayStream, Llama3JsonStream, PythonicStream,
-                                         ToolCallStream, parse_all)
+from kvray.frontend.tool_list_parsers import JsonArrayStream, Llama3JsonStream, PythonicStream
+from kvray.frontend.tool_parsers import HermesStream, Qwen3CoderStream, ToolCallStream, parse_all
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class CallShape:
-    """How one call is written: ``head``, the function name (JSON-quoted), ``mid``, the
-    arguments object, ``end``; several calls joined by ``sep``, all between ``open`` and
-    ``close`` (which the grammar lets the end of the output stand for)."""
+    """How one call is written: ``head``, the function name, ``mid``, the arguments, ``end``;
+    several calls joined by ``sep``, all between ``open`` and ``close`` (which the grammar lets
+    the end of the output stand for). ``args``: "json" (the name JSON-quoted, the arguments an
+    object in compact JSON) or "qwen_xml" (the name as is, the arguments as xgrammar's Qwen XML
+    parameters)."""
 
     head: str
     mid: str
@@ -37,6 +39,7 @@ class CallShape:
     sep: str
     open: str = ""
     close: str = ""
+    args: str = "json"
 
 
 @dataclass(frozen=True)
@@ -60,13 +63,17 @@ HERMES = ToolFormat("hermes", HermesStream,
                     (("<tool_call>",),))
 LLAMA3_JSON = ToolFormat("llama3_json", Llama3JsonStream, CallShape('{"name": ', ', "parameters": ', "}", "; "),
                          (("<|start_header_id|>", "ipython"), ("<|python_tag|>",)))
+QWEN3_CODER = ToolFormat("qwen3_coder", Qwen3CoderStream,
+                         CallShape("<tool_call>\n<function=", ">\n", "</function>\n</tool_call>", "\n", args="qwen_xml"),
+                         (("<tool_call>", "<function=", "<parameter="),))
 PYTHONIC = ToolFormat("pythonic", PythonicStream, None, (("[func_name1(",),))
 JSON_ARRAY = ToolFormat("json_array", JsonArrayStream,
                         CallShape('{"name": ', ', "parameters": ', "}", ", ", "[", "]"))
 
-FORMATS = {f.name: f for f in (HERMES, LLAMA3_JSON, PYTHONIC)}  # the values of tool_call_parser
-# the order templates are tried in: a pythonic Llama 3.2 template holds llama3_json's markers too
-_DETECTION_ORDER = (PYTHONIC, HERMES, LLAMA3_JSON)
+FORMATS = {f.name: f for f in (HERMES, LLAMA3_JSON, QWEN3_CODER, PYTHONIC)}  # the values of tool_call_parser
+# the order templates are tried in: a pythonic Llama 3.2 template holds llama3_json's markers too, and
+# a Qwen3-Coder one hermes's
+_DETECTION_ORDER = (PYTHONIC, QWEN3_CODER, HERMES, LLAMA3_JSON)
 if set(FORMATS) != set(TOOL_CALL_PARSERS) - {"auto", "none"}:  # the option and the registry agree
     raise ImportError(f"tool_call_parser values {TOOL_CALL_PARSERS} do not match the formats {sorted(FORMATS)}")
 

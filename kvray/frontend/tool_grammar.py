@@ -1,9 +1,9 @@
 """``tool_choice`` "required" and named functions, enforced: the structured-outputs constraint
 (an xgrammar structural tag) that makes the output one or more calls of the request's tools in
 the enforced format (``kvray.frontend.tool_formats.enforced_format``), each call's arguments
-following its tool's parameters schema in compact JSON (no free whitespace: even a
-random-weight model comes to an end). It is built for every model: a template of no known
-format is enforced as a JSON array of calls.
+following its tool's parameters schema, in compact JSON (no free whitespace: even a
+random-weight model comes to an end) or, for qwen3_coder, as Qwen XML parameters. It is built
+for every model: a template of no known format is enforced as a JSON array of calls.
 
 ``ValueError`` (the protocol layer's 400) only for what the request got wrong: a named function
 not in ``tools``, a parameters schema the grammar library cannot compile.
@@ -27,6 +27,16 @@ def _compact_json_grammar(schema_json: str) -> str:
     return str(build_grammar(StructuredOutputs(json_schema=schema_json)))
 
 
+def _arguments(name: str, schema: dict, style: str) -> dict:
+    """The structural-tag content of one tool's arguments."""
+    if style == "qwen_xml":  # at most one whitespace character in a row: even a random model comes to an end
+        return {"type": "json_schema", "json_schema": schema, "style": "qwen_xml", "max_whitespace_cnt": 1}
+    try:
+        return {"type": "grammar", "grammar": _compact_json_grammar(json.dumps(schema))}
+    except ValueError as e:  # GrammarError
+        raise ValueError(f"tool '{name}': its parameters are not a usable JSON schema: {e}") from None
+
+
 def tool_constraint(tools: Any, tool_choice: Any, parallel_tool_calls: bool | None,
                     fmt: ToolFormat | None) -> StructuredOutputs | None:
     """The constraint that enforces ``tool_choice`` on a model whose tool-call format is ``fmt``
@@ -46,14 +56,8 @@ def tool_constraint(tools: Any, tool_choice: Any, parallel_tool_calls: bool | No
     else:
         raise ValueError(f"unknown tool_choice {tool_choice!r}")
     shape = enforced_format(fmt).shape
-    tags = []
-    for fname, schema in schemas.items():
-        try:
-            grammar = _compact_json_grammar(json.dumps(schema))
-        except ValueError as e:  # GrammarError
-            raise ValueError(f"tool '{fname}': its parameters are not a usable JSON schema: {e}") from None
-        tags.append({"type": "tag", "begin": shape.head + json.dumps(fname) + shape.mid,
-                     "content": {"type": "grammar", "grammar": grammar}, "end": shape.end})
+    tags = [{"type": "tag", "begin": shape.head + (json.dumps(fname) if shape.args == "json" else fname) + shape.mid,
+             "content": _arguments(fname, schema, shape.args), "end": shape.end} for fname, schema in schemas.items()]
     calls = {"type": "tags_with_separator", "tags": tags, "separator": shape.sep, "at_least_one": True,
              "stop_after_first": single}
     if shape.open:  # a list: its close is optional, as the end of the output closes it too (the parser

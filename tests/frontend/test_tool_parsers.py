@@ -13,8 +13,12 @@ from kvray.frontend.tool_parsers import ToolCallStream, parse_all
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}}}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
          {"type": "function", "function": {"name": "book_table", "parameters": {"type": "object"}}},
-         {"type": "function", "function": {"name": "ping"}}]
-FORMATS = {"hermes": F.HERMES, "llama3_json": F.LLAMA3_JSON, "pythonic": F.PYTHONIC, "json_array": F.JSON_ARRAY}
+         {"type": "function", "function": {"name": "ping"}},
+         {"type": "function", "function": {"name": "typed", "parameters": {"type": "object", "properties": {
+             "s": {"type": "string"}, "e": {"enum": ["7", "8"]}, "c": {"const": "true"},
+             "o": {"type": ["string", "null"]}, "i": {"type": "integer"}, "b": {"type": "boolean"}}}}}]
+FORMATS = {"hermes": F.HERMES, "llama3_json": F.LLAMA3_JSON, "qwen3_coder": F.QWEN3_CODER, "pythonic": F.PYTHONIC,
+           "json_array": F.JSON_ARRAY}
 
 BOOKING = {"guests": 2, "names": ["</tool_call>", "a;b"], "when": {"day": "mon", "hour": 9}, "vip": False}
 # format -> (output, the calls in it, the content around them)
@@ -25,6 +29,22 @@ GOOD = {
          [("get_weather", {"city": "Köln", "unit": "c"}), ("book_table", BOOKING)], "Let me check."),
         ('<tool_call>{"name": "ping"}</tool_call> and <tool_call>\n{"name": "ping", "parameters": "{}"}\n</tool_call>',
          [("ping", {}), ("ping", {})], " and"),
+    ],
+    "qwen3_coder": [
+        ("I will look.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nNew\nYork \n</parameter>\n"
+         "<parameter=unit>\nc\n</parameter>\n</function>\n</tool_call>\n<tool_call>\n<function=book_table>\n"
+         "<parameter=guests>\n2\n</parameter>\n<parameter=names>\n[\"</tool_call>\", \"a;b\"]\n</parameter>\n"
+         "<parameter=when>\n{\"day\": \"mon\", \"hour\": 9}\n</parameter>\n<parameter=vip>\nFalse\n</parameter>\n"
+         "</function>\n</tool_call>", [("get_weather", {"city": "New\nYork ", "unit": "c"}), ("book_table", BOOKING)],
+         "I will look."),
+        ("<tool_call><function=ping></function></tool_call>", [("ping", {})], None),
+        ("<tool_call>\n<function=book_table>\n<parameter=note>\nnot json\n</parameter>\n<parameter=n>\n"
+         "null\n</parameter>\n</function>\n</tool_call>", [("book_table", {"note": "not json", "n": None})], None),
+        # by the schema: strings stay text (digits too), a nullable string may be null, others are JSON
+        ("<tool_call>\n<function=typed>\n<parameter=s>\n123\n</parameter>\n<parameter=e> 7 </parameter>\n"
+         "<parameter=c>\ntrue\n</parameter>\n<parameter=o>\nNone\n</parameter>\n<parameter=i>\n-4\n</parameter>\n"
+         "<parameter=b>\nTrue\n</parameter>\n</function>\n</tool_call>",
+         [("typed", {"s": "123", "e": "7", "c": "true", "o": None, "i": -4, "b": True})], None),
     ],
     "llama3_json": [
         ('{"name": "get_weather", "parameters": {"city": "Oslo", "unit": "f"}}; {"name": "ping", "arguments": {}}',
@@ -54,6 +74,11 @@ NOT_CALLS = {
                '<tool_call>\n{"name": "ping", "arguments": {oops}\n</tool_call>',
                '<tool_call>\n{"name": "ping", "arguments": [1]}\n</tool_call>',
                'x <tool_call>\n{"name": "ping", "arguments": {}}', "<tool_call>" + "[" * 50000 + "</tool_call>"],
+    "qwen3_coder": ["<tool_call>\n<function=nope>\n</function>\n</tool_call>",
+                    "<tool_call>\n<function=ping>\n<parameter=a>1</parameter> junk\n</function>\n</tool_call>",
+                    "<tool_call>\n<function=ping>\n<parameter=a>1\n</function>\n</tool_call>",
+                    '<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>', "<tool_call><function=ping>",
+                    "text <function=ping></function>"],
     "llama3_json": ["Hello there.", '{"answer": 42}', '{"name": "nope", "parameters": {}}', "  ", "",
                     '{"name": "ping", "parameters": {}', '{"name": "ping", "parameters": {"x": NaN}}',
                     '<|python_tag|>', '<|python_ta', '{"name": "ping", "parameters": ' + "[" * 50000,
@@ -162,7 +187,7 @@ def test_plain_stream_and_make_call():
         assert make_call(name, args, {"ping"}) is None
 
 
-FRAGMENTS = ["<tool_call>", "</tool_call>", "\n", " ", "{", "}", "[", "]", "(", ")", '"', "'", ",", ";", ":", "=",
+FRAGMENTS = ["<tool_call>", "</tool_call>", "<function=ping>", "</function>", "<parameter=a>", "</parameter>", "\n", " ", "{", "}", "[", "]", "(", ")", '"', "'", ",", ";", ":", "=",
              '"name"', '"arguments"', '"parameters"', "ping", "get_weather", "<|python_tag|>", "<|python_start|>",
              "true", "None", "1", "x", "é", "\\", "\x00"]
 

@@ -252,6 +252,8 @@ def test_the_option_and_the_registry_agree():
 TEMPLATES = [
     ("{%- if tools %}...<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>",
      F.HERMES),
+    ("reply in the following format with NO suffix:\n\n<tool_call>\n<function=example_function_name>\n"
+     "<parameter=example_parameter_1>\nvalue_1\n</parameter>\n</function>\n</tool_call>", F.QWEN3_CODER),
     ("<|start_header_id|>system<|end_header_id|>\n\n{%- if tools %}Environment: ipython\n{%- endif %}", F.LLAMA3_JSON),
     ("{{- '<|python_tag|>' + tool_call.name }}", F.LLAMA3_JSON),
     ("<|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\nRespond in the format [func_name1("
@@ -293,7 +295,7 @@ def test_resolve_logs_its_choice_once(qwen, plain, caplog):
 
 def test_which_format_a_response_is_read_in():
     named = {"type": "function", "function": {"name": "ping"}}
-    for fmt in (F.HERMES, F.LLAMA3_JSON, F.PYTHONIC, None):
+    for fmt in (F.HERMES, F.LLAMA3_JSON, F.QWEN3_CODER, F.PYTHONIC, None):
         assert F.response_parser(_req(), fmt) is None
         assert F.response_parser(_req(tools=TOOLS, tool_choice="none"), fmt) is None
         auto = F.response_parser(_req(tools=TOOLS), fmt)
@@ -337,7 +339,8 @@ def _random_walk(compiler, constraint, seed, max_steps=3000):
 
 
 # (the model's format, the preset whose vocabulary generates): every format, and none known
-WALKS = [(F.HERMES, "qwen"), (F.LLAMA3_JSON, "llama"), (F.PYTHONIC, "llama"), (None, "qwen"), (None, "llama")]
+WALKS = [(F.HERMES, "qwen"), (F.LLAMA3_JSON, "llama"), (F.QWEN3_CODER, "qwen"), (F.PYTHONIC, "llama"), (None, "qwen"),
+         (None, "llama")]
 
 
 @pytest.mark.parametrize("fmt,preset", WALKS, ids=lambda x: getattr(x, "name", x))
@@ -366,7 +369,7 @@ def test_constraint_random_walks_parse_into_valid_calls(compilers, fmt, preset, 
         assert [tc["function"]["name"] for d in deltas for tc in d["tool_calls"] if "id" in tc] == \
             [c["function"]["name"] for c in calls]
     shape = read_as.shape  # and several calls, one after the other, where they are allowed
-    one = shape.head + '"ping"' + shape.mid + "{}" + shape.end
+    one = shape.head + ('"ping"' + shape.mid + "{}" if shape.args == "json" else "ping" + shape.mid) + shape.end
     import xgrammar as xgr
     matcher = xgr.GrammarMatcher(compiler.compile_structural_tag(constraint.structural_tag))
     two = matcher.accept_string(shape.open + one + shape.sep + one + shape.close)
