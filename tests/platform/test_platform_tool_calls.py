@@ -5,7 +5,8 @@ weights only the grammar makes the calls valid: every call's arguments must vali
 tool's JSON schema, 10 times out of 10.
 
 Each model is served by ``serve run`` as a user starts it (cluster-configs/local.yaml, its model
-replaced). To run these tests on another model, add it to MODELS.
+replaced). To run these tests on another model, add it to MODELS (one line: the real
+SmolLM2 preset is ``("kvray:smollm2-135m-instruct", None)``: its ChatML template has no tools).
 """
 import json
 
@@ -19,10 +20,10 @@ from serve_app import ServeRun, local_config  # noqa: E402
 from tool_models import no_tool_template_checkpoint  # noqa: E402
 
 NO_TOOL_TEMPLATE = "no-tool-template"  # made by the fixture: tiny-qwen3 with a chat template without tools
-MODELS = [
-    "kvray:tiny-qwen3",   # hermes: <tool_call> blocks
-    "kvray:tiny-llama",   # llama3_json
-    NO_TOOL_TEMPLATE,     # no known format: required / named are enforced as a JSON array of calls
+MODELS = [  # (model, the tool-call format its chat template writes; None: none known)
+    ("kvray:tiny-qwen3", "hermes"),
+    ("kvray:tiny-llama", "llama3_json"),
+    (NO_TOOL_TEMPLATE, None),  # required / named are enforced as a JSON array of calls
 ]
 NAME = "m"
 WARNING = "the chat template has no known tool-call format"
@@ -47,9 +48,9 @@ MESSAGES = [{"role": "user", "content": "Book a table for two on Monday, and tel
 CHOICES = {"required": "required", "named": {"type": "function", "function": {"name": "book_table"}}}
 
 
-@pytest.fixture(scope="module", params=MODELS)
+@pytest.fixture(scope="module", params=MODELS, ids=[m for m, _ in MODELS])
 def app(request, tmp_path_factory):
-    model = request.param
+    model, fmt = request.param
     if model == NO_TOOL_TEMPLATE:
         model = str(no_tool_template_checkpoint(tmp_path_factory.mktemp("ckpt") / "no-tool-template"))
     cfg = local_config()
@@ -61,7 +62,7 @@ def app(request, tmp_path_factory):
     run = ServeRun(cfg, tmp_path_factory.mktemp("tool-calls"))
     try:
         run.wait_healthy()
-        run.model = request.param
+        run.tool_format = fmt
         yield run
     finally:
         run.stop()
@@ -126,7 +127,7 @@ def test_auto_and_a_round_trip(app, client):
     again = client.chat.completions.create(model=NAME, messages=history, tools=TOOLS, max_tokens=12, seed=3,
                                            extra_body={"ignore_eos": True})
     assert again.choices[0].finish_reason in ("length", "tool_calls")
-    if app.model == NO_TOOL_TEMPLATE:
+    if app.tool_format is None:
         assert again.choices[0].message.tool_calls is None and again.choices[0].message.content
         assert app.output.count(WARNING) == 1, app.output[-3000:]
     else:
