@@ -148,7 +148,8 @@ class Router:
                 a = self.args
                 names = [a.served_model_name] + ([a.model] if a.model != a.served_model_name else [])
                 self.serving = OpenAIServing(
-                    info=ModelInfo(info["tokenizer"], info["max_model_len"], info["block_size"], info["vocab_size"]),
+                    info=ModelInfo(info["tokenizer"], info["max_model_len"], info["block_size"], info["vocab_size"],
+                                   a.tool_call_parser),
                     model_names=names, slo_classes=a.slo_targets(), default_slo_class=a.default_slo_class,
                     decode_estimate_cap=a.router.decode_estimate_cap, submit=self._submit, metrics=self.metrics,
                     dispatcher=self.dispatcher)
