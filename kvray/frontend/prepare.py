@@ -29,6 +29,9 @@ class ModelInfo:
     max_model_len: int
     block_size: int
     vocab_size: int
+    quantization: str | None = None   # how the weights are stored, in words (None: as the checkpoint's dtype)
+    kv_cache_dtype: str = ""
+    kv_cache_tokens: int = 0          # KV capacity of one replica
 
     def __post_init__(self) -> None:
         # The most characters one token can stand for (vocabulary strings hold at least one
