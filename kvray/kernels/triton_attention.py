@@ -152,9 +152,9 @@ def _paged_attn_kernel(
         else:
             k = tl.load(k_ptr + k_rows[:, None] + offs_d[None, :], mask=d_ok[None, :], other=0.0)
             v = tl.load(v_ptr + v_rows[:, None] + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-        if KV_FP8:
-            k = k.to(q.dtype)
-            v = v.to(q.dtype)
+        if KV_FP8:  # through float32: exact, and the interpreter's direct float8 -> bfloat16 cast is wrong
+            k = k.to(tl.float32).to(q.dtype)
+            v = v.to(tl.float32).to(q.dtype)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -181,9 +181,9 @@ def _paged_attn_kernel(
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        if KV_FP8:
-            k = k.to(q.dtype)
-            v = v.to(q.dtype)
+        if KV_FP8:  # through float32: exact, and the interpreter's direct float8 -> bfloat16 cast is wrong
+            k = k.to(tl.float32).to(q.dtype)
+            v = v.to(tl.float32).to(q.dtype)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:

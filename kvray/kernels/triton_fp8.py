@@ -30,13 +30,13 @@ if _max_combine is None:  # pragma: no cover - other triton versions
 
 @triton.jit
 def to_e4m3(x):
-    """float32 -> float8e4nv, clamped to +-448, round to nearest even (ties in the subnormal range
-    round away from zero)."""
+    """float32 -> float8e4nv, clamped to +-448, rounded to nearest even."""
     x = tl.minimum(tl.maximum(x, -448.0), 448.0)
     bits = x.to(tl.int32, bitcast=True)
     bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576   # keep 3 mantissa bits (0xFFF00000)
     normal = bits.to(tl.float32, bitcast=True)
-    sub = tl.floor(x * 512.0 + 0.5) * 0.001953125            # multiples of 2^-9
+    sub = (tl.abs(x) + 24576.0) - 24576.0  # 1.5 * 2^14: rounds to a multiple of 2^-9, ties to even
+    sub = tl.where(x < 0, -sub, sub)       # keeps the sign of values that round to zero
     y = tl.where(tl.abs(x) < 0.015625, sub, normal)
     return y.to(tl.float8e4nv)
 

@@ -28,7 +28,7 @@ ALWAYS_UNQUANTIZED = ("lm_head",)
 
 @dataclass(frozen=True)
 class QuantConfig:
-    format: str                   # "fp8", "compressed-tensors" or "fp8 quantized on load"
+    format: str                   # "fp8", "compressed-tensors" or "quantization=fp8" (on load)
     method: LinearMethod          # of every quantized linear
     ignore: tuple[str, ...] = ()  # module name rules of the unquantized ones
     substring_ignore: bool = False
@@ -115,7 +115,7 @@ def quant_config(raw_config: dict, quantization: str | None = None) -> QuantConf
     qc = raw_config.get("quantization_config")
     if qc is None:
         if quantization == "fp8":
-            return QuantConfig("fp8 quantized on load", Fp8ChannelMethod(quantize_on_load=True))
+            return QuantConfig("quantization=fp8", Fp8ChannelMethod(quantize_on_load=True))
         return None
     if not isinstance(qc, dict):
         raise _bad("", qc, "expected a mapping")
