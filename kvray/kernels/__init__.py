@@ -207,12 +207,16 @@ def fp8_scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sca
                   out_dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``(a * a_scale) @ (b * b_scale)^T (+ bias)``: a [M, K] e4m3 with per-row a_scale [M, 1], b
     [N, K] e4m3 (a weight as stored) with per-row b_scale [N] float32. On CUDA: cuBLASLt through
-    ``torch._scaled_mm`` (row-wise scales; K and N multiples of 16), else the reference."""
+    ``torch._scaled_mm`` (row-wise scales, bfloat16 product; K and N multiples of 16, else the
+    reference), elsewhere the reference."""
     check_fp8_gemm(a, a_scale, b, b_scale.view(-1, 1), 1, (b.shape[0], 1))
-    if a.device.type != "cuda" or get_attention_backend() == "reference":
+    if a.device.type != "cuda" or get_attention_backend() == "reference" or a.shape[1] % 16 or b.shape[0] % 16:
         return reference.fp8_scaled_mm(a, a_scale, b, b_scale, out_dtype, bias)
-    out = torch._scaled_mm(a, b.t(), scale_a=a_scale, scale_b=b_scale.view(1, -1), out_dtype=out_dtype)
-    return out if bias is None else out.add_(bias)
+    # cuBLASLt's row-wise scaling writes bfloat16 only
+    out = torch._scaled_mm(a, b.t(), scale_a=a_scale, scale_b=b_scale.view(1, -1), out_dtype=torch.bfloat16)
+    if bias is not None:
+        out = out.add_(bias) if bias.dtype == torch.bfloat16 else out.float().add_(bias)
+    return out.to(out_dtype)
 
 
 def fp8_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
@@ -221,7 +225,7 @@ def fp8_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sc
     [N, K] e4m3 with one scale per ``block`` = (rows, columns) tile, b_scale [cdiv(N, block[0]),
     cdiv(K, block[1])] float32 (the layout of block-quantized checkpoints' ``weight_scale_inv``)."""
     bn, bk = int(block[0]), int(block[1])
-    (m, k), n = a.shape, b.shape[0]
+    k, n = a.shape[1], b.shape[0]
     check_fp8_gemm(a, a_scale, b, b_scale, -(-k // bk), (-(-n // bn), -(-k // bk)))
     use_triton, interpret = _route(a.device)
     if not use_triton:

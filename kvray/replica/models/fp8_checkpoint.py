@@ -52,10 +52,14 @@ def describe(fmt: str) -> str:
 
 def linear_weight_names(config: dict) -> set[str]:
     """Names of the weights the formats quantize, for a config.json dict."""
-    from kvray.replica.models.decoder import MODEL_REGISTRY
-    from kvray.replica.models.loader import architecture_of
+    from kvray.replica.models.decoder import MODEL_REGISTRY, MODEL_TYPE_TO_ARCH
+    arch = next((a for a in config.get("architectures") or [] if a in MODEL_REGISTRY),
+                MODEL_TYPE_TO_ARCH.get(config.get("model_type")))
+    if arch is None:
+        raise ValueError(f"unsupported architecture {config.get('architectures')}; kvray supports "
+                         f"{', '.join(sorted(MODEL_REGISTRY))}")
     cfg = types.SimpleNamespace(**config)
-    model = MODEL_REGISTRY[architecture_of(config)](cfg, dtype=torch.bfloat16, device=torch.device("meta"))
+    model = MODEL_REGISTRY[arch](cfg, dtype=torch.bfloat16, device=torch.device("meta"))
     return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Linear) and n != "lm_head"}
 
 
