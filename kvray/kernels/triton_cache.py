@@ -2,14 +2,17 @@
 FP8 cache gets ``k / k_scale`` (one float32 scale per KV head), rounded to e4m3 (``to_e4m3``)."""
 from __future__ import annotations
 
+import importlib
 import sys
 
 import triton
 import triton.language as tl
 
 # The e4m3 rounding of triton_fp8, from the copy built for the same mode (compiled / interpreted:
-# kvray.kernels.triton_impl loads triton_fp8 first, under a name that says the mode).
-to_e4m3 = sys.modules[__name__.replace("triton_cache", "triton_fp8")].to_e4m3
+# kvray.kernels.triton_impl loads triton_fp8 first, under a name that says the mode); a plain
+# import of this module takes the plain import of triton_fp8.
+_fp8 = sys.modules.get(__name__.replace("triton_cache", "triton_fp8"))
+to_e4m3 = (_fp8 if _fp8 is not None else importlib.import_module("kvray.kernels.triton_fp8")).to_e4m3
 
 
 @triton.jit
