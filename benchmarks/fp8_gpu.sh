@@ -61,7 +61,7 @@ part_profile() {
 
 part_quality() {
   # the real SmolLM2 preset if this kvray has it, else the 8B preset against its bf16 self
-  python benchmarks/fp8_quality.py --variants fp8-weights,fp8-kv,fp8-weights+kv --out "$OUT/quality.json" \
+  python benchmarks/fp8_quality.py ${QUALITY_MODEL:+--model "$QUALITY_MODEL"} --variants fp8-weights,fp8-kv,fp8-weights+kv --out "$OUT/quality.json" \
     2>&1 | grep -v Warning | tee "$OUT/quality.txt" || true
 }
 

@@ -32,6 +32,7 @@ sys.path[:] = [str(_ROOT)] + [p for p in sys.path if os.path.abspath(p or ".") !
 
 from kvray import LLM, SamplingParams  # noqa: E402
 from kvray.replica.forward_context import ForwardContext, forward_context  # noqa: E402
+from kvray.replica.models.loader import resolve_model  # noqa: E402
 from kvray.replica.models.presets import PRESETS  # noqa: E402
 
 VARIANTS = {"fp8-weights": {"quantization": "fp8"}, "fp8-kv": {"kv_cache_dtype": "fp8"},
@@ -44,8 +45,22 @@ TOPICS = ["the history of the printing press", "how a refrigerator works", "the 
           "how to learn a language", "what a black hole is", "the invention of the telephone"]
 
 
+REAL_MODEL, FALLBACK_MODEL = "kvray:smollm2-135m-instruct", "kvray:llama-3.1-8b"
+
+
 def default_model() -> str:
-    return "kvray:smollm2-135m-instruct" if "smollm2-135m-instruct" in PRESETS else "kvray:llama-3.1-8b"
+    """The real SmolLM2 preset when this kvray has it and can resolve it, else the 8B preset."""
+    try:
+        from kvray.replica.models import real_presets  # noqa: F401  (only where the real preset exists)
+    except ImportError:
+        if REAL_MODEL.removeprefix("kvray:") not in PRESETS:
+            return FALLBACK_MODEL
+    try:
+        resolve_model(REAL_MODEL)
+        return REAL_MODEL
+    except ValueError as e:
+        print(f"{REAL_MODEL} is not available here ({e}); using {FALLBACK_MODEL} against its bf16 self", flush=True)
+        return FALLBACK_MODEL
 
 
 def prompts(tokenizer, n: int) -> list[list[int]]:
