@@ -76,15 +76,18 @@ def measure_ceilings() -> tuple[float, float]:
     return copy_bw, mm_rate
 
 
-def floor_tok_s(cfg, prompts, outs, copy_bw, mm_rate, weight_bytes) -> dict:
+def floor_tok_s(cfg, prompts, outs, copy_bw, mm_rate, weight_bytes, num_params=None, kv_elem_bytes=2) -> dict:
+    """The floor of the run's own storage (weight bytes as loaded, K/V bytes of its cache dtype); the
+    FLOP ceiling is the measured bf16 matmul rate whatever the weights (so an FP8 run's floor is
+    that of its bytes at bf16 compute)."""
     layers, kvh = cfg.num_hidden_layers, cfg.num_key_value_heads
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     heads = cfg.num_attention_heads
-    kv_per_token = 2 * layers * kvh * hd * 2  # bf16 K and V
+    kv_per_token = 2 * layers * kvh * hd * kv_elem_bytes
     kv_reads = sum(o * len(p) + o * (o + 1) // 2 for p, o in zip(prompts, outs))  # context tokens read per decode
     steps = max(outs)
     bytes_total = weight_bytes * steps + kv_reads * kv_per_token
-    params = weight_bytes / 2
+    params = num_params if num_params is not None else weight_bytes / 2
     tokens = sum(len(p) + o for p, o in zip(prompts, outs))
     attn_flops = 4 * layers * heads * hd * (kv_reads + sum(len(p) ** 2 // 2 for p in prompts))
     flops = 2 * params * tokens + attn_flops
@@ -202,7 +205,10 @@ def main() -> None:
                     "(after the warm-up): reports their min and median")
     ap.add_argument("--out", default=None, help="also write JSON here")
     ap.add_argument("--hf-cb-only", action="store_true", help="only the transformers generate_batch baseline")
+    ap.add_argument("--engine-args", default="{}", help="JSON of extra LLM options for every preset, e.g. "
+                    "'{\"quantization\": \"fp8\", \"kv_cache_dtype\": \"fp8\"}'")
     args = ap.parse_args()
+    engine_args = json.loads(args.engine_args)
     if args.repeat < 1:
         ap.error("--repeat must be >= 1")
     dev = torch.cuda.get_device_name()
@@ -214,13 +220,15 @@ def main() -> None:
     for spec in args.presets.split(","):
         preset, wls = spec.split(":")
         llm = LLM(f"kvray:{preset}", gpu_memory_utilization=0.9, enforce_eager=args.enforce_eager,
-                  async_scheduling=not args.sync_scheduling)
+                  async_scheduling=not args.sync_scheduling, **engine_args)
         eng = llm.engine
         cfg = eng.hf_config
         weight_bytes = sum(p.numel() * p.element_size() for p in eng.runner.model.parameters())
+        num_params = sum(p.numel() for n, p in eng.runner.model.named_parameters() if "scale" not in n)
         kv_alloc = eng.runner.kv_cache.numel() * eng.runner.kv_cache.element_size()
         free, total = torch.cuda.mem_get_info()
-        info = {"kv_tokens": eng.block_manager.num_total_blocks * eng.config.block_size,
+        info = {"kv_tokens": eng.block_manager.num_total_blocks * eng.config.block_size, "engine_args": engine_args,
+                "kv_cache_dtype": eng.runner.kv_cache_dtype_name, "quantization": eng.runner.quantization_name,
                 "kv_gib": kv_alloc / 2**30, "gpu_used_frac": (total - free) / total}
         print(f"{preset}: KV capacity {info['kv_tokens']} tokens ({info['kv_gib']:.1f} GiB), "
               f"GPU memory in use {info['gpu_used_frac']:.3f} of total", flush=True)
@@ -231,7 +239,8 @@ def main() -> None:
         for wl in wls:
             prompts, outs = workload(wl, min(eng.vocab_size, len(eng.tokenizer)))
             workloads[wl] = (prompts, outs)
-            floor = floor_tok_s(cfg, prompts, outs, copy_bw, mm_rate, weight_bytes)
+            floor = floor_tok_s(cfg, prompts, outs, copy_bw, mm_rate, weight_bytes, num_params,
+                                eng.runner.kv_cache.element_size())
             runs, extra = run_kvray(llm, prompts, outs, args.repeat)
             stats = repeat_stats(runs, floor["floor_tok_s"])
             preset_rows.append({"preset": preset, "workload": wl, **stats, **floor, **extra, **info})
@@ -309,7 +318,8 @@ def write_results(dev, copy_bw, mm_rate, rows, args) -> str:
              f"Command: `python benchmarks/offline_throughput.py --presets {args.presets} --hf-subset {args.hf_subset}"
              f"{' --enforce-eager' if args.enforce_eager else ''}"
              f"{' --sync-scheduling' if args.sync_scheduling else ''}"
-             f"{f' --repeat {args.repeat}' if args.repeat > 1 else ''}`  ",
+             f"{f' --repeat {args.repeat}' if args.repeat > 1 else ''}"
+             f"{f' --engine-args {chr(39)}{args.engine_args}{chr(39)}' if args.engine_args != '{}' else ''}`  ",
              f"Measured copy bandwidth {copy_bw / 1e12:.2f} TB/s, bf16 matmul {mm_rate / 1e12:.0f} TFLOP/s.\n",
              f"kvray: median of {args.repeat} run(s) in the same engine after a warm-up; every run's tok/s in the last column.\n",
              "| model | workload | kvray tok/s (median) | floor tok/s | % of floor (min) | % of floor (median) | HF static tok/s | x static "
@@ -321,7 +331,7 @@ def write_results(dev, copy_bw, mm_rate, rows, args) -> str:
         hs_txt = f"{hs:,.0f} | {k / hs:.1f}" if hs else "- | -"
         hc_txt = f"{hc:,.0f} | {k / hc:.1f}" if hc else f"{r.get('hf_cb_error', '-')} | -"
         per_run = ", ".join(f"{x:,.0f}" for x in r["kvray_tok_s_repeats"])
-        lines.append(f"| {r['preset']} | {r['workload']} | {k:,.0f} | {r['floor_tok_s']:,.0f} | {r['of_floor_min']:.1%} | "
+        lines.append(f"| {r['preset']}{' ' + json.dumps(r['engine_args']) if r['engine_args'] else ''} | {r['workload']} | {k:,.0f} | {r['floor_tok_s']:,.0f} | {r['of_floor_min']:.1%} | "
                      f"{r['of_floor_median']:.1%} | {hs_txt} | {hc_txt} | {r['kv_tokens']:,} | {r['peak_block_usage']:.1%} "
                      f"| {per_run} |")
     for r in rows:

@@ -149,7 +149,9 @@ class Router:
                 names = [a.served_model_name] + ([a.model] if a.model != a.served_model_name else [])
                 self.serving = OpenAIServing(
                     info=ModelInfo(info["tokenizer"], info["max_model_len"], info["block_size"], info["vocab_size"],
-                                   a.tool_call_parser),
+                                   tool_call_parser=a.tool_call_parser, quantization=info.get("quantization"),
+                                   kv_cache_dtype=info.get("kv_cache_dtype", ""),
+                                   kv_cache_tokens=info.get("kv_cache_tokens", 0)),
                     model_names=names, slo_classes=a.slo_targets(), default_slo_class=a.default_slo_class,
                     decode_estimate_cap=a.router.decode_estimate_cap, submit=self._submit, metrics=self.metrics,
                     dispatcher=self.dispatcher)
@@ -222,9 +224,11 @@ class Router:
         if denied is not None:
             return denied
         body = models_list([self.args.served_model_name], int(self._started))
-        try:  # like vLLM, say how long a context is; kvray also gives the vocabulary size
+        try:  # like vLLM, say how long a context is; kvray also gives the vocabulary size and KV cache
             info = (await self._ensure_ready(timeout_s=5.0)).info
-            body["data"][0].update(max_model_len=info.max_model_len, vocab_size=info.vocab_size)
+            body["data"][0].update(max_model_len=info.max_model_len, vocab_size=info.vocab_size,
+                                   quantization=info.quantization, kv_cache_dtype=info.kv_cache_dtype,
+                                   kv_cache_tokens=info.kv_cache_tokens)
         except Exception:
             pass
         return JSONResponse(body)

@@ -32,6 +32,9 @@ class ModelInfo:
     block_size: int
     vocab_size: int
     tool_call_parser: str = "auto"  # args.tool_call_parser
+    quantization: str | None = None   # how the weights are stored, in words (None: as the checkpoint's dtype)
+    kv_cache_dtype: str = ""
+    kv_cache_tokens: int = 0          # KV capacity of one replica
 
     def __post_init__(self) -> None:
         # the model's tool-call format (None: tool_choice=auto gives text), chosen (and logged) once

@@ -1,6 +1,7 @@
-"""Paged-attention and KV-cache kernels, with their dispatch.
+"""Paged-attention, KV-cache, fused decoder and FP8 GEMM kernels, with their dispatch.
 
-* CUDA tensors run the Triton kernels (``triton_attention``, ``triton_cache``).
+* CUDA tensors run the Triton kernels (``triton_attention``, ``triton_cache``, ``triton_fused``,
+  ``triton_fp8``; per-channel FP8 GEMMs run ``torch._scaled_mm``, cuBLASLt).
 * CPU tensors run the plain-torch reference (``kvray.kernels.reference``), unless
   ``TRITON_INTERPRET=1`` is set at call time: then the Triton kernels run under Triton's CPU
   interpreter (how CI tests them).
@@ -23,10 +24,11 @@ import types
 import torch
 
 from kvray.kernels import reference
-from kvray.kernels._checks import check_paged_attention, check_write_kv_cache
+from kvray.kernels._checks import check_fp8_gemm, check_kv_scales, check_paged_attention, check_write_kv_cache
 
-__all__ = ["paged_attention", "write_kv_cache", "rms_norm", "qk_norm_rope", "silu_and_mul",
-           "set_attention_backend", "get_attention_backend", "reference", "triton_impl", "compiled_variants"]
+__all__ = ["paged_attention", "write_kv_cache", "rms_norm", "qk_norm_rope", "silu_and_mul", "quant_fp8",
+           "fp8_scaled_mm", "fp8_block_gemm", "set_attention_backend", "get_attention_backend", "reference",
+           "triton_impl", "compiled_variants"]
 
 BACKENDS = ("auto", "triton", "reference")
 ENV_BACKEND = "KVRAY_ATTENTION_BACKEND"
@@ -87,9 +89,10 @@ def triton_impl(interpret: bool = False) -> types.SimpleNamespace:
         prev = os.environ.get("TRITON_INTERPRET")
         os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
         try:
+            fp8 = _load("triton_fp8", interpret)  # before triton_cache, which calls its e4m3 rounding
             impl = types.SimpleNamespace(attention=_load("triton_attention", interpret),
                                          cache=_load("triton_cache", interpret),
-                                         fused=_load("triton_fused", interpret))
+                                         fused=_load("triton_fused", interpret), fp8=fp8)
         finally:
             if prev is None:
                 os.environ.pop("TRITON_INTERPRET", None)
@@ -108,7 +111,7 @@ def compiled_variants() -> int:
     if impl is None:
         return 0
     n = 0
-    for mod in (impl.attention, impl.cache, impl.fused):
+    for mod in (impl.attention, impl.cache, impl.fused, impl.fp8):
         for obj in vars(mod).values():
             for cache in (getattr(obj, "device_caches", None) or {}).values():
                 n += len(cache[0])
@@ -116,21 +119,25 @@ def compiled_variants() -> int:
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
+                   slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                   v_scale: torch.Tensor | None = None) -> None:
     """Scatter key/value [num_tokens, num_kv_heads, head_dim] into the paged caches
     [num_blocks, block_size, num_kv_heads, head_dim] at ``slot_mapping`` (int32/int64; slot =
-    block_id * block_size + offset; negative slots are skipped)."""
+    block_id * block_size + offset; negative slots are skipped). A float8_e4m3fn cache stores
+    ``key / k_scale`` and ``value / v_scale`` (float32 [num_kv_heads] each), saturated at +-448."""
     check_write_kv_cache(key, value, k_cache, v_cache, slot_mapping)
+    check_kv_scales(k_cache, k_scale, v_scale)
     use_triton, interpret = _route(key.device)
     if not use_triton:
-        return reference.write_kv_cache(key, value, k_cache, v_cache, slot_mapping)
-    triton_impl(interpret).cache.write_kv_cache_triton(key, value, k_cache, v_cache, slot_mapping)
+        return reference.write_kv_cache(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    triton_impl(interpret).cache.write_kv_cache_triton(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, softmax_scale: float,
                     out: torch.Tensor | None = None, *, max_seq_len: int | None = None,
-                    max_query_len: int | None = None) -> torch.Tensor:
+                    max_query_len: int | None = None, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of each sequence's queries (the last q_len_i positions of its seq_lens[i]-long
     context) over its paged K/V. Prefill, chunked prefill over a cached prefix and decode alike.
 
@@ -138,19 +145,21 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     pick tile sizes and the split-KV count; without them the choice comes from the shapes
     (``block_tables.shape[1] * block_size`` bounds the context). Results never depend on them.
     Under CUDA-graph capture pass fixed hints so every replay sees the same launch grid.
+    A float8_e4m3fn cache is read as ``k_cache * k_scale`` / ``v_cache * v_scale`` (see write_kv_cache).
     """
     check_paged_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, softmax_scale, out)
+    check_kv_scales(k_cache, k_scale, v_scale)
     if out is None:
         out = torch.empty_like(q)
     use_triton, interpret = _route(q.device)
     if not use_triton:
         return reference.paged_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
-                                         softmax_scale, out)
+                                         softmax_scale, out, k_scale, v_scale)
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"the Triton backend takes float16, bfloat16 or float32, got {q.dtype}")
     return triton_impl(interpret).attention.paged_attention_triton(
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, softmax_scale, out,
-        max_seq_len=max_seq_len, max_query_len=max_query_len)
+        max_seq_len=max_seq_len, max_query_len=max_query_len, k_scale=k_scale, v_scale=v_scale)
 
 
 # ---- fused per-token ops of the decoder (same routing as the attention kernels) ----------------
@@ -179,3 +188,48 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if not use_triton:
         return reference.silu_and_mul(x)
     return triton_impl(interpret).fused.silu_and_mul_triton(x)
+
+
+# ---- FP8 GEMMs (same routing) ------------------------------------------------------------------
+
+def quant_fp8(x: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic e4m3 quantization of x [M, K] (row-major): (x_fp8, scale [M, G] float32), one scale
+    per row (``group_size=None``) or per ``group_size`` elements of a row; ``scale = amax / 448``."""
+    if x.dim() != 2 or not x.is_floating_point() or x.stride(1) != 1:
+        raise ValueError(f"quant_fp8 takes a row-major float [M, K] tensor, got {x.dtype} {tuple(x.shape)}")
+    use_triton, interpret = _route(x.device)
+    if not use_triton:
+        return reference.quant_fp8(x, group_size)
+    return triton_impl(interpret).fp8.quant_fp8_triton(x, group_size)
+
+
+def fp8_scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                  out_dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``(a * a_scale) @ (b * b_scale)^T (+ bias)``: a [M, K] e4m3 with per-row a_scale [M, 1], b
+    [N, K] e4m3 (a weight as stored) with per-row b_scale [N] float32. On CUDA: cuBLASLt through
+    ``torch._scaled_mm`` (row-wise scales, bfloat16 product; K and N multiples of 16, else the
+    reference), elsewhere the reference."""
+    check_fp8_gemm(a, a_scale, b, b_scale.view(-1, 1), 1, (b.shape[0], 1))
+    if a.device.type != "cuda" or get_attention_backend() == "reference" or a.shape[1] % 16 or b.shape[0] % 16:
+        return reference.fp8_scaled_mm(a, a_scale, b, b_scale, out_dtype, bias)
+    # cuBLASLt's row-wise scaling writes bfloat16 only
+    out = torch._scaled_mm(a, b.t(), scale_a=a_scale, scale_b=b_scale.view(1, -1), out_dtype=torch.bfloat16)
+    if bias is not None:
+        out = out.add_(bias) if bias.dtype == torch.bfloat16 else out.float().add_(bias)
+    return out.to(out_dtype)
+
+
+def fp8_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                   block: tuple[int, int], out_dtype: torch.dtype) -> torch.Tensor:
+    """``(a * a_scale) @ (b * b_scale)^T``: a [M, K] e4m3 with a_scale [M, cdiv(K, block[1])], b
+    [N, K] e4m3 with one scale per ``block`` = (rows, columns) tile, b_scale [cdiv(N, block[0]),
+    cdiv(K, block[1])] float32 (the layout of block-quantized checkpoints' ``weight_scale_inv``)."""
+    bn, bk = int(block[0]), int(block[1])
+    k, n = a.shape[1], b.shape[0]
+    check_fp8_gemm(a, a_scale, b, b_scale, -(-k // bk), (-(-n // bn), -(-k // bk)))
+    use_triton, interpret = _route(a.device)
+    if not use_triton:
+        return reference.fp8_block_gemm(a, a_scale, b, b_scale, (bn, bk), out_dtype)
+    if bk not in (32, 64, 128, 256):
+        raise ValueError(f"the Triton block-FP8 GEMM needs a K block of 32, 64, 128 or 256, got {bk}")
+    return triton_impl(interpret).fp8.fp8_block_gemm_triton(a, a_scale, b, b_scale, (bn, bk), out_dtype)

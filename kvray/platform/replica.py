@@ -195,9 +195,12 @@ class LLMReplica:
     async def model_info(self) -> dict:
         """What the Router needs before it can tokenize: the tokenizer itself and the limits."""
         tok = self.engine.tokenizer
+        stats = self.engine.stats()
         return {"tokenizer": tok, "max_model_len": self.engine.max_model_len,
                 "block_size": self.engine.block_size, "model": self.engine.model_name,
-                "vocab_size": self.engine.vocab_size,
+                "vocab_size": self.engine.vocab_size, "quantization": self.engine.quantization,
+                "kv_cache_dtype": self.engine.kv_cache_dtype,
+                "kv_cache_tokens": stats.num_total_blocks * stats.block_size,
                 "replica_id": self._replica_id}
 
     # ---- requests ------------------------------------------------------------------------------

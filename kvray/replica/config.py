@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 _POLICIES = ("fcfs", "deadline")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 
 @dataclass
@@ -24,6 +25,11 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"
     attention_backend: str | None = None  # None: automatic; "reference" forces plain torch
     cpu_kv_cache_gib: float = 1.0  # KV budget when running on the CPU
+    # "fp8": quantize an unquantized checkpoint's linear layers to FP8 on load (per-channel weight
+    # scales, dynamic per-token activations). FP8 checkpoints load as FP8 whatever this says.
+    quantization: str | None = None
+    # "fp8" (= "fp8_e4m3"): the KV cache in e4m3, half the bytes of bf16, so twice the tokens.
+    kv_cache_dtype: str = "auto"
     # One-step lookahead: schedule and launch step N+1 while the GPU runs step N (its decode input
     # ids gathered on the device from step N's sampled tokens), then read back and apply step N.
     # Hides the host's scheduling, input building and stop checks behind the GPU; output is
@@ -65,3 +71,11 @@ class EngineConfig:
             raise bad("attention_backend", "must be null, 'reference' or 'triton'")
         if self.cpu_kv_cache_gib <= 0:
             raise bad("cpu_kv_cache_gib", "must be > 0")
+        if self.quantization not in (None, "fp8"):
+            raise bad("quantization", "must be null or 'fp8'")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise bad("kv_cache_dtype", f"must be one of {', '.join(KV_CACHE_DTYPES)}")
+
+    @property
+    def fp8_kv_cache(self) -> bool:
+        return self.kv_cache_dtype.startswith("fp8")

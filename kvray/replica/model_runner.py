@@ -8,7 +8,7 @@ import torch
 
 from kvray.replica.config import EngineConfig
 from kvray.replica.forward_context import ForwardContext, forward_context
-from kvray.replica.models.loader import load_model
+from kvray.replica.models.loader import checkpoint_quantization, load_model
 from kvray.replica.sampler import Sampler, SampleResult
 from kvray.replica.sequence import Sequence
 from kvray.replica.step_inputs import StepInputBuilder
@@ -26,6 +26,30 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper: FP8 tensor cores
+
+
+def fp8_support_error(needs: list[str], capability: tuple[int, int], device_name: str) -> str | None:
+    """Why this GPU cannot run what ``needs`` FP8 (None if it can or nothing does)."""
+    if not needs or tuple(capability) >= FP8_MIN_CAPABILITY:
+        return None
+    return (f"{' and '.join(needs)} needs a GPU with FP8 support (compute capability >= 8.9: Ada, Hopper or "
+            f"newer); {device_name} has compute capability {capability[0]}.{capability[1]}")
+
+
+def check_fp8_device(config: EngineConfig, model_path, device: torch.device) -> None:
+    """A clear error at startup when FP8 is asked for on a CUDA GPU without it (the CPU runs the
+    reference path)."""
+    if device.type != "cuda":
+        return
+    quant = checkpoint_quantization(model_path, config.quantization)
+    needs = ([f"quantization ({quant.describe()})"] if quant is not None else []) + (
+        [f"kv_cache_dtype={config.kv_cache_dtype}"] if config.fp8_kv_cache else [])
+    error = fp8_support_error(needs, torch.cuda.get_device_capability(device), torch.cuda.get_device_name(device))
+    if error:
+        raise ValueError(error)
+
+
 class ModelRunner:
     """Owns the model, its paged KV cache and the sampler."""
 
@@ -33,8 +57,10 @@ class ModelRunner:
         self.config = config
         self.device = device
         self.dtype = dtype
+        self.kv_dtype = torch.float8_e4m3fn if config.fp8_kv_cache else dtype
         self.block_size = config.block_size
-        self.model, self.hf_config = load_model(model_path, dtype, device)
+        check_fp8_device(config, model_path, device)
+        self.model, self.hf_config = load_model(model_path, dtype, device, config.quantization)
         self.model.eval()
         self.model.fuse_projections()
         self.layers = self.model.attention_layers()
@@ -45,18 +71,35 @@ class ModelRunner:
     # ---- KV cache --------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
         per_layer = sum(2 * self.block_size * a.num_kv_heads * a.head_dim for a in self.layers)
-        return per_layer * torch.tensor([], dtype=self.dtype).element_size()
+        return per_layer * torch.tensor([], dtype=self.kv_dtype).element_size()
+
+    @property
+    def quantization_name(self) -> str | None:
+        """How the linear layers are stored, in words (None: unquantized)."""
+        quant = self.model.quantization
+        return quant.describe() if quant is not None else None
+
+    @property
+    def kv_cache_dtype_name(self) -> str:
+        return str(self.kv_dtype).removeprefix("torch.")
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        """The paged cache of every layer. An FP8 cache gets per-KV-head scales of 1.0 (no checkpoint
+        carries calibrated ones; e4m3 keeps ~2 significant digits from 2^-9 to 448, which K/V of
+        normed activations stay within)."""
         a0 = self.layers[0]
         shape = (len(self.layers), 2, num_blocks, self.block_size, a0.num_kv_heads, a0.head_dim)
-        self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.empty(shape, dtype=self.kv_dtype, device=self.device)
         for i, attn in enumerate(self.layers):
             attn.k_cache = self.kv_cache[i, 0]
             attn.v_cache = self.kv_cache[i, 1]
+            if self.config.fp8_kv_cache:
+                attn.k_scale = torch.ones(attn.num_kv_heads, dtype=torch.float32, device=self.device)
+                attn.v_scale = torch.ones(attn.num_kv_heads, dtype=torch.float32, device=self.device)
         self.num_blocks = num_blocks
-        logger.info("KV cache: %d blocks of %d tokens = %d tokens, %.2f GiB", num_blocks, self.block_size,
-                    num_blocks * self.block_size, self.kv_cache.numel() * self.kv_cache.element_size() / 2**30)
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens, %s, %.2f GiB", num_blocks, self.block_size,
+                    num_blocks * self.block_size, self.kv_cache_dtype_name,
+                    self.kv_cache.numel() * self.kv_cache.element_size() / 2**30)
 
     def profile_num_blocks(self, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int) -> int:
         """How many KV blocks fit: CPU by a fixed budget, CUDA by measuring the peak of a full step."""

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 
 from kvray.replica.models.decoder import MODEL_REGISTRY, MODEL_TYPE_TO_ARCH, DecoderForCausalLM
+from kvray.replica.models.linear import Linear, linear_method_scope
+from kvray.replica.models.quantization import QuantConfig, default_weight_loader, quant_config
 
 PRESET_PREFIX = "kvray:"
 SINGLE_FILE = "model.safetensors"
@@ -168,17 +170,12 @@ def _fmt(names) -> str:
     return shown + (f" (and {len(names) - 8} more)" if len(names) > 8 else "")
 
 
-def _copy(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
-    if tuple(tensor.shape) != tuple(param.shape):
-        raise ValueError(f"shape mismatch for tensor {name!r}: checkpoint has {list(tensor.shape)}, "
-                         f"the model (from config.json) expects {list(param.shape)}")
-    param.copy_(tensor)
-
-
 @torch.no_grad()
 def load_weights(model: DecoderForCausalLM, path: Path) -> None:
-    """Copy every checkpoint tensor into the parameter of the same name, converting dtype.
-    Every parameter must be filled exactly once; extra tensors are an error."""
+    """Hand every checkpoint tensor to the weight loader of the parameter of the same name (by
+    default: copy, converting dtype). Every parameter must be filled exactly once, except those its
+    linear method computes itself (``from_checkpoint`` false); extra tensors are an error. Then each
+    linear layer's method prepares its loaded parameters."""
     params = dict(model.named_parameters())  # tied lm_head.weight is deduplicated away
     tied = getattr(model, "tie_word_embeddings", False)
     loaded: set[str] = set()
@@ -194,29 +191,54 @@ def load_weights(model: DecoderForCausalLM, path: Path) -> None:
         if param is None:
             unexpected.append(name)
             continue
-        _copy(param, tensor, name)
+        getattr(param, "weight_loader", default_weight_loader)(param, tensor, name)
         loaded.add(name)
     embed = "model.embed_tokens.weight"
     if tied_head is not None and embed not in loaded and embed in params:
-        _copy(params[embed], tied_head, "lm_head.weight")
+        default_weight_loader(params[embed], tied_head, "lm_head.weight")
         loaded.add(embed)
     if unexpected:
         raise ValueError(f"unexpected tensor(s) in checkpoint {str(path)!r}: {_fmt(unexpected)}")
-    missing = set(params) - loaded
+    missing = {n for n, p in params.items() if getattr(p, "from_checkpoint", True)} - loaded
     if missing:
         raise ValueError(f"checkpoint {str(path)!r} is missing tensor(s): {_fmt(missing)}")
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.method.process_after_loading(module)
 
 
-def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32, device="cpu"):
+def build_model(cls: type[DecoderForCausalLM], hf_config, dtype: torch.dtype, device,
+                quant: QuantConfig | None) -> DecoderForCausalLM:
+    """The model with uninitialised parameters, each linear layer made by its quantization method."""
+    with linear_method_scope(quant.method if quant is not None else None):
+        model = cls(hf_config, dtype=dtype, device=device)
+    if quant is not None:
+        for name, module in model.named_modules():
+            if isinstance(module, Linear) and module.method != quant.method_for(name):
+                module.set_method(quant.method_for(name))
+    return model
+
+
+def checkpoint_quantization(path: str | os.PathLike, quantization: str | None = None) -> QuantConfig | None:
+    """How the checkpoint's linear layers are stored (or are to be quantized on load); None: not at all."""
+    return quant_config(_read_config_json(resolve_model(path)), quantization)
+
+
+def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32, device="cpu",
+               quantization: str | None = None):
     """Build the model for ``path``'s config on ``device`` in ``dtype`` (a torch dtype, a name,
     or "auto", see :func:`resolve_dtype`) and load its weights. ``path`` may be anything
-    :func:`resolve_model` accepts. Returns ``(model, hf_config)``; eval mode, gradients off."""
+    :func:`resolve_model` accepts. FP8 checkpoints load as such (see ``quantization.config``);
+    ``quantization="fp8"`` quantizes an unquantized one on load. Returns ``(model, hf_config)``;
+    eval mode, gradients off."""
     path = resolve_model(path)
     hf_config = load_config(path)
     dtype = resolve_dtype(dtype, hf_config, device)
     cls = model_class(hf_config)
+    quant = checkpoint_quantization(path, quantization)
     weight_files(path)  # fail on missing weights before allocating anything
-    model = cls(hf_config, dtype=dtype, device=torch.device(device))
+    model = build_model(cls, hf_config, dtype, torch.device(device), quant)
+    model.quantization = quant
     load_weights(model, path)
     model.eval().requires_grad_(False)
     return model, hf_config

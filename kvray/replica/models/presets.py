@@ -16,6 +16,7 @@ directory and renames it into place, so racing processes are safe.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from kvray.replica.models import fp8_checkpoint
 from kvray.replica.models.bpe import LLAMA3_TOKENIZER, QWEN_TOKENIZER, TokenizerSpec, write_tokenizer
 
 GENERATOR_VERSION = 1  # bump when the weight-generation code changes
@@ -41,6 +43,7 @@ class Preset:
     tokenizer: TokenizerSpec
     max_shard_size: int | None = None   # bytes; None writes a single model.safetensors
     seed: int = 0
+    quant: str | None = None      # an FP8 checkpoint format of kvray.replica.models.fp8_checkpoint
 
     @property
     def dtype(self) -> torch.dtype:
@@ -48,8 +51,8 @@ class Preset:
 
     def version(self) -> str:
         blob = json.dumps({"generator": GENERATOR_VERSION, "config": self.config, "seed": self.seed,
-                           "max_shard_size": self.max_shard_size, "tokenizer": self.tokenizer.fingerprint()},
-                          sort_keys=True)
+                           "max_shard_size": self.max_shard_size, "tokenizer": self.tokenizer.fingerprint(),
+                           **({"quant": self.quant} if self.quant else {})}, sort_keys=True)
         return f"v{GENERATOR_VERSION}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
@@ -99,6 +102,29 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
            LLAMA3_TOKENIZER, max_shard_size=1_000_000_000, seed=5),
 ]}
 
+# ---- the 8B reference model and FP8 variants (issue 26) -------------------------------------------
+# ``<base>-fp8-block`` / ``<base>-fp8-dynamic``: the base preset's weights (same seed, same names, so
+# the same values), linear layers written in the Hugging Face block-FP8 / compressed-tensors
+# FP8-dynamic format (kvray.replica.models.fp8_checkpoint).
+_LLAMA_31_8B = Preset(
+    "llama-3.1-8b", "Llama-3.1-8B shapes (32 layers, hidden 4096, GQA 32/8, vocab 128256, untied), bf16, random "
+    "weights", {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+                "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "max_position_embeddings": 131072,
+                "rms_norm_eps": 1e-5, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+                "attention_dropout": 0.0, "rope_theta": 500000.0,
+                "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 8192},
+                "tie_word_embeddings": False, "initializer_range": 0.02, "pretraining_tp": 1,
+                "torch_dtype": "bfloat16", "use_cache": True},
+    LLAMA3_TOKENIZER, max_shard_size=1_000_000_000, seed=6)
+PRESETS[_LLAMA_31_8B.name] = _LLAMA_31_8B
+for _base, _fmt in [("tiny-llama", "fp8-block"), ("tiny-llama", "fp8-dynamic"), ("tiny-qwen3", "fp8-block"),
+                    ("tiny-qwen3", "fp8-dynamic"), ("llama-3.1-8b", "fp8-block"), ("llama-3.1-8b", "fp8-dynamic")]:
+    _b = PRESETS[_base]
+    PRESETS[f"{_base}-{_fmt}"] = dataclasses.replace(
+        _b, name=f"{_base}-{_fmt}", description=f"{_base} in {_fmt} ({fp8_checkpoint.describe(_fmt)})", quant=_fmt)
+
 
 def get_preset(name: str) -> Preset:
     name = name.removeprefix("kvray:")
@@ -125,7 +151,8 @@ def token_ids(preset: Preset) -> dict:
 
 def config_dict(preset: Preset) -> dict:
     # a deep copy: transformers edits nested dicts (rope_scaling) of the kwargs it is given
-    return copy.deepcopy(dict(sorted({**preset.config, **token_ids(preset)["config"]}.items())))
+    quant = {"quantization_config": fp8_checkpoint.quantization_config(preset.quant)} if preset.quant else {}
+    return copy.deepcopy(dict(sorted({**preset.config, **token_ids(preset)["config"], **quant}.items())))
 
 
 def hf_config(preset: Preset | str):
@@ -143,7 +170,7 @@ def parameter_shapes(preset: Preset | str) -> dict[str, tuple[int, ...]]:
     transformers' save_pretrained does."""
     from kvray.replica.models.decoder import MODEL_REGISTRY
     preset = get_preset(preset) if isinstance(preset, str) else preset
-    cfg = types.SimpleNamespace(**config_dict(preset))
+    cfg = types.SimpleNamespace(**preset.config)
     model = MODEL_REGISTRY[cfg.architectures[0]](cfg, dtype=preset.dtype, device=torch.device("meta"))
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
@@ -186,31 +213,34 @@ def _plan_shards(preset: Preset, shapes: dict[str, tuple[int, ...]]) -> list[lis
     return shards
 
 
-def _generate(preset: Preset, names: list[str], shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    # one generator per tensor, so threads (torch releases the GIL) cannot change the values
-    workers = max(1, min(8, os.cpu_count() or 1))
-    with ThreadPoolExecutor(workers) as pool:
-        values = list(pool.map(lambda n: make_tensor(preset, n, shapes[n]), names))
-    return dict(zip(names, values))
-
-
 def _write_weights(preset: Preset, out_dir: Path) -> None:
+    """Every tensor drawn in parallel (largest first: each has its own generator, so the largest
+    bounds the time), each shard written as soon as its tensors are drawn, shards in parallel."""
     from safetensors.torch import save_file
     shapes = parameter_shapes(preset)
     shards = _plan_shards(preset, shapes)
-    if len(shards) == 1:
-        save_file(_generate(preset, shards[0], shapes), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map, total = {}, 0
-    for i, names in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = _generate(preset, names, shapes)
-        save_file(tensors, str(out_dir / file), metadata={"format": "pt"})
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        weight_map.update({name: file for name in names})
-        del tensors
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    _write_json(out_dir / "model.safetensors.index.json", index)
+    files = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    linear = fp8_checkpoint.linear_weight_names(preset.config) if preset.quant else set()
+
+    def write(i: int) -> dict[str, tuple[str, int]]:
+        tensors = {n: futures[n].result() for n in shards[i]}
+        if preset.quant:
+            tensors = fp8_checkpoint.quantize_tensors(preset.quant, tensors, linear)
+        save_file(tensors, str(out_dir / files[i]), metadata={"format": "pt"})
+        for n in shards[i]:
+            del futures[n]  # drawn and written: free it
+        return {n: (files[i], t.numel() * t.element_size()) for n, t in tensors.items()}
+
+    workers = max(1, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool, ThreadPoolExecutor(min(len(shards), workers)) as writers:
+        order = sorted(shapes, key=lambda n: -torch.Size(shapes[n]).numel())
+        futures = {n: pool.submit(make_tensor, preset, n, shapes[n]) for n in order}
+        written = {k: v for part in writers.map(write, range(len(shards))) for k, v in part.items()}
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(size for _, size in written.values())},
+                 "weight_map": {n: f for n, (f, _) in sorted(written.items())}}
+        _write_json(out_dir / "model.safetensors.index.json", index)
 
 
 def _write_json(path: Path, obj) -> None:
