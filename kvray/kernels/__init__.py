@@ -25,8 +25,9 @@ import torch
 from kvray.kernels import reference
 from kvray.kernels._checks import check_paged_attention, check_write_kv_cache
 
-__all__ = ["paged_attention", "write_kv_cache", "rms_norm", "qk_norm_rope", "silu_and_mul",
-           "set_attention_backend", "get_attention_backend", "reference", "triton_impl", "compiled_variants"]
+__all__ = ["paged_attention", "write_kv_cache", "rms_norm", "qk_norm_rope", "silu_and_mul", "fused_moe",
+           "fused_experts", "moe_route", "set_attention_backend", "get_attention_backend", "reference", "triton_impl",
+           "compiled_variants"]
 
 BACKENDS = ("auto", "triton", "reference")
 ENV_BACKEND = "KVRAY_ATTENTION_BACKEND"
@@ -89,7 +90,8 @@ def triton_impl(interpret: bool = False) -> types.SimpleNamespace:
         try:
             impl = types.SimpleNamespace(attention=_load("triton_attention", interpret),
                                          cache=_load("triton_cache", interpret),
-                                         fused=_load("triton_fused", interpret))
+                                         fused=_load("triton_fused", interpret),
+                                         moe=_load("triton_moe", interpret))
         finally:
             if prev is None:
                 os.environ.pop("TRITON_INTERPRET", None)
@@ -108,7 +110,7 @@ def compiled_variants() -> int:
     if impl is None:
         return 0
     n = 0
-    for mod in (impl.attention, impl.cache, impl.fused):
+    for mod in (impl.attention, impl.cache, impl.fused, impl.moe):
         for obj in vars(mod).values():
             for cache in (getattr(obj, "device_caches", None) or {}).values():
                 n += len(cache[0])
@@ -179,3 +181,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if not use_triton:
         return reference.silu_and_mul(x)
     return triton_impl(interpret).fused.silu_and_mul_triton(x)
+
+
+# the MoE entry points (their dispatch and tile choice live in kvray.kernels.moe)
+from kvray.kernels.moe import fused_experts, fused_moe, moe_route  # noqa: E402

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from kvray.cli import main as cli_main
 from kvray.replica.models import bpe, load_config, load_model, load_tokenizer, presets, resolve_model
-from kvray.replica.models.decoder import MODEL_REGISTRY
+from kvray.replica.models.registry import MODEL_REGISTRY
 
 
 def _tensors(d: Path) -> dict[str, torch.Tensor]:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from kvray.replica.models.decoder import MODEL_REGISTRY, MODEL_TYPE_TO_ARCH, DecoderForCausalLM
+from kvray.replica.models.decoder import DecoderForCausalLM
+from kvray.replica.models.registry import MODEL_REGISTRY, MODEL_TYPE_TO_ARCH
 
 PRESET_PREFIX = "kvray:"
 SINGLE_FILE = "model.safetensors"
@@ -177,9 +178,11 @@ def _copy(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
 
 @torch.no_grad()
 def load_weights(model: DecoderForCausalLM, path: Path) -> None:
-    """Copy every checkpoint tensor into the parameter of the same name, converting dtype.
-    Every parameter must be filled exactly once; extra tensors are an error."""
+    """Copy every checkpoint tensor to where the model's ``checkpoint_layout`` puts it (the
+    parameter of the same name, or a slice of a stacked one), converting dtype. Every tensor of the
+    layout must be present exactly once; extra tensors are an error."""
     params = dict(model.named_parameters())  # tied lm_head.weight is deduplicated away
+    layout = model.checkpoint_layout()
     tied = getattr(model, "tie_word_embeddings", False)
     loaded: set[str] = set()
     unexpected: list[str] = []
@@ -190,19 +193,20 @@ def load_weights(model: DecoderForCausalLM, path: Path) -> None:
         if tied and name == "lm_head.weight":
             tied_head = tensor  # redundant copy of embed_tokens; used only if that is absent
             continue
-        param = params.get(name)
-        if param is None:
+        slot = layout.get(name)
+        if slot is None:
             unexpected.append(name)
             continue
-        _copy(param, tensor, name)
+        param = params[slot.param]
+        _copy(param[slot.index] if slot.index else param, tensor, name)
         loaded.add(name)
     embed = "model.embed_tokens.weight"
-    if tied_head is not None and embed not in loaded and embed in params:
+    if tied_head is not None and embed not in loaded and embed in layout:
         _copy(params[embed], tied_head, "lm_head.weight")
         loaded.add(embed)
     if unexpected:
         raise ValueError(f"unexpected tensor(s) in checkpoint {str(path)!r}: {_fmt(unexpected)}")
-    missing = set(params) - loaded
+    missing = set(layout) - loaded
     if missing:
         raise ValueError(f"checkpoint {str(path)!r} is missing tensor(s): {_fmt(missing)}")
 
