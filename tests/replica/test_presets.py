@@ -197,6 +197,7 @@ FULL_SIZE = {
     # name: (architecture, hidden, intermediate, layers, heads, kv heads, head_dim, vocab, tied, theta, max pos, params)
     "qwen3-0.6b": ("Qwen3ForCausalLM", 1024, 3072, 28, 16, 8, 128, 151936, True, 1e6, 40960, 596_049_920),
     "llama-3.2-1b": ("LlamaForCausalLM", 2048, 8192, 16, 32, 8, 64, 128256, True, 500000.0, 131072, 1_235_814_400),
+    "qwen3-30b-a3b": ("Qwen3MoeForCausalLM", 2048, 6144, 48, 32, 4, 128, 151936, False, 1e6, 40960, 30_532_122_624),
 }
 
 
