@@ -1,4 +1,5 @@
-"""Paged-attention and KV-cache kernels, with their dispatch.
+"""Paged-attention and KV-cache kernels, the decoder's fused ops, with their dispatch; the fused
+MoE entry points (``fused_moe``, ``fused_experts``, ``moe_route``) come from ``kvray.kernels.moe``.
 
 * CUDA tensors run the Triton kernels (``triton_attention``, ``triton_cache``).
 * CPU tensors run the plain-torch reference (``kvray.kernels.reference``), unless

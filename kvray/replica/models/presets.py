@@ -2,8 +2,10 @@
 layout (config.json, generation_config.json, model.safetensors or shards plus
 model.safetensors.index.json, and a real BPE tokenizer with a chat template).
 
-Weights: the tensor names and shapes are those of the model for the config (built on the meta
-device, so nothing is allocated; they equal transformers' names, which the tests check); each tensor is drawn from a
+Weights: the tensor names and shapes are those of the model's checkpoint layout for the config
+(built on the meta device, so nothing is allocated: the parameters themselves, or one tensor per
+expert and projection for MoE models, as save_pretrained writes them; tests check that transformers
+loads them); each tensor is drawn from a
 ``torch.Generator`` seeded from the preset seed and the tensor's name, straight in the preset's
 dtype, one tensor at a time. Matrices are N(0, 0.02²); RMSNorm weights 1 + 0.1·N(0, 1), so a loader
 that ignored them would be caught; biases 0.1·N(0, 1).
