@@ -91,10 +91,10 @@ def _check(hidden, w13, w2, second, top_k, second_name: str) -> None:
         raise TypeError(f"hidden, w13 and w2 must share one float dtype, got {hidden.dtype}, {w13.dtype}, {w2.dtype}")
     if hidden.stride(-1) != 1 or not (w13.is_contiguous() and w2.is_contiguous()):
         raise ValueError("hidden rows and the expert weights w13 / w2 must be contiguous")
-    if not 1 <= int(top_k) <= E:
-        raise ValueError(f"top_k must be in [1, {E}] (the number of experts), got {top_k}")
     if second.dim() != 2 or second.shape[0] != hidden.shape[0]:
         raise ValueError(f"{second_name} must be [T, ...] with T = {hidden.shape[0]}, got {tuple(second.shape)}")
+    if not 1 <= int(top_k) <= E:
+        raise ValueError(f"top_k must be in [1, {E}] (the number of experts), got {top_k}")
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -138,7 +138,7 @@ def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
     """:func:`fused_moe` with precomputed routing: topk_weights float32 [T, k], topk_ids int32
     [T, k] in [0, E) (ids out of range are an error on the reference path and contribute garbage,
     never an out-of-bounds write, on the Triton path, which cannot check them without a sync)."""
-    _check(hidden, w13, w2, topk_ids, topk_ids.shape[-1] if topk_ids.dim() == 2 else 0, "topk_ids")
+    _check(hidden, w13, w2, topk_ids, topk_ids.shape[-1] if topk_ids.dim() == 2 else 1, "topk_ids")
     if topk_weights.shape != topk_ids.shape or topk_ids.dtype != torch.int32 or topk_weights.dtype != torch.float32:
         raise TypeError(f"topk_weights must be float32 and topk_ids int32, both [T, k]; got {topk_weights.dtype} "
                         f"{tuple(topk_weights.shape)} and {topk_ids.dtype} {tuple(topk_ids.shape)}")

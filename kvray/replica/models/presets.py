@@ -256,8 +256,13 @@ def _write_weights(preset: Preset, out_dir: Path) -> None:
         save_file(tensors, str(out_dir / files[i]), metadata={"format": "pt"})
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
-    with ThreadPoolExecutor(parallel) as pool:
-        total = sum(pool.map(write, range(len(shards))))
+    intra_op = torch.get_num_threads()
+    torch.set_num_threads(1 if parallel > 1 else intra_op)  # the shards are the parallelism: no oversubscription
+    try:
+        with ThreadPoolExecutor(parallel) as pool:
+            total = sum(pool.map(write, range(len(shards))))
+    finally:
+        torch.set_num_threads(intra_op)
     weight_map = {name: files[i] for i, names in enumerate(shards) for name in names}
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     _write_json(out_dir / "model.safetensors.index.json", index)
