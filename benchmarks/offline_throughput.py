@@ -8,7 +8,9 @@ batches (left padding; batch 64 for A, 256 for B; only the requested output toke
 transformers continuous batching `generate_batch`.
 Floor: max(bytes / copy bandwidth, FLOPs / matmul rate), bytes = weights once per decode step
 (steps = the longest output) + every K/V byte read by every generated token; both ceilings are
-measured in this run.
+measured in this run. MoE models (docs/moe.md): a decode step reads the dense weights and the
+experts its batch routes to (expected distinct experts for B tokens, k of E each), and FLOPs count
+the active parameters (k experts a token), see decode_weights.
 
   python benchmarks/offline_throughput.py [--presets qwen3-0.6b:AB,llama-3.2-1b:B] [--hf-subset 64] [--sync-scheduling]
 kvray runs with async (one-step-lookahead) scheduling, the engine default; --sync-scheduling turns it off.
@@ -17,6 +19,7 @@ Appends a markdown table to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import bisect
 import datetime
 import gc
 import json
@@ -37,6 +40,7 @@ sys.path[:] = [str(_ROOT)] + [p for p in sys.path if os.path.abspath(p or ".") !
 
 from kvray import LLM, SamplingParams  # noqa: E402
 from kvray.replica.models.loader import resolve_model  # noqa: E402
+from kvray.replica.models.moe import moe_spec  # noqa: E402
 
 
 def workload(name: str, vocab: int):
@@ -68,12 +72,32 @@ def measure_ceilings() -> tuple[float, float]:
     a = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
     b = torch.empty_like(a)
     copy_bw = 2 * n / cuda_time(lambda: b.copy_(a), reps=10)
-    del a, b
+    a = b = None  # free them (a del here reads as undefined names in the lambda to linters)
     m = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     mm_rate = 2 * 8192 ** 3 / cuda_time(lambda: m @ m, reps=10)
-    del m
+    m = None
     torch.cuda.empty_cache()
     return copy_bw, mm_rate
+
+
+def decode_weights(cfg, outs, weight_bytes, num_params=None) -> tuple[float, float]:
+    """(weight bytes read by all decode steps, parameters each token computes with). Every request
+    decodes from the first step, so step s has batch B_s = #{o > s}. A dense model reads all its
+    weights each step; an MoE model reads its dense part and, per sparse layer, the experts the
+    batch routes to: E * (1 - (1 - k/E)^B_s) in expectation for uniform routing (random weights
+    route about uniformly), and a token computes with its k experts only (bf16: 2 bytes a parameter).
+    ``num_params``: a dense model's parameter count where its bytes are not 2 a parameter (FP8)."""
+    steps = max(outs)
+    spec = moe_spec(cfg)
+    if spec is None:
+        return weight_bytes * steps, (num_params if num_params is not None else weight_bytes / 2)
+    expert_bytes = 2 * spec.params_per_expert(cfg.hidden_size)
+    sparse = len(spec.sparse_layers)
+    dense_bytes = weight_bytes - sparse * spec.num_experts * expert_bytes
+    done = sorted(outs)
+    total = sum(dense_bytes + sparse * expert_bytes * spec.expected_active_experts(len(done) - bisect.bisect_right(done, s))
+                for s in range(steps))
+    return total, (dense_bytes + sparse * spec.top_k * expert_bytes) / 2
 
 
 def floor_tok_s(cfg, prompts, outs, copy_bw, mm_rate, weight_bytes, num_params=None, kv_elem_bytes=2) -> dict:
@@ -85,9 +109,8 @@ def floor_tok_s(cfg, prompts, outs, copy_bw, mm_rate, weight_bytes, num_params=N
     heads = cfg.num_attention_heads
     kv_per_token = 2 * layers * kvh * hd * kv_elem_bytes
     kv_reads = sum(o * len(p) + o * (o + 1) // 2 for p, o in zip(prompts, outs))  # context tokens read per decode
-    steps = max(outs)
-    bytes_total = weight_bytes * steps + kv_reads * kv_per_token
-    params = num_params if num_params is not None else weight_bytes / 2
+    weight_reads, params = decode_weights(cfg, outs, weight_bytes, num_params)
+    bytes_total = weight_reads + kv_reads * kv_per_token
     tokens = sum(len(p) + o for p, o in zip(prompts, outs))
     attn_flops = 4 * layers * heads * hd * (kv_reads + sum(len(p) ** 2 // 2 for p in prompts))
     flops = 2 * params * tokens + attn_flops

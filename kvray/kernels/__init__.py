@@ -1,4 +1,5 @@
-"""Paged-attention, KV-cache, fused decoder and FP8 GEMM kernels, with their dispatch.
+"""Paged-attention, KV-cache and fused decoder kernels, with their dispatch; the FP8 GEMM entry
+points come from ``kvray.kernels.fp8`` and the fused MoE ones from ``kvray.kernels.moe``.
 
 * CUDA tensors run the Triton kernels (``triton_attention``, ``triton_cache``, ``triton_fused``,
   ``triton_fp8``; per-channel FP8 GEMMs run ``torch._scaled_mm``, cuBLASLt).
@@ -24,11 +25,11 @@ import types
 import torch
 
 from kvray.kernels import reference
-from kvray.kernels._checks import check_fp8_gemm, check_kv_scales, check_paged_attention, check_write_kv_cache
+from kvray.kernels._checks import check_kv_scales, check_paged_attention, check_write_kv_cache
 
 __all__ = ["paged_attention", "write_kv_cache", "rms_norm", "qk_norm_rope", "silu_and_mul", "quant_fp8",
-           "fp8_scaled_mm", "fp8_block_gemm", "set_attention_backend", "get_attention_backend", "reference",
-           "triton_impl", "compiled_variants"]
+           "fp8_scaled_mm", "fp8_block_gemm", "fused_moe", "fused_experts", "moe_route", "set_attention_backend",
+           "get_attention_backend", "reference", "triton_impl", "compiled_variants"]
 
 BACKENDS = ("auto", "triton", "reference")
 ENV_BACKEND = "KVRAY_ATTENTION_BACKEND"
@@ -92,7 +93,8 @@ def triton_impl(interpret: bool = False) -> types.SimpleNamespace:
             fp8 = _load("triton_fp8", interpret)  # before triton_cache, which calls its e4m3 rounding
             impl = types.SimpleNamespace(attention=_load("triton_attention", interpret),
                                          cache=_load("triton_cache", interpret),
-                                         fused=_load("triton_fused", interpret), fp8=fp8)
+                                         fused=_load("triton_fused", interpret), fp8=fp8,
+                                         moe=_load("triton_moe", interpret))
         finally:
             if prev is None:
                 os.environ.pop("TRITON_INTERPRET", None)
@@ -111,7 +113,7 @@ def compiled_variants() -> int:
     if impl is None:
         return 0
     n = 0
-    for mod in (impl.attention, impl.cache, impl.fused, impl.fp8):
+    for mod in (impl.attention, impl.cache, impl.fused, impl.fp8, impl.moe):
         for obj in vars(mod).values():
             for cache in (getattr(obj, "device_caches", None) or {}).values():
                 n += len(cache[0])
@@ -190,46 +192,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return triton_impl(interpret).fused.silu_and_mul_triton(x)
 
 
-# ---- FP8 GEMMs (same routing) ------------------------------------------------------------------
-
-def quant_fp8(x: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic e4m3 quantization of x [M, K] (row-major): (x_fp8, scale [M, G] float32), one scale
-    per row (``group_size=None``) or per ``group_size`` elements of a row; ``scale = amax / 448``."""
-    if x.dim() != 2 or not x.is_floating_point() or x.stride(1) != 1:
-        raise ValueError(f"quant_fp8 takes a row-major float [M, K] tensor, got {x.dtype} {tuple(x.shape)}")
-    use_triton, interpret = _route(x.device)
-    if not use_triton:
-        return reference.quant_fp8(x, group_size)
-    return triton_impl(interpret).fp8.quant_fp8_triton(x, group_size)
-
-
-def fp8_scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
-                  out_dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``(a * a_scale) @ (b * b_scale)^T (+ bias)``: a [M, K] e4m3 with per-row a_scale [M, 1], b
-    [N, K] e4m3 (a weight as stored) with per-row b_scale [N] float32. On CUDA: cuBLASLt through
-    ``torch._scaled_mm`` (row-wise scales, bfloat16 product; K and N multiples of 16, else the
-    reference), elsewhere the reference."""
-    check_fp8_gemm(a, a_scale, b, b_scale.view(-1, 1), 1, (b.shape[0], 1))
-    if a.device.type != "cuda" or get_attention_backend() == "reference" or a.shape[1] % 16 or b.shape[0] % 16:
-        return reference.fp8_scaled_mm(a, a_scale, b, b_scale, out_dtype, bias)
-    # cuBLASLt's row-wise scaling writes bfloat16 only
-    out = torch._scaled_mm(a, b.t(), scale_a=a_scale, scale_b=b_scale.view(1, -1), out_dtype=torch.bfloat16)
-    if bias is not None:
-        out = out.add_(bias) if bias.dtype == torch.bfloat16 else out.float().add_(bias)
-    return out.to(out_dtype)
-
-
-def fp8_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
-                   block: tuple[int, int], out_dtype: torch.dtype) -> torch.Tensor:
-    """``(a * a_scale) @ (b * b_scale)^T``: a [M, K] e4m3 with a_scale [M, cdiv(K, block[1])], b
-    [N, K] e4m3 with one scale per ``block`` = (rows, columns) tile, b_scale [cdiv(N, block[0]),
-    cdiv(K, block[1])] float32 (the layout of block-quantized checkpoints' ``weight_scale_inv``)."""
-    bn, bk = int(block[0]), int(block[1])
-    k, n = a.shape[1], b.shape[0]
-    check_fp8_gemm(a, a_scale, b, b_scale, -(-k // bk), (-(-n // bn), -(-k // bk)))
-    use_triton, interpret = _route(a.device)
-    if not use_triton:
-        return reference.fp8_block_gemm(a, a_scale, b, b_scale, (bn, bk), out_dtype)
-    if bk not in (32, 64, 128, 256):
-        raise ValueError(f"the Triton block-FP8 GEMM needs a K block of 32, 64, 128 or 256, got {bk}")
-    return triton_impl(interpret).fp8.fp8_block_gemm_triton(a, a_scale, b, b_scale, (bn, bk), out_dtype)
+# the FP8 GEMM and MoE entry points (their dispatch lives in kvray.kernels.fp8 and kvray.kernels.moe)
+from kvray.kernels.fp8 import fp8_block_gemm, fp8_scaled_mm, quant_fp8  # noqa: E402
+from kvray.kernels.moe import fused_experts, fused_moe, moe_route  # noqa: E402

@@ -168,3 +168,39 @@ def fp8_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sc
     a_deq = a.float() * expand_block_scale(a_scale, m, k, (1, block[1]))
     b_deq = b.float() * expand_block_scale(b_scale, n, k, block)
     return (a_deq @ b_deq.t()).to(out_dtype)
+# ---- mixture of experts (see kvray.kernels.triton_moe) -----------------------------------------
+
+def moe_route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k routing of router_logits [T, E]: softmax over all E in float32, the k largest
+    probabilities (largest first), divided by their sum when ``renormalize`` (which equals a
+    softmax over the k selected logits). Returns (weights float32 [T, k], expert ids int32 [T, k])."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids.to(torch.int32)
+
+
+def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor) -> torch.Tensor:
+    """``out[t] = sum_j topk_weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t))`` with
+    e = topk_ids[t, j]; hidden [T, H], w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I].
+    Matmuls in the activation dtype, the weighting and the sum over the k experts in float32."""
+    num_experts = w13.shape[0]
+    if topk_ids.numel() and not bool(((topk_ids >= 0) & (topk_ids < num_experts)).all()):
+        raise ValueError(f"topk_ids must lie in [0, {num_experts}) (the number of experts in w13)")
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    flat_ids = topk_ids.reshape(-1).long()
+    for e in flat_ids.unique().tolist():
+        token, slot = (topk_ids.long() == e).nonzero(as_tuple=True)
+        act = silu_and_mul(hidden[token] @ w13[e].t())
+        y = (act @ w2[e].t()).float() * topk_weights[token, slot, None].float()
+        out.index_add_(0, token, y)
+    return out.to(hidden.dtype)
+
+
+def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, router_logits: torch.Tensor, top_k: int,
+              renormalize: bool) -> torch.Tensor:
+    """A sparse MoE block's experts: :func:`moe_route`, then :func:`fused_experts`."""
+    weights, ids = moe_route(router_logits, top_k, renormalize)
+    return fused_experts(hidden, w13, w2, weights, ids)

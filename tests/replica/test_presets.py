@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from kvray.cli import main as cli_main
 from kvray.replica.models import bpe, load_config, load_model, load_tokenizer, presets, resolve_model
-from kvray.replica.models.decoder import MODEL_REGISTRY
+from kvray.replica.models.registry import MODEL_REGISTRY
 
 
 def _tensors(d: Path) -> dict[str, torch.Tensor]:
@@ -198,6 +198,7 @@ FULL_SIZE = {
     "qwen3-0.6b": ("Qwen3ForCausalLM", 1024, 3072, 28, 16, 8, 128, 151936, True, 1e6, 40960, 596_049_920),
     "llama-3.2-1b": ("LlamaForCausalLM", 2048, 8192, 16, 32, 8, 64, 128256, True, 500000.0, 131072, 1_235_814_400),
     "llama-3.1-8b": ("LlamaForCausalLM", 4096, 14336, 32, 32, 8, 128, 128256, False, 500000.0, 131072, 8_030_261_248),
+    "qwen3-30b-a3b": ("Qwen3MoeForCausalLM", 2048, 6144, 48, 32, 4, 128, 151936, False, 1e6, 40960, 30_532_122_624),
 }
 LLAMA3_ROPE_FACTOR = {"llama-3.2-1b": 32.0, "llama-3.1-8b": 8.0}
 

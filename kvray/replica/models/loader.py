@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from kvray.replica.models.decoder import MODEL_REGISTRY, MODEL_TYPE_TO_ARCH, DecoderForCausalLM
+from kvray.replica.models.decoder import DecoderForCausalLM
 from kvray.replica.models.linear import Linear, linear_method_scope
 from kvray.replica.models.quantization import QuantConfig, default_weight_loader, quant_config
+from kvray.replica.models.registry import MODEL_REGISTRY, MODEL_TYPE_TO_ARCH
 
 PRESET_PREFIX = "kvray:"
 SINGLE_FILE = "model.safetensors"
@@ -172,11 +173,13 @@ def _fmt(names) -> str:
 
 @torch.no_grad()
 def load_weights(model: DecoderForCausalLM, path: Path) -> None:
-    """Hand every checkpoint tensor to the weight loader of the parameter of the same name (by
-    default: copy, converting dtype). Every parameter must be filled exactly once, except those its
-    linear method computes itself (``from_checkpoint`` false); extra tensors are an error. Then each
-    linear layer's method prepares its loaded parameters."""
+    """Hand every checkpoint tensor to where the model's ``checkpoint_layout`` puts it: the weight
+    loader of the parameter of the same name (by default: copy, converting dtype), or a slice of a
+    stacked parameter (MoE experts). Every tensor of the layout must be present exactly once, except
+    the parameters a linear method computes itself (``from_checkpoint`` false); extra tensors are
+    an error. Then each linear layer's method prepares its loaded parameters."""
     params = dict(model.named_parameters())  # tied lm_head.weight is deduplicated away
+    layout = model.checkpoint_layout()
     tied = getattr(model, "tie_word_embeddings", False)
     loaded: set[str] = set()
     unexpected: list[str] = []
@@ -187,19 +190,23 @@ def load_weights(model: DecoderForCausalLM, path: Path) -> None:
         if tied and name == "lm_head.weight":
             tied_head = tensor  # redundant copy of embed_tokens; used only if that is absent
             continue
-        param = params.get(name)
-        if param is None:
+        slot = layout.get(name)
+        if slot is None:
             unexpected.append(name)
             continue
-        getattr(param, "weight_loader", default_weight_loader)(param, tensor, name)
+        param = params[slot.param]
+        if slot.index:  # a slice of a stacked parameter
+            default_weight_loader(param[slot.index], tensor, name)
+        else:
+            getattr(param, "weight_loader", default_weight_loader)(param, tensor, name)
         loaded.add(name)
     embed = "model.embed_tokens.weight"
-    if tied_head is not None and embed not in loaded and embed in params:
+    if tied_head is not None and embed not in loaded and embed in layout:
         default_weight_loader(params[embed], tied_head, "lm_head.weight")
         loaded.add(embed)
     if unexpected:
         raise ValueError(f"unexpected tensor(s) in checkpoint {str(path)!r}: {_fmt(unexpected)}")
-    missing = {n for n, p in params.items() if getattr(p, "from_checkpoint", True)} - loaded
+    missing = {n for n, slot in layout.items() if getattr(params[slot.param], "from_checkpoint", True)} - loaded
     if missing:
         raise ValueError(f"checkpoint {str(path)!r} is missing tensor(s): {_fmt(missing)}")
     for module in model.modules():
