@@ -52,7 +52,7 @@ def describe(fmt: str) -> str:
 
 def linear_weight_names(config: dict) -> set[str]:
     """Names of the weights the formats quantize, for a config.json dict."""
-    from kvray.replica.models.decoder import MODEL_REGISTRY, MODEL_TYPE_TO_ARCH
+    from kvray.replica.models.registry import MODEL_REGISTRY, MODEL_TYPE_TO_ARCH
     arch = next((a for a in config.get("architectures") or [] if a in MODEL_REGISTRY),
                 MODEL_TYPE_TO_ARCH.get(config.get("model_type")))
     if arch is None:

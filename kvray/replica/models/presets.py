@@ -284,19 +284,20 @@ def _write_weights(preset: Preset, out_dir: Path) -> None:
     files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     parallel = max(1, min(cores, 16, len(shards)))
 
-    def write(i: int) -> int:
+    def write(i: int) -> dict[str, int]:
         tensors = _generate(preset, shards[i], shapes, 1 if parallel > 1 else min(8, cores))
         save_file(tensors, str(out_dir / files[i]), metadata={"format": "pt"})
-        return sum(t.numel() * t.element_size() for t in tensors.values())
+        return {name: t.numel() * t.element_size() for name, t in tensors.items()}  # scales of FP8 presets too
 
     intra_op = torch.get_num_threads()
     torch.set_num_threads(1 if parallel > 1 else intra_op)  # the shards are the parallelism: no oversubscription
     try:
         with ThreadPoolExecutor(parallel) as pool:
-            total = sum(pool.map(write, range(len(shards))))
+            written = list(pool.map(write, range(len(shards))))
     finally:
         torch.set_num_threads(intra_op)
-    weight_map = {name: files[i] for i, names in enumerate(shards) for name in names}
+    weight_map = {name: files[i] for i, sizes in enumerate(written) for name in sizes}
+    total = sum(sum(sizes.values()) for sizes in written)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     _write_json(out_dir / "model.safetensors.index.json", index)
 
