@@ -59,6 +59,7 @@ class Drain:
         self._requests: set = set()
         self._replica_timers: dict[str, asyncio.TimerHandle] = {}
         self._task: asyncio.Task | None = None
+        self._own_timer: asyncio.TimerHandle | None = None
 
     @property
     def draining(self) -> bool:
@@ -70,6 +71,13 @@ class Drain:
         if self.expired:
             raise _error("this server is shutting down and takes no new requests; retry it (another replica of the "
                          "service, or this server once it is back, answers)", "draining")
+
+    def no_replica_error(self) -> APIError | None:
+        """The 503 for a request no policy could place because every replica is being stopped
+        (instead of a 429 that blames the load)."""
+        if self.book is not None and not self.book.replica_ids() and self.book.draining():
+            return _error("the model's replicas are being stopped and none takes new requests; retry it", "draining")
+        return None
 
     def add(self, req) -> None:
         self._requests.add(req)
@@ -87,7 +95,14 @@ class Drain:
         self.since = time.monotonic()
         logger.info("kvray: this Router is being stopped; %d requests running may continue for %.1f s "
                     "(graceful_shutdown_timeout_s)", len(self._requests), self.timeout_s)
-        asyncio.get_running_loop().call_later(self.timeout_s, self._expire)
+        self._own_timer = asyncio.get_running_loop().call_later(self.timeout_s, self._expire)
+
+    def resume(self) -> None:
+        """Serve lists this Router again (it was not being stopped after all): serve as before."""
+        if self.since is not None:
+            logger.warning("kvray: this Router is back in its deployment's replica set; it no longer drains")
+            self._own_timer.cancel()
+            self.since, self.expired = None, False
 
     def _own_error(self) -> APIError:
         return _error(f"the server is shutting down, and this request was still running "
@@ -144,15 +159,17 @@ class Drain:
                            "(%.1f s) after Serve began stopping it", cut, replica_id, self.timeout_s)
 
     def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for t in (self._task, self._own_timer):
+            if t is not None:
+                t.cancel()
         for t in self._replica_timers.values():
             t.cancel()
 
 
-def watch_replica_stop(on_stop: Callable[[], None]):
+def watch_replica_stop(on_stop: Callable[[], None], on_back: Callable[[], None]):
     """Call ``on_stop()`` (on this event loop) when Serve takes this replica out of its
-    deployment's replica set: Serve is stopping it. Returns the watcher (``.stop()`` it).
+    deployment's replica set: Serve is stopping it (``on_back()`` if it lists it again). Returns
+    the watcher (``.stop()`` it).
 
     The replica set comes from Serve's long poll (``DEPLOYMENT_TARGETS`` of the deployment, what
     every deployment handle follows to route), as the replica sees it: once it has been in the set
@@ -168,9 +185,10 @@ def watch_replica_stop(on_stop: Callable[[], None]):
     def on_targets(info) -> None:
         nonlocal seen
         ids = {r.replica_id for r in getattr(info, "running_replicas", None) or ()}
-        if me in ids:
+        if me in ids and not seen:
             seen = True
-        elif seen:
+            on_back()
+        elif me not in ids and seen:
             seen = False
             on_stop()
 

@@ -146,7 +146,12 @@ class Router:
         if self.serving is not None:
             return self.serving
         if self._stop_watch is None:  # from the first request on: Serve's replica set of this deployment
-            self._stop_watch = watch_replica_stop(self.drain.begin)
+            try:
+                self._stop_watch = watch_replica_stop(self.drain.begin, self.drain.resume)
+            except Exception:  # noqa: BLE001 - serve anyway; only the drain on a stop is lost
+                logger.exception("kvray: cannot follow this deployment's replica set: the Router will not drain "
+                                 "when Serve stops it")
+                self._stop_watch = False
         if self._ready_lock is None:
             self._ready_lock = asyncio.Lock()
         async with self._ready_lock:
@@ -271,7 +276,7 @@ class Router:
         return JSONResponse(jsonable(body))
 
     def __del__(self):
-        if self._stop_watch is not None:
+        if self._stop_watch:
             self._stop_watch.stop()
         if self.drain is not None:
             self.drain.close()

@@ -141,8 +141,9 @@ class OpenAIServing:
             return hint, None
         d = await self.dispatcher.admit(hint)
         if d.action != DISPATCH:
-            raise APIError(429, f"no replica can meet the {p.slo.name!r} SLO now; retry later", code="slo_unattainable",
-                           headers={"Retry-After": str(max(1, int(round(d.retry_after_s or 1))))})
+            raise self.drain.no_replica_error() or APIError(
+                429, f"no replica can meet the {p.slo.name!r} SLO now; retry later", code="slo_unattainable",
+                headers={"Retry-After": str(max(1, int(round(d.retry_after_s or 1))))})
         return hint, d.predicted_ttft_s
 
     async def _dispatch_choices(self, req: _Request, hint: RoutingHint) -> list[tuple]:

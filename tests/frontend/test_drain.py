@@ -66,12 +66,12 @@ class RouteTo(RoutingPolicy):
         return Decision(DISPATCH, (self.next,))
 
 
-def make(tok, streams: list, replicas=("r1", "r2")):
+def make(tok, streams: list, replicas=("r1", "r2"), policy=None):
     book = ReplicaBook()
     book.sync({r: None for r in replicas})
     closed_channels = []
     drain = Drain(TIMEOUT_S, book, close_channels=closed_channels.append)
-    policy = RouteTo()
+    policy = policy or RouteTo()
     s = OpenAIServing(info=ModelInfo(tok, 512, 16, len(tok)), model_names=["tiny"],
                       slo_classes={"interactive": SLOTarget("interactive", 500, 50)}, default_slo_class="interactive",
                       decode_estimate_cap=64, submit=lambda *a: streams.pop(0),
@@ -156,6 +156,40 @@ def test_a_stopping_replica_gets_no_new_request_and_its_own_are_cut_at_its_deadl
         await asyncio.sleep(0.25)
         assert book.draining() == [] and "r1" not in book.replicas  # its last request ended
         assert closed_channels and "r1" not in closed_channels[-1] and "r2" in closed_channels[-1]
+        s.drain.close()
+
+    asyncio.run(main())
+
+
+def test_with_every_replica_stopping_a_new_request_is_told_so(tok):
+    """Not a 429 that blames the load: a 503 saying the replicas are being stopped."""
+    from kvray.router.least_load import LeastLoadPolicy
+
+    async def main():
+        s, _, _ = make(tok, [SlowStream()], replicas=("r1",), policy=LeastLoadPolicy())
+        running = await s.handle("completions", req(), {})
+        s.dispatcher.book.sync({})  # Serve is stopping r1, the only replica
+        late = await s.handle("completions", req(stream=False), {})
+        assert late.status_code == 503 and late.headers["Retry-After"] == "1"
+        err = json.loads(late.body)["error"]
+        assert err["type"] == "server_shutdown" and "being stopped" in err["message"]
+        events, _ = await asyncio.wait_for(read_sse(running), 10)
+        assert_cut(events)
+        s.drain.close()
+
+    asyncio.run(main())
+
+
+def test_a_router_listed_again_stops_draining(tok):
+    async def main():
+        s, policy, _ = make(tok, [SlowStream(n=40)])
+        policy.next = "r1"
+        resp = await s.handle("completions", req(), {})
+        s.drain.begin()
+        assert s.drain.draining
+        s.drain.resume()  # Serve lists this Router again: no deadline any more
+        events, _ = await asyncio.wait_for(read_sse(resp), 10)  # runs 0.8 s, past TIMEOUT_S
+        assert events[-2]["choices"][0]["finish_reason"] == "length" and not s.drain.draining
         s.drain.close()
 
     asyncio.run(main())
