@@ -15,11 +15,12 @@ applications), and on Ctrl-C or SIGTERM:
    (``drain_bound_s``);
 3. shuts Serve down, and exits.
 
-A second Ctrl-C or SIGTERM skips the wait. SIGHUP reads CONFIG again and applies it, as
-``serve deploy`` would (a rolling update of what changed).
+A second Ctrl-C or SIGTERM skips the wait, a third exits at once. SIGHUP reads CONFIG again and
+applies it, as ``serve deploy`` would (a rolling update of what changed).
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -29,7 +30,8 @@ from kvray.app_config import AppArgs, ConfigError, parse_args
 from kvray.platform.app import SHUTDOWN_GRACE_S
 
 SERVE_DEFAULT_SHUTDOWN_S = 20.0  # Serve's default graceful_shutdown_timeout_s of a deployment
-POLL_S = 0.25
+POLL_S = 0.05  # how soon the main loop acts on a signal
+STATUS_POLL_S = 0.25  # how often the stop asks Serve whether the applications are gone
 
 
 def load_config(path: Path):
@@ -62,7 +64,8 @@ def drain_bound_s(config) -> float:
 
 
 class _Signals:
-    """Ctrl-C / SIGTERM (counted: the second one forces) and SIGHUP, noted for the main loop."""
+    """Ctrl-C / SIGTERM (counted: the second one skips the wait, a third exits at once) and
+    SIGHUP, noted for the main loop."""
 
     def __init__(self):
         self.stops = 0
@@ -73,8 +76,11 @@ class _Signals:
 
     def _stop(self, signum, frame) -> None:
         self.stops += 1
-        if self.stops > 1:
-            _say(f"{signal.Signals(signum).name} again: stopping now")
+        if self.stops == 2:
+            _say(f"{signal.Signals(signum).name} again: not waiting for requests any more")
+        elif self.stops > 2:  # Serve's own shutdown hangs: leave (a local Ray instance ends with us)
+            _say("exiting at once")
+            os._exit(1)
 
     def _hup(self, signum, frame) -> None:
         self.reload = True
@@ -134,5 +140,5 @@ def _drain(client, config, signals: _Signals) -> None:
     while signals.stops < 2 and time.monotonic() - t0 < bound:
         if not set(names) & set(serve.status().applications):
             break
-        time.sleep(POLL_S)
+        time.sleep(STATUS_POLL_S)
     _say(f"applications stopped after {time.monotonic() - t0:.1f} s; shutting Serve down")
