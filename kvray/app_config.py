@@ -105,8 +105,10 @@ class AppArgs(BaseModel):
         "tool_choice required and named functions work with any value (docs/tool-calls.md)")
     stream_interval_ms: float = Field(0.0, ge=0.0, description="replicas merge token batches of a stream until "
                                       "this long since the last send (0: send every engine step)")
-    graceful_shutdown_timeout_s: PositiveFloat = Field(30.0, description="on replica shutdown, how long in-flight "
-                                                       "requests may keep running before they are aborted")
+    graceful_shutdown_timeout_s: PositiveFloat = Field(30.0, description="when Serve stops a Router or an LLMReplica "
+                                                       "(scale-down, update, shutdown), how long its running requests "
+                                                       "may go on; then each ends with a server_shutdown error "
+                                                       "(docs/shutdown.md)")
     max_request_body_bytes: int = Field(16 * 2**20, ge=1024, description="larger request bodies get a 413 before "
                                         "they are parsed")
     api_keys: list[str] = Field(default_factory=list, description="accepted `Authorization: Bearer` keys; with "

@@ -23,9 +23,11 @@ request and step.
 Also: ``record_routing_stats`` (polled by the Serve controller and broadcast to the routers: a
 ``ReplicaStats``, the engine's stats plus the outstanding-token count and a wall-clock ``time``),
 ``check_health`` (raises once the engine loop died, so Serve replaces the replica) and
-graceful shutdown (Serve drains in-flight calls for the deployment's
-``graceful_shutdown_timeout_s``; ``__del__`` then lets what is left finish for up to the
-app's ``graceful_shutdown_timeout_s`` before aborting it).
+shutdown. When Serve stops a replica it routes nothing new to it and waits for its open calls;
+the Routers end their requests still running there after the app's
+``graceful_shutdown_timeout_s`` and close their channels (``kvray.frontend.drain``), so the calls
+end and Serve calls ``__del__``, which stops the engine (what little is left may finish for up
+to that timeout) and its process.
 """
 from __future__ import annotations
 
