@@ -3,6 +3,8 @@
     kvray presets                                   list the built-in model presets
     kvray make-checkpoint --preset P --out DIR      write preset P as a Hugging Face checkpoint
     kvray check-config FILE                         validate a Serve config (or a KubeRay RayService)
+    kvray serve CONFIG [--address ADDR]             run a Serve config like `serve run`; Ctrl-C or
+                                                    SIGTERM drains it before Serve shuts down
 
 ``kvray check-config`` exit status: 0: ok (prints ``FILE: ok``); 1: the config has problems (one
 line each on stderr, ``FILE: where: why``); 2: the file cannot be read or is not YAML (also the
@@ -77,6 +79,17 @@ def _run_check_config(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path, help="Serve config YAML (what `serve run` takes)")
+    p.add_argument("--address", default=None, help="Ray cluster to use (default: $RAY_ADDRESS, else a new local "
+                   "Ray instance, as `serve run`)")
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from kvray.platform.launch import run
+    return run(args.config, args.address)
+
+
 COMMANDS = [
     ("presets", "list the built-in model presets", _add_presets, _run_presets),
     ("make-checkpoint", "write a preset as a Hugging Face checkpoint directory", _add_make_checkpoint,
@@ -84,6 +97,9 @@ COMMANDS = [
     ("check-config", "validate a Serve config file offline. Exit 0: ok; 1: the config has problems (one line "
      "each, every bad field named); 2: the file cannot be read or is not YAML", _add_check_config,
      _run_check_config),
+    ("serve", "run a Serve config file like `serve run`; Ctrl-C or SIGTERM lets running requests finish (up to "
+     "graceful_shutdown_timeout_s, then a server_shutdown error) before Serve shuts down; SIGHUP applies the file "
+     "again", _add_serve, _run_serve),
 ]
 
 

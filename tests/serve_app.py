@@ -5,6 +5,7 @@ import random
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -69,18 +70,23 @@ def running_app(args: dict, num_replicas: int = 2, fast_metrics: bool = False, e
                 os.environ[k] = v
 
 
+KVRAY_SERVE = [sys.executable, "-m", "kvray.cli", "serve"]  # `kvray serve`, from this checkout
+
+
 class ServeRun:
     """``serve run CONFIG`` as a user runs it, in a subprocess (its own local Ray, on a free port);
-    ``env`` adds environment variables (an ingress choice, say)."""
+    ``env`` adds environment variables (an ingress choice, say); ``command`` replaces ``serve run``
+    (``KVRAY_SERVE``)."""
 
-    def __init__(self, cfg: dict, tmp_path: Path, env: dict | None = None, fast_metrics: bool = False):
+    def __init__(self, cfg: dict, tmp_path: Path, env: dict | None = None, fast_metrics: bool = False,
+                 command: list[str] | None = None):
         self.port = free_port()
         cfg["http_options"]["port"] = self.port
-        path = tmp_path / "config.yaml"
+        self.config_path = path = tmp_path / "config.yaml"
         path.write_text(yaml.safe_dump(cfg))
         env = {**os.environ, "RAY_ADDRESS": "local", "RAY_DEDUP_LOGS": "0", **(METRICS_ENV if fast_metrics else {}),
                **(env or {})}
-        self.proc = subprocess.Popen(["serve", "run", str(path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen([*(command or ["serve", "run"]), str(path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)

@@ -6,7 +6,8 @@ is one request: its own ``generate`` call (open for the request's lifetime: rout
 ongoing-request accounting and cancellation go through it; it yields ``Bound`` once the replica
 has the request, or a ``Refusal``) plus its batches from the channel. ``DirectRequestStream``
 is the plain mode (batches in the request's own stream). Both offer ``__anext__`` (the next
-``TokenBatch`` or ``Refusal``; raises on errors) and ``close(abort)``.
+``TokenBatch`` or ``Refusal``; raises on errors), ``fail(error)`` (the next ``__anext__`` raises
+``error`` at once: how the Router's drain ends a request) and ``close(abort)``.
 """
 from __future__ import annotations
 
@@ -80,6 +81,15 @@ class TokenChannels:
             # happens to open it (Ray Serve cancels a request's child calls with the request).
             self._tasks[replica_id] = asyncio.get_running_loop().create_task(
                 self._read(replica_id), context=contextvars.Context())
+
+    def close_unlisted(self, listed) -> None:
+        """Close the channels to replicas not in ``listed`` (Serve is stopping them) that no
+        request of this Router is bound to: a replica's drain waits for every open call, and an
+        idle channel would hold it open for ``CHANNEL_IDLE_CLOSE_S`` more."""
+        bound = set(self._where.values())
+        for replica_id, task in list(self._tasks.items()):
+            if replica_id not in listed and replica_id not in bound:
+                task.cancel()
 
     @property
     def open_replicas(self) -> list[str]:
@@ -197,6 +207,12 @@ class ChannelRequestStream:
                     break
             return item
 
+    def fail(self, error: BaseException) -> None:
+        """End the stream with ``error``, ahead of any batch still queued."""
+        if not self._finished:
+            self._q.items.appendleft(error)
+            self._q.event.set()
+
     def close(self, abort: bool) -> None:
         """Stop listening; with ``abort`` also cancel the request on the replica."""
         self._channels.unregister(self._rid)
@@ -211,12 +227,28 @@ class ChannelRequestStream:
 class DirectRequestStream:
     def __init__(self, call):
         self._call = call
+        self._error: BaseException | None = None
 
     def __aiter__(self):
         return self
 
     async def __anext__(self) -> TokenBatch | Refusal:
-        return await self._call.__anext__()
+        if self._error is not None:
+            raise self._error
+        try:
+            return await self._call.__anext__()
+        except Exception:
+            if self._error is not None:  # fail() cancelled the call: its error, not Serve's
+                raise self._error from None
+            raise
+
+    def fail(self, error: BaseException) -> None:
+        """End the stream with ``error`` (cancels the call, so a pending ``__anext__`` wakes)."""
+        self._error = error
+        try:
+            self._call.cancel()
+        except Exception:  # pragma: no cover
+            pass
 
     def close(self, abort: bool) -> None:
         if abort:

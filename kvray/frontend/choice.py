@@ -6,7 +6,8 @@ import time
 
 from kvray.frontend.protocol import APIError
 from kvray.frontend.text_stream import TextStream, chat_logprobs, completion_logprobs
-from kvray.frontend.tools import ToolCallStream, parse_tool_calls, response_parser, tool_finish_reason
+from kvray.frontend.tool_calls import tool_finish_reason
+from kvray.frontend.tool_formats import parse_tool_calls, request_format
 from kvray.records import Refusal, TokenBatch
 
 
@@ -20,8 +21,11 @@ class Choice:
         self.dispatcher = serving.dispatcher
         self.metrics = serving.metrics
         self.stream = None  # the replica's RequestStream, once dispatched
-        # chat with tools: the output goes through the template family's tool-call parser
-        self.tools: ToolCallStream | None = response_parser(p.req, serving.info.tokenizer) if p.kind == "chat" else None
+        # chat with tools: the output goes through the parser of its tool-call format
+        req = p.req
+        self.tool_format = request_format(serving.info.tool_format, req.tools, req.tool_choice) if p.kind == "chat" \
+            else None
+        self.tools = self.tool_format.parser(req.tools) if self.tool_format is not None else None
         self.text = TextStream(serving.decoder, p.prompt_ids, p.params.stop_strings)
         self.strings = serving.strings
         self.num_generated = 0
@@ -87,7 +91,7 @@ class Choice:
             return {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": self.finish_reason}
         message, reason = {"role": "assistant", "content": text}, self.finish_reason
         if self.tools is not None:  # the stream's parser, over the whole text: the same calls either way
-            content, calls = parse_tool_calls(text, self.tools.family, self.p.req.tools)
+            content, calls = parse_tool_calls(text, self.tool_format, self.p.req.tools)
             message = {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
             reason = tool_finish_reason(reason, bool(calls))
         return {"index": self.index, "message": message, "logprobs": logprobs, "finish_reason": reason}

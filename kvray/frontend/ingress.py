@@ -7,8 +7,9 @@ metrics agent: ``kvray.metrics``) and ``GET /v1/kvray/replicas`` (the router's
 view of each LLMReplica: latest stats and load estimate, for operators and tests). Here: the
 API key check, the body-size limit, and the wiring: the process's ``Dispatcher`` (routing
 policy and replica book, shared with the request-router plug-in of the LLMReplica handle) and
-the token streams from the replicas. The tokenizer comes from a replica (``model_info``), so
-the Router never loads or downloads the model itself.
+the token streams from the replicas, and its drain when Serve stops it or a replica
+(``kvray.frontend.drain``; ``GET /health`` answers 503 while it drains). The tokenizer comes from
+a replica (``model_info``), so the Router never loads or downloads the model itself.
 """
 
 import asyncio
@@ -28,6 +29,7 @@ from starlette.responses import JSONResponse, Response
 
 from kvray.app_config import AppArgs, parse_args
 from kvray.frontend.channels import ChannelRequestStream, DirectRequestStream, TokenChannels
+from kvray.frontend.drain import Drain, watch_replica_stop
 from kvray.frontend.prepare import ModelInfo
 from kvray.frontend.protocol import error_body, models_list
 from kvray.frontend.serving import OpenAIServing
@@ -102,6 +104,9 @@ def _warn_if_slow_ingress(args: AppArgs) -> None:
 
 @serve.ingress(fastapi_app)
 class Router:
+    drain: Drain | None = None  # set before anything in __init__ can fail: Serve calls __del__ after a failed start
+    _stop_watch = None
+
     def __init__(self, llm: DeploymentHandle, args: dict):
         shorten_switch_interval()  # SSE for hundreds of streams on one event loop, beside Serve's own
         self.args: AppArgs = parse_args(args)
@@ -114,6 +119,7 @@ class Router:
         self.metrics = RouterMetrics(self.args.served_model_name, ctx.replica_id.unique_id)
         self.serving: OpenAIServing | None = None
         self._channels: TokenChannels | None = None
+        self.drain = Drain(self.args.graceful_shutdown_timeout_s, self.dispatcher.book, self._close_channels)
         self._ready_lock: asyncio.Lock | None = None
         self._started = time.time()
         self._api_keys = [k.encode() for k in self.args.resolved_api_keys()]
@@ -139,6 +145,13 @@ class Router:
     async def _ensure_ready(self, timeout_s: float | None = None) -> OpenAIServing:
         if self.serving is not None:
             return self.serving
+        if self._stop_watch is None:  # from the first request on: Serve's replica set of this deployment
+            try:
+                self._stop_watch = watch_replica_stop(self.drain.begin, self.drain.resume)
+            except Exception:  # noqa: BLE001 - serve anyway; only the drain on a stop is lost
+                logger.exception("kvray: cannot follow this deployment's replica set: the Router will not drain "
+                                 "when Serve stops it")
+                self._stop_watch = False
         if self._ready_lock is None:
             self._ready_lock = asyncio.Lock()
         async with self._ready_lock:
@@ -148,10 +161,13 @@ class Router:
                 a = self.args
                 names = [a.served_model_name] + ([a.model] if a.model != a.served_model_name else [])
                 self.serving = OpenAIServing(
-                    info=ModelInfo(info["tokenizer"], info["max_model_len"], info["block_size"], info["vocab_size"]),
+                    info=ModelInfo(info["tokenizer"], info["max_model_len"], info["block_size"], info["vocab_size"],
+                                   tool_call_parser=a.tool_call_parser, quantization=info.get("quantization"),
+                                   kv_cache_dtype=info.get("kv_cache_dtype", ""),
+                                   kv_cache_tokens=info.get("kv_cache_tokens", 0)),
                     model_names=names, slo_classes=a.slo_targets(), default_slo_class=a.default_slo_class,
                     decode_estimate_cap=a.router.decode_estimate_cap, submit=self._submit, metrics=self.metrics,
-                    dispatcher=self.dispatcher)
+                    dispatcher=self.dispatcher, drain=self.drain)
         return self.serving
 
     def _submit(self, request_id, prompt_token_ids, params, hint):
@@ -162,6 +178,10 @@ class Router:
         call = self._stream.generate.remote(request_id, prompt_token_ids, params, hint=hint,
                                             channel=self._channels.channel_id)
         return ChannelRequestStream(self._channels, request_id, call)
+
+    def _close_channels(self, listed) -> None:
+        if self._channels is not None:
+            self._channels.close_unlisted(listed)
 
     def _open_channel(self, replica_id: str, channel_id: str):
         pin = RoutingHint(request_id=channel_id, num_prompt_tokens=0, decode_estimate=0, pin_replica=replica_id)
@@ -221,15 +241,19 @@ class Router:
         if denied is not None:
             return denied
         body = models_list([self.args.served_model_name], int(self._started))
-        try:  # like vLLM, say how long a context is; kvray also gives the vocabulary size
+        try:  # like vLLM, say how long a context is; kvray also gives the vocabulary size and KV cache
             info = (await self._ensure_ready(timeout_s=5.0)).info
-            body["data"][0].update(max_model_len=info.max_model_len, vocab_size=info.vocab_size)
+            body["data"][0].update(max_model_len=info.max_model_len, vocab_size=info.vocab_size,
+                                   quantization=info.quantization, kv_cache_dtype=info.kv_cache_dtype,
+                                   kv_cache_tokens=info.kv_cache_tokens)
         except Exception:
             pass
         return JSONResponse(body)
 
     @fastapi_app.get("/health")
     async def health(self) -> Response:
+        if self.drain.draining:
+            return JSONResponse(error_body("shutting down", "server_shutdown", code="draining"), status_code=503)
         try:
             await self._ensure_ready(timeout_s=5.0)
         except Exception as e:
@@ -255,3 +279,9 @@ class Router:
             return denied
         body = {"time": time.time(), "replicas": self.dispatcher.book.snapshot(), "policy": self.dispatcher.snapshot()}
         return JSONResponse(jsonable(body))
+
+    def __del__(self):
+        if self._stop_watch:
+            self._stop_watch.stop()
+        if self.drain is not None:
+            self.drain.close()

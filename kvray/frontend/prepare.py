@@ -14,7 +14,9 @@ from typing import Any, Callable
 
 from kvray.frontend.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_json, parse_request
 from kvray.frontend.structured import structured_outputs
-from kvray.frontend.tools import new_call_id, template_family, tool_constraint, tool_dicts
+from kvray.frontend.tool_calls import new_call_id, tool_dicts
+from kvray.frontend.tool_formats import ToolFormat, resolve_tool_format
+from kvray.frontend.tool_grammar import tool_constraint
 from kvray.records import RoutingHint
 from kvray.replica.block_hash import prefix_block_hashes
 from kvray.replica.sampling_params import SEED_MAX, SamplingParams
@@ -29,8 +31,14 @@ class ModelInfo:
     max_model_len: int
     block_size: int
     vocab_size: int
+    tool_call_parser: str = "auto"  # args.tool_call_parser
+    quantization: str | None = None   # how the weights are stored, in words (None: as the checkpoint's dtype)
+    kv_cache_dtype: str = ""
+    kv_cache_tokens: int = 0          # KV capacity of one replica
 
     def __post_init__(self) -> None:
+        # the model's tool-call format (None: tool_choice=auto gives text), chosen (and logged) once
+        self.tool_format: ToolFormat | None = resolve_tool_format(self.tool_call_parser, self.tokenizer)
         # The most characters one token can stand for (vocabulary strings hold at least one
         # character per character of text): a prompt of more than max_model_len * this many
         # characters cannot fit, and is refused without being tokenized. x2 for normalizers.
@@ -148,7 +156,7 @@ def _tool_outputs(req: ChatCompletionRequest, info: ModelInfo, other):
     """The constraint that enforces the request's tool_choice (None for none/auto), or ``other``
     (the response_format one) when there is none; both at once is a 400."""
     try:
-        tool = tool_constraint(req.tools, req.tool_choice, req.parallel_tool_calls, template_family(info.tokenizer))
+        tool = tool_constraint(req.tools, req.tool_choice, req.parallel_tool_calls, info.tool_format)
     except ValueError as e:
         raise APIError(400, str(e), param="tool_choice") from None
     if tool is not None and other is not None:

@@ -11,18 +11,19 @@ the replica call, which aborts the request in the engine.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import time
 from typing import Any, AsyncIterator, Callable
 
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from kvray import tracing
 from kvray.frontend.choice import Choice, response_body
+from kvray.frontend.drain import Drain
 from kvray.frontend.prepare import ModelInfo, Prepared, prepare
 from kvray.frontend.protocol import APIError, chat_chunk, completion_chunk, usage, usage_chunk
+from kvray.frontend.sse import DONE, EventStream, at_index, dumps, event
 from kvray.frontend.text_stream import FastDecoder, TokenStrings
 from kvray.metrics import RouterMetrics
 from kvray.records import Refusal, RoutingHint, TokenBatch
@@ -33,22 +34,8 @@ from kvray.slo import SLOTarget
 
 logger = logging.getLogger(__name__)
 
-try:
-    import orjson
-
-    def _dumps(obj: Any) -> bytes:
-        return orjson.dumps(obj)
-except ImportError:  # pragma: no cover
-    def _dumps(obj: Any) -> bytes:
-        return json.dumps(obj, separators=(",", ":")).encode()
-
-_DONE = b"data: [DONE]\n\n"
 QUEUE_FULL_RETRY_AFTER_S = 1
 MAX_ATTEMPTS = 3  # dispatches of one request: a replica that is full or gone before its first token is skipped
-
-
-def _sse(obj: Any) -> bytes:
-    return b"data: " + _dumps(obj) + b"\n\n"
 
 
 class _Request:
@@ -74,11 +61,13 @@ class OpenAIServing:
     def __init__(self, *, info: ModelInfo, model_names: list[str], slo_classes: dict[str, SLOTarget],
                  default_slo_class: str, decode_estimate_cap: int,
                  submit: Callable[[str, list[int], SamplingParams, RoutingHint], Any],  # -> a RequestStream
-                 metrics: RouterMetrics, dispatcher: Dispatcher | None = None):
+                 metrics: RouterMetrics, dispatcher: Dispatcher | None = None, drain: Drain | None = None):
         """``dispatcher`` routes and admits every request (without one, each goes straight to
         ``submit``, unrouted: tests). A Router that alone holds as many requests as the replicas
         admit (``dispatcher.book.capacity()``) refuses new ones with a 429 before parsing them;
-        the replicas' own queue limits catch what several Routers send together."""
+        the replicas' own queue limits catch what several Routers send together. ``drain``
+        (``kvray.frontend.drain``) ends the requests still running when the Router, or the replica
+        they are on, has been stopping for ``graceful_shutdown_timeout_s``."""
         self.info = info
         self.model_names = model_names
         self.slo_classes = slo_classes
@@ -87,6 +76,7 @@ class OpenAIServing:
         self.submit = submit
         self.metrics = metrics
         self.dispatcher = dispatcher
+        self.drain = drain if drain is not None else Drain(30.0)
         self.decoder = FastDecoder.wrap(info.tokenizer)
         self.strings = TokenStrings(self.decoder)
         self.num_in_flight = 0  # requests of this Router dispatched (or being dispatched), not yet done
@@ -96,6 +86,7 @@ class OpenAIServing:
         t0 = time.monotonic()
         slo_label = "none"
         try:
+            self.drain.check()
             self._shed_if_full()
             p = await prepare(kind, body, headers, t0, info=self.info, model_names=self.model_names,
                               slo_classes=self.slo_classes, default_slo_class=self.default_slo_class)
@@ -115,6 +106,7 @@ class OpenAIServing:
         choices = [Choice(i, p if i == 0 else p.child(i), self) for i in range(p.n)]
         req = _Request(p, choices, predicted)
         self.num_in_flight += 1
+        self.drain.add(req)
         try:  # the first batches decide between an error status and a 200
             firsts = await self._dispatch_choices(req, hint)
             if tracing.ENABLED:
@@ -132,8 +124,7 @@ class OpenAIServing:
                         c.stream.close(abort=True)
                     self._done(req, 499)
 
-            return _EventStream(self._sse(req, firsts), abandoned, media_type="text/event-stream",
-                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return EventStream(self._sse(req, firsts), abandoned)
         return await self._collect(req, firsts)
 
     def _shed_if_full(self) -> None:
@@ -150,8 +141,9 @@ class OpenAIServing:
             return hint, None
         d = await self.dispatcher.admit(hint)
         if d.action != DISPATCH:
-            raise APIError(429, f"no replica can meet the {p.slo.name!r} SLO now; retry later", code="slo_unattainable",
-                           headers={"Retry-After": str(max(1, int(round(d.retry_after_s or 1))))})
+            raise self.drain.no_replica_error() or APIError(
+                429, f"no replica can meet the {p.slo.name!r} SLO now; retry later", code="slo_unattainable",
+                headers={"Retry-After": str(max(1, int(round(d.retry_after_s or 1))))})
         return hint, d.predicted_ttft_s
 
     async def _dispatch_choices(self, req: _Request, hint: RoutingHint) -> list[tuple]:
@@ -160,8 +152,7 @@ class OpenAIServing:
         token shows that the prompt is computed there: they find it in the prefix cache, so the
         prompt is prefilled once."""
         first = req.choices[0]
-        first.stream, batch = await self._dispatch(first.p, hint)
-        outs = [first.add(batch)]
+        outs = [first.add(await self._dispatch(first, hint))]
         if len(req.choices) == 1:
             return outs
         where = self.dispatcher.book.replica_of(first.p.rid) if self.dispatcher is not None else None
@@ -170,8 +161,7 @@ class OpenAIServing:
             h = c.p.hint(self.info.block_size, self.decode_cap)
             if self.dispatcher is not None:
                 self.dispatcher.follow(h, where)
-            c.stream, b = await self._dispatch(c.p, h)
-            return c.add(b)
+            return c.add(await self._dispatch(c, h))
 
         # One after another: dispatched together, a choice's call was at times never delivered
         # (Ray Serve 2.60 routed only some of a burst of calls made from one HTTP request).
@@ -179,18 +169,20 @@ class OpenAIServing:
             outs.append(await one(c))
         return outs
 
-    async def _dispatch(self, p: Prepared, hint: RoutingHint) -> tuple[Any, TokenBatch]:
-        """Send the request to a replica and wait for its first batch. A replica that answers
-        before any token that it is full (429) or cannot serve (503: its engine died), or that
-        is gone (the call fails), is left out and the request goes to another one, up to
-        ``MAX_ATTEMPTS`` dispatches; a full queue everywhere is a 429 with Retry-After at once."""
+    async def _dispatch(self, c: Choice, hint: RoutingHint) -> TokenBatch:
+        """Send the choice to a replica (``c.stream``) and wait for its first batch. A replica
+        that answers before any token that it is full (429) or cannot serve (503: its engine
+        died), or that is gone (the call fails), is left out and the request goes to another one,
+        up to ``MAX_ATTEMPTS`` dispatches; a full queue everywhere is a 429 with Retry-After at once."""
+        p = c.p
         for attempt in range(MAX_ATTEMPTS):
+            self.drain.check()
             if tracing.ENABLED:
                 tracing.trace(p.rid, "router_submitted")
-            stream = self.submit(p.rid, p.prompt_ids, p.params, hint)
+            c.stream = stream = self.submit(p.rid, p.prompt_ids, p.params, hint)
             try:
                 item = await stream.__anext__()
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, APIError):  # the client left, or the drain ended it
                 stream.close(abort=True)
                 raise
             except StopAsyncIteration:
@@ -204,7 +196,7 @@ class OpenAIServing:
                 err, status = replica_failed(e), 503
             else:
                 if not isinstance(item, Refusal):
-                    return stream, item
+                    return item
                 stream.close(abort=True)
                 status, replica = item.status, item.replica_id
                 headers = {"Retry-After": str(max(1, math.ceil(item.retry_after_s or 1)))} if status == 429 else None
@@ -229,6 +221,7 @@ class OpenAIServing:
             return
         req.closed = True
         self.num_in_flight -= 1
+        self.drain.discard(req)
         p, first = req.p, req.choices[0]
         if self.dispatcher is not None:
             for c in req.choices:
@@ -292,7 +285,7 @@ class OpenAIServing:
             raise
         except APIError as e:
             self._end(req, e.status)
-            return JSONResponse(e.body(), status_code=e.status)
+            return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
         except Exception as e:
             req.close_streams()
             logger.exception("request %s failed", p.rid)
@@ -304,7 +297,7 @@ class OpenAIServing:
         out = [c.final(p.kind, "".join(texts[c.index]), lps[c.index]) for c in req.choices]
         body = response_body(p.kind, p.rid, int(time.time()), name, out, req.usage())
         self._done(req, 200)
-        return Response(_dumps(body), media_type="application/json")
+        return Response(dumps(body), media_type="application/json")
 
     async def _sse(self, req: _Request, firsts: list[tuple]) -> AsyncIterator[bytes]:
         p = req.p
@@ -316,8 +309,8 @@ class OpenAIServing:
         try:
             if chat:
                 for c in req.choices:
-                    yield _sse(_at(chat_chunk(p.rid, created, name, {"role": "assistant", "content": ""}, None, None,
-                                              with_usage), c.index))
+                    role = {"role": "assistant", "content": ""}
+                    yield event(at_index(chat_chunk(p.rid, created, name, role, None, None, with_usage), c.index))
             async for i, (text, lp, finished) in self._outputs(req, firsts):
                 c = req.choices[i]
                 if text or lp is not None or finished:
@@ -326,26 +319,27 @@ class OpenAIServing:
                         deltas = c.deltas(text, finished) or [{}]
                         for k, delta in enumerate(deltas):
                             last = k == len(deltas) - 1
-                            yield _sse(_at(chat_chunk(p.rid, created, name, delta, c.reason(reason) if last else None,
-                                                      lp if k == 0 else None, with_usage), i))
+                            yield event(at_index(chat_chunk(p.rid, created, name, delta,
+                                                            c.reason(reason) if last else None,
+                                                            lp if k == 0 else None, with_usage), i))
                     else:
-                        yield _sse(_at(completion_chunk(p.rid, created, name, text, reason, lp, with_usage), i))
+                        yield event(at_index(completion_chunk(p.rid, created, name, text, reason, lp, with_usage), i))
             if with_usage:
-                yield _sse(usage_chunk(p.rid, created, name, "chat.completion.chunk" if chat else "text_completion",
-                                       req.usage()))
-            yield _DONE
+                yield event(usage_chunk(p.rid, created, name, "chat.completion.chunk" if chat else "text_completion",
+                                        req.usage()))
+            yield DONE
             status = 200
         except APIError as e:
             status = e.status
-            yield _sse(e.body())
-            yield _DONE
+            yield event(e.body())
+            yield DONE
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as e:
             logger.exception("stream %s failed", p.rid)
             status = 503
-            yield _sse(replica_failed(e).body())
-            yield _DONE
+            yield event(replica_failed(e).body())
+            yield DONE
         finally:
             self._end(req, status)
 
@@ -366,36 +360,3 @@ async def _next_output(c: Choice) -> tuple:
         return "", None, True
 
 
-def _at(chunk: dict, index: int) -> dict:
-    """A chunk of choice ``index`` (the builders make choice 0's)."""
-    if index:
-        chunk["choices"][0]["index"] = index
-    return chunk
-
-
-class _EventStream(StreamingResponse):
-    """An SSE response whose client may leave at any time. Under Ray Serve, waiting for the
-    disconnect raises (the proxy's receive call is cancelled) instead of returning a disconnect
-    message; that ends the wait the same way here, so the stream is cancelled and cleaned up as
-    on any disconnect and no exception escapes into Serve's request task (whose future nobody
-    retrieves: "Future exception was never retrieved" in the replica log).
-
-    A client that leaves before the body's first chunk is asked for leaves the generator
-    unstarted, and closing an unstarted generator runs none of its code: ``abandoned`` then
-    does its cleanup (abort the replica call, count the request)."""
-
-    def __init__(self, content, abandoned: Callable[[], None], **kw):
-        super().__init__(content, **kw)
-        self._abandoned = abandoned
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._abandoned()
-
-    async def listen_for_disconnect(self, receive) -> None:
-        try:
-            await super().listen_for_disconnect(receive)
-        except Exception:  # noqa: BLE001 - the client is gone
-            pass

@@ -1,6 +1,8 @@
-"""Paged-attention and KV-cache kernels, with their dispatch.
+"""Paged-attention, KV-cache and fused decoder kernels, with their dispatch; the FP8 GEMM entry
+points come from ``kvray.kernels.fp8`` and the fused MoE ones from ``kvray.kernels.moe``.
 
-* CUDA tensors run the Triton kernels (``triton_attention``, ``triton_cache``).
+* CUDA tensors run the Triton kernels (``triton_attention``, ``triton_cache``, ``triton_fused``,
+  ``triton_fp8``; per-channel FP8 GEMMs run ``torch._scaled_mm``, cuBLASLt).
 * CPU tensors run the plain-torch reference (``kvray.kernels.reference``), unless
   ``TRITON_INTERPRET=1`` is set at call time: then the Triton kernels run under Triton's CPU
   interpreter (how CI tests them).
@@ -23,10 +25,11 @@ import types
 import torch
 
 from kvray.kernels import reference
-from kvray.kernels._checks import check_paged_attention, check_write_kv_cache
+from kvray.kernels._checks import check_kv_scales, check_paged_attention, check_write_kv_cache
 
-__all__ = ["paged_attention", "write_kv_cache", "rms_norm", "qk_norm_rope", "silu_and_mul",
-           "set_attention_backend", "get_attention_backend", "reference", "triton_impl", "compiled_variants"]
+__all__ = ["paged_attention", "write_kv_cache", "rms_norm", "qk_norm_rope", "silu_and_mul", "quant_fp8",
+           "fp8_scaled_mm", "fp8_block_gemm", "fused_moe", "fused_experts", "moe_route", "set_attention_backend",
+           "get_attention_backend", "reference", "triton_impl", "compiled_variants"]
 
 BACKENDS = ("auto", "triton", "reference")
 ENV_BACKEND = "KVRAY_ATTENTION_BACKEND"
@@ -87,9 +90,11 @@ def triton_impl(interpret: bool = False) -> types.SimpleNamespace:
         prev = os.environ.get("TRITON_INTERPRET")
         os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
         try:
+            fp8 = _load("triton_fp8", interpret)  # before triton_cache, which calls its e4m3 rounding
             impl = types.SimpleNamespace(attention=_load("triton_attention", interpret),
                                          cache=_load("triton_cache", interpret),
-                                         fused=_load("triton_fused", interpret))
+                                         fused=_load("triton_fused", interpret), fp8=fp8,
+                                         moe=_load("triton_moe", interpret))
         finally:
             if prev is None:
                 os.environ.pop("TRITON_INTERPRET", None)
@@ -108,7 +113,7 @@ def compiled_variants() -> int:
     if impl is None:
         return 0
     n = 0
-    for mod in (impl.attention, impl.cache, impl.fused):
+    for mod in (impl.attention, impl.cache, impl.fused, impl.fp8, impl.moe):
         for obj in vars(mod).values():
             for cache in (getattr(obj, "device_caches", None) or {}).values():
                 n += len(cache[0])
@@ -116,21 +121,25 @@ def compiled_variants() -> int:
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
+                   slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                   v_scale: torch.Tensor | None = None) -> None:
     """Scatter key/value [num_tokens, num_kv_heads, head_dim] into the paged caches
     [num_blocks, block_size, num_kv_heads, head_dim] at ``slot_mapping`` (int32/int64; slot =
-    block_id * block_size + offset; negative slots are skipped)."""
+    block_id * block_size + offset; negative slots are skipped). A float8_e4m3fn cache stores
+    ``key / k_scale`` and ``value / v_scale`` (float32 [num_kv_heads] each), saturated at +-448."""
     check_write_kv_cache(key, value, k_cache, v_cache, slot_mapping)
+    check_kv_scales(k_cache, k_scale, v_scale)
     use_triton, interpret = _route(key.device)
     if not use_triton:
-        return reference.write_kv_cache(key, value, k_cache, v_cache, slot_mapping)
-    triton_impl(interpret).cache.write_kv_cache_triton(key, value, k_cache, v_cache, slot_mapping)
+        return reference.write_kv_cache(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    triton_impl(interpret).cache.write_kv_cache_triton(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, softmax_scale: float,
                     out: torch.Tensor | None = None, *, max_seq_len: int | None = None,
-                    max_query_len: int | None = None) -> torch.Tensor:
+                    max_query_len: int | None = None, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of each sequence's queries (the last q_len_i positions of its seq_lens[i]-long
     context) over its paged K/V. Prefill, chunked prefill over a cached prefix and decode alike.
 
@@ -138,19 +147,21 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     pick tile sizes and the split-KV count; without them the choice comes from the shapes
     (``block_tables.shape[1] * block_size`` bounds the context). Results never depend on them.
     Under CUDA-graph capture pass fixed hints so every replay sees the same launch grid.
+    A float8_e4m3fn cache is read as ``k_cache * k_scale`` / ``v_cache * v_scale`` (see write_kv_cache).
     """
     check_paged_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, softmax_scale, out)
+    check_kv_scales(k_cache, k_scale, v_scale)
     if out is None:
         out = torch.empty_like(q)
     use_triton, interpret = _route(q.device)
     if not use_triton:
         return reference.paged_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
-                                         softmax_scale, out)
+                                         softmax_scale, out, k_scale, v_scale)
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"the Triton backend takes float16, bfloat16 or float32, got {q.dtype}")
     return triton_impl(interpret).attention.paged_attention_triton(
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, softmax_scale, out,
-        max_seq_len=max_seq_len, max_query_len=max_query_len)
+        max_seq_len=max_seq_len, max_query_len=max_query_len, k_scale=k_scale, v_scale=v_scale)
 
 
 # ---- fused per-token ops of the decoder (same routing as the attention kernels) ----------------
@@ -179,3 +190,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if not use_triton:
         return reference.silu_and_mul(x)
     return triton_impl(interpret).fused.silu_and_mul_triton(x)
+
+
+# the FP8 GEMM and MoE entry points (their dispatch lives in kvray.kernels.fp8 and kvray.kernels.moe)
+from kvray.kernels.fp8 import fp8_block_gemm, fp8_scaled_mm, quant_fp8  # noqa: E402
+from kvray.kernels.moe import fused_experts, fused_moe, moe_route  # noqa: E402

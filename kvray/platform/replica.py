@@ -24,9 +24,11 @@ request and step.
 Also: ``record_routing_stats`` (polled by the Serve controller and broadcast to the routers: a
 ``ReplicaStats``, the engine's stats plus the outstanding-token count and a wall-clock ``time``),
 ``check_health`` (raises once the engine loop died, so Serve replaces the replica) and
-graceful shutdown (Serve drains in-flight calls for the deployment's
-``graceful_shutdown_timeout_s``; ``__del__`` then lets what is left finish for up to the
-app's ``graceful_shutdown_timeout_s`` before aborting it).
+shutdown. When Serve stops a replica it routes nothing new to it and waits for its open calls;
+the Routers end their requests still running there after the app's
+``graceful_shutdown_timeout_s`` and close their channels (``kvray.frontend.drain``), so the calls
+end and Serve calls ``__del__``, which stops the engine (what little is left may finish for up
+to that timeout) and its process.
 """
 from __future__ import annotations
 
@@ -201,9 +203,12 @@ class LLMReplica:
     async def model_info(self) -> dict:
         """What the Router needs before it can tokenize: the tokenizer itself and the limits."""
         tok = self.engine.tokenizer
+        stats = self.engine.stats()
         return {"tokenizer": tok, "max_model_len": self.engine.max_model_len,
                 "block_size": self.engine.block_size, "model": self.engine.model_name,
-                "vocab_size": self.engine.vocab_size,
+                "vocab_size": self.engine.vocab_size, "quantization": self.engine.quantization,
+                "kv_cache_dtype": self.engine.kv_cache_dtype,
+                "kv_cache_tokens": stats.num_total_blocks * stats.block_size,
                 "replica_id": self._replica_id}
 
     # ---- requests ------------------------------------------------------------------------------

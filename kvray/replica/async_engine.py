@@ -87,6 +87,7 @@ class AsyncLLMEngine:
         self.tokenizer, self.max_model_len = info["tokenizer"], info["max_model_len"]
         self.vocab_size, self.max_num_batched_tokens = info["vocab_size"], info["max_num_batched_tokens"]
         self._stats: EngineStats = info["stats"]
+        self.quantization, self.kv_cache_dtype = info["quantization"], info["kv_cache_dtype"]
         self.max_num_seqs = config.max_num_seqs
         self.max_queued_requests = config.max_queued_requests or config.max_num_seqs
         self.max_queued_prompt_tokens = config.max_queued_prompt_tokens or 16 * self.max_num_batched_tokens

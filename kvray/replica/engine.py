@@ -125,9 +125,10 @@ class LLMEngine:
         self._step_failures = 0
         self.grammars: GrammarCache | None = None  # made when the first structured-outputs request comes
         self._compiling: list[Sequence] = []  # requests whose grammar is being compiled (not scheduled yet)
-        logger.info("engine ready in %.1f s: model=%s device=%s dtype=%s max_model_len=%d KV=%d tokens, step budget "
-                    "%d tokens", time.monotonic() - t_start, config.model, self.device, dtype, self.max_model_len,
-                    num_blocks * config.block_size, self.max_num_batched_tokens)
+        logger.info("engine ready in %.1f s: model=%s device=%s dtype=%s quantization=%s max_model_len=%d KV=%d tokens "
+                    "(%s), step budget %d tokens", time.monotonic() - t_start, config.model, self.device, dtype,
+                    self.runner.quantization_name, self.max_model_len, num_blocks * config.block_size,
+                    self.runner.kv_cache_dtype_name, self.max_num_batched_tokens)
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()

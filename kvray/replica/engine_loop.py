@@ -27,7 +27,8 @@ REQUEST_SNAPSHOT_S = 0.1
 def engine_info(engine: LLMEngine) -> dict:
     """What the serving side needs of a loaded engine: its tokenizer, limits and first stats."""
     return {"tokenizer": engine.tokenizer, "max_model_len": engine.max_model_len, "vocab_size": engine.vocab_size,
-            "max_num_batched_tokens": engine.max_num_batched_tokens, "stats": engine.stats()}
+            "max_num_batched_tokens": engine.max_num_batched_tokens, "stats": engine.stats(),
+            "quantization": engine.runner.quantization_name, "kv_cache_dtype": engine.runner.kv_cache_dtype_name}
 
 
 class EngineLoop:

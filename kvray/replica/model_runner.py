@@ -18,7 +18,8 @@ import torch
 from kvray.replica.config import EngineConfig
 from kvray.replica.cuda_graphs import Bucket, StepGraphs
 from kvray.replica.forward_context import ForwardContext, forward_context
-from kvray.replica.models.loader import load_config, load_model
+from kvray.replica.models.loader import checkpoint_quantization, load_config, load_model
+from kvray.replica.models.moe import moe_spec
 from kvray.replica.parallel.group import SINGLE, ParallelGroup, connect
 from kvray.replica.parallel.launcher import RankProcesses, WorkerSpec
 from kvray.replica.parallel.lifecycle import RankFailure
@@ -53,6 +54,30 @@ def rank_devices(device: torch.device, size: int) -> list[torch.device]:
     return [torch.device("cuda", first + r) for r in range(size)]
 
 
+FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper: FP8 tensor cores
+
+
+def fp8_support_error(needs: list[str], capability: tuple[int, int], device_name: str) -> str | None:
+    """Why this GPU cannot run what ``needs`` FP8 (None if it can or nothing does)."""
+    if not needs or tuple(capability) >= FP8_MIN_CAPABILITY:
+        return None
+    return (f"{' and '.join(needs)} needs a GPU with FP8 support (compute capability >= 8.9: Ada, Hopper or "
+            f"newer); {device_name} has compute capability {capability[0]}.{capability[1]}")
+
+
+def check_fp8_device(config: EngineConfig, model_path, device: torch.device) -> None:
+    """A clear error at startup when FP8 is asked for on a CUDA GPU without it (the CPU runs the
+    reference path)."""
+    if device.type != "cuda":
+        return
+    quant = checkpoint_quantization(model_path, config.quantization)
+    needs = ([f"quantization ({quant.describe()})"] if quant is not None else []) + (
+        [f"kv_cache_dtype={config.kv_cache_dtype}"] if config.fp8_kv_cache else [])
+    error = fp8_support_error(needs, torch.cuda.get_device_capability(device), torch.cuda.get_device_name(device))
+    if error:
+        raise ValueError(error)
+
+
 def _rss_bytes() -> int:
     """This process's resident memory now."""
     with open("/proc/self/statm") as f:
@@ -66,6 +91,7 @@ class ModelRunner:
                  store_port: int = 0):
         self.config = config
         self.dtype = dtype
+        self.kv_dtype = torch.float8_e4m3fn if config.fp8_kv_cache else dtype
         self.block_size = config.block_size
         self.ranks: RankProcesses | None = None
         size = config.tensor_parallel_size
@@ -76,8 +102,9 @@ class ModelRunner:
         self.group = self._join(model_path, hf_config, rank, store_port)
         if size > 1 and device.type == "cpu":  # the ranks share the cores
             torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // size))
+        check_fp8_device(config, model_path, device)
         rss_before = _rss_bytes()
-        self.model, self.hf_config = load_model(model_path, dtype, device, group=self.group)
+        self.model, self.hf_config = load_model(model_path, dtype, device, config.quantization, group=self.group)
         self.load_report = self._load_report(rss_before)
         self.model.eval()
         self.model.fuse_projections()
@@ -98,7 +125,10 @@ class ModelRunner:
             return SINGLE
         if rank:
             return connect(rank, size, self.device, store_port)
-        check_tensor_parallel(hf_config, size)
+        spec = moe_spec(hf_config)
+        width = ("moe_intermediate_size" if hasattr(hf_config, "moe_intermediate_size") else "intermediate_size",
+                 spec.intermediate) if spec is not None else None
+        check_tensor_parallel(hf_config, size, width)
         devices = rank_devices(self.device, size)
         self.ranks = RankProcesses(WorkerSpec(self.config, str(model_path), self.dtype, str(self.device), 0, size, 0,
                                               os.getpid()), devices)
@@ -140,22 +170,39 @@ class ModelRunner:
     # ---- KV cache --------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
         per_layer = sum(2 * self.block_size * a.num_kv_heads * a.head_dim for a in self.layers)
-        return per_layer * torch.tensor([], dtype=self.dtype).element_size()
+        return per_layer * torch.tensor([], dtype=self.kv_dtype).element_size()
+
+    @property
+    def quantization_name(self) -> str | None:
+        """How the linear layers are stored, in words (None: unquantized)."""
+        quant = self.model.quantization
+        return quant.describe() if quant is not None else None
+
+    @property
+    def kv_cache_dtype_name(self) -> str:
+        return str(self.kv_dtype).removeprefix("torch.")
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """The cache of ``num_blocks`` blocks, on every rank (each holds its KV heads' share)."""
         self._on_all_ranks("allocate_rank_kv_cache", num_blocks)
 
     def allocate_rank_kv_cache(self, num_blocks: int) -> None:
+        """The paged cache of every layer. An FP8 cache gets per-KV-head scales of 1.0 (no checkpoint
+        carries calibrated ones; e4m3 keeps ~2 significant digits from 2^-9 to 448, which K/V of
+        normed activations stay within)."""
         a0 = self.layers[0]
         shape = (len(self.layers), 2, num_blocks, self.block_size, a0.num_kv_heads, a0.head_dim)
-        self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.empty(shape, dtype=self.kv_dtype, device=self.device)
         for i, attn in enumerate(self.layers):
             attn.k_cache = self.kv_cache[i, 0]
             attn.v_cache = self.kv_cache[i, 1]
+            if self.config.fp8_kv_cache:
+                attn.k_scale = torch.ones(attn.num_kv_heads, dtype=torch.float32, device=self.device)
+                attn.v_scale = torch.ones(attn.num_kv_heads, dtype=torch.float32, device=self.device)
         self.num_blocks = num_blocks
-        logger.info("KV cache: %d blocks of %d tokens = %d tokens, %.2f GiB", num_blocks, self.block_size,
-                    num_blocks * self.block_size, self.kv_cache.numel() * self.kv_cache.element_size() / 2**30)
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens, %s, %.2f GiB", num_blocks, self.block_size,
+                    num_blocks * self.block_size, self.kv_cache_dtype_name,
+                    self.kv_cache.numel() * self.kv_cache.element_size() / 2**30)
 
     def profile_num_blocks(self, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int) -> int:
         """How many KV blocks fit on every rank (the least of the ranks' numbers: the scheduler's

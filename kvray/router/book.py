@@ -13,71 +13,31 @@ dispatches between two polls is seen at once and nothing is counted twice. Reque
 router processes appear with the next snapshot. Each estimate costs O(priority classes), not
 O(requests). All times are wall clock (``time.time()``), the clock of the snapshots.
 
+A replica that leaves Serve's replica set (Serve is stopping it: a scale-down, an update, a node
+drain, the app's deletion; or it died) while this router still has requests there stays in the
+book as *draining*: no policy routes to it, its requests are still counted, and it leaves the
+book with the last of them. ``draining()`` lists them for the Router's drain
+(``kvray.frontend.drain``), which ends what runs past ``graceful_shutdown_timeout_s``.
+
 One book per (application, deployment) and process (``get_book``), shared by the Serve
 request-router plug-in (Serve's router loop) and the Router ingress (its own loop): callers hold
 ``book.lock`` around reads and updates.
 """
 from __future__ import annotations
 
-import bisect
 import math
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass
 
 from kvray.records import EngineStats, ReplicaStats, RoutingHint
+from kvray.router.inflight import InFlight, Pending
 from kvray.step_cost import DEFAULT_COEFFS, StepCoeffs, StepTimeModel
 
 RATE_WINDOW_S = 10.0     # time constant of the per-class dispatch-rate estimate
 PREFIX_CAPACITY = 65536  # block hashes remembered per replica (LRU), capped by the replica's pool
 PLACEMENTS_KEPT = 10_000
 _EMPTY = ReplicaStats(engine=EngineStats(), time=-math.inf)
-
-
-@dataclass
-class InFlight:
-    """A request this router sent to the replica and has not seen finish."""
-
-    request_id: str
-    prompt_tokens: int
-    uncached_tokens: int
-    cost: int                          # outstanding tokens it adds: uncached prompt + budgeted decode
-    deadline: float | None = None      # absolute TTFT deadline
-    tpot_s: float | None = None
-    priority: float = 1.0
-    first_token_at: float | None = None
-
-
-class _Pending:
-    """Own requests waiting for their first token, of one priority, sorted by deadline."""
-
-    __slots__ = ("deadlines", "tokens", "ids")
-
-    def __init__(self):
-        self.deadlines: list[float] = []
-        self.tokens: list[int] = []
-        self.ids: list[str] = []
-
-    def add(self, r: InFlight) -> None:
-        d = math.inf if r.deadline is None else r.deadline
-        i = bisect.bisect_right(self.deadlines, d)
-        self.deadlines.insert(i, d)
-        self.tokens.insert(i, r.uncached_tokens)
-        self.ids.insert(i, r.request_id)
-
-    def remove(self, r: InFlight) -> None:
-        d = math.inf if r.deadline is None else r.deadline
-        i = bisect.bisect_left(self.deadlines, d)
-        while self.ids[i] != r.request_id:
-            i += 1
-        del self.deadlines[i], self.tokens[i], self.ids[i]
-
-    def tokens_between(self, lo: float, hi: float) -> int:
-        """Tokens of requests with lo <= deadline <= hi."""
-        a = bisect.bisect_left(self.deadlines, lo)
-        b = bisect.bisect_right(self.deadlines, hi)
-        return sum(self.tokens[a:b]) if b > a else 0
 
 
 class ReplicaState:
@@ -96,9 +56,10 @@ class ReplicaState:
         self._events: deque = deque()                  # (t, d_requests, d_prefill, d_decoding, d_tokens, d_cost)
         self._delta = [0, 0, 0, 0, 0]
         self._rates: dict[float, list] = {}            # priority -> [prompt tokens/s, as of time]
-        self._pending: dict[float, _Pending] = {}      # priority -> own requests before their first token
+        self._pending: dict[float, Pending] = {}      # priority -> own requests before their first token
         self._own = [0, 0]                             # [own pending prompt tokens, own decoding]
         self._tpots: dict[float, int] = {}             # tpot_s -> count of own requests
+        self.draining_since: float | None = None       # when it left Serve's replica set (book clock)
 
     # ---- updates (the book calls these) ------------------------------------------------------
     def update_stats(self, stats: ReplicaStats, received_at: float) -> None:
@@ -129,7 +90,7 @@ class ReplicaState:
         self.inflight[r.request_id] = r
         self.dispatched_total += 1
         self._event(now, 1, uncached, 0, r.prompt_tokens, r.cost)
-        self._pending.setdefault(r.priority, _Pending()).add(r)
+        self._pending.setdefault(r.priority, Pending()).add(r)
         self._own[0] += uncached
         if tpot_s:
             self._tpots[tpot_s] = self._tpots.get(tpot_s, 0) + 1
@@ -177,6 +138,11 @@ class ReplicaState:
     @property
     def healthy(self) -> bool:
         return self.stats.healthy
+
+    @property
+    def routable(self) -> bool:
+        """In Serve's replica set (not draining): new requests may go there."""
+        return self.draining_since is None
 
     @property
     def load(self) -> float:
@@ -275,7 +241,7 @@ class ReplicaState:
                 max(0.0, now - self.received_at), "estimated_outstanding_tokens": self.load,
                 "router_active_requests": len(self.inflight), "router_dispatched_total": self.dispatched_total,
                 "estimated_requests": self.num_requests, "estimated_queued_prefill_tokens": self.queued_prefill_tokens,
-                "step_coeffs": self.model.coeffs.as_tuple()}
+                "step_coeffs": self.model.coeffs.as_tuple(), "draining_since": self.draining_since}
 
 
 class ReplicaBook:
@@ -298,14 +264,19 @@ class ReplicaBook:
 
     # ---- the replica set and snapshots -------------------------------------------------------
     def sync(self, stats_by_replica: dict[str, ReplicaStats | None]) -> None:
-        """Set the replica set (ids -> latest stats or None); drop replicas not listed."""
+        """Set Serve's replica set (ids -> latest stats or None). A replica not listed is dropped,
+        or, while this router has requests there, kept as draining until they end."""
         now = self._clock()
         with self.lock:
             for rid in [r for r in self.replicas if r not in stats_by_replica]:
-                for req in self.replicas.pop(rid).inflight:
-                    self._where.pop(req, None)
+                st = self.replicas[rid]
+                if not st.inflight:
+                    del self.replicas[rid]
+                elif st.draining_since is None:
+                    st.draining_since = now
             for rid, stats in stats_by_replica.items():
                 st = self._state(rid)
+                st.draining_since = None
                 if stats is not None:
                     st.update_stats(stats, now)
 
@@ -349,6 +320,8 @@ class ReplicaBook:
             st = self.replicas.get(where)
             if st is not None:
                 st.on_finish(request_id, self._clock(), num_output_tokens)
+                if not st.routable and not st.inflight:  # a draining replica's last request
+                    del self.replicas[where]
 
     def replica_of(self, request_id: str) -> str | None:
         """The replica the request was last sent to (kept for the latest PLACEMENTS_KEPT requests)."""
@@ -356,23 +329,35 @@ class ReplicaBook:
             return self._placed.get(request_id)
 
     # ---- reads -------------------------------------------------------------------------------
+    def routable(self) -> list[ReplicaState]:
+        """The replicas in Serve's replica set (none draining). Call with the lock held."""
+        return [s for s in self.replicas.values() if s.routable]
+
     def live(self, avoid: tuple[str, ...] = ()) -> list[ReplicaState]:
-        """The replicas a request may go to: the healthy ones not in ``avoid`` (those that failed
-        it), or, when there is none, every replica not in ``avoid``, or every replica. Call with
-        the lock held."""
-        states = [s for s in self.replicas.values() if s.replica_id not in avoid] or list(self.replicas.values())
+        """The replicas a request may go to: of those not draining, the healthy ones not in
+        ``avoid`` (those that failed it), or, when there is none, every one not in ``avoid``, or
+        every one. Call with the lock held."""
+        routable = self.routable()
+        states = [s for s in routable if s.replica_id not in avoid] or routable
         return [s for s in states if s.healthy] or states
 
     def replica_ids(self) -> list[str]:
+        """The replicas new requests may go to (none draining)."""
         with self.lock:
-            return list(self.replicas)
+            return [s.replica_id for s in self.routable()]
+
+    def draining(self) -> list[tuple[str, float]]:
+        """``(replica id, since)`` of each draining replica (``since`` on the book's clock)."""
+        with self.lock:
+            return [(s.replica_id, s.draining_since) for s in self.replicas.values() if not s.routable]
 
     def capacity(self) -> int | None:
         """Requests the healthy replicas admit in all; None while one has not reported its limit."""
         with self.lock:
-            if not self.replicas or any(not s.stats.max_queued_requests for s in self.replicas.values()):
+            states = self.routable()
+            if not states or any(not s.stats.max_queued_requests for s in states):
                 return None
-            return sum(s.stats.capacity for s in self.replicas.values() if s.healthy) or None
+            return sum(s.stats.capacity for s in states if s.healthy) or None
 
     def snapshot(self) -> dict[str, dict]:
         now = self._clock()

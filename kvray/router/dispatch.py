@@ -48,11 +48,12 @@ class Dispatcher:
     def follow(self, hint: RoutingHint, replica_id: str | None) -> Decision:
         """Dispatch ``hint``'s request to ``replica_id``, where a request with the same prompt
         went (the other choices of an ``n > 1`` request: they find its prompt there in the
-        prefix cache); the policy decides instead when that replica is no longer healthy."""
+        prefix cache); the policy decides instead when that replica is no longer healthy, or
+        draining."""
         book = self.book
         with book.lock:
             state = book.replicas.get(replica_id) if replica_id is not None else None
-            if state is None or not state.healthy:
+            if state is None or not state.healthy or not state.routable:
                 return self.decide(hint)
             route = route_from(state, book, lambda s: s.load, hint.avoid)
             book.on_dispatch(hint, replica_id)

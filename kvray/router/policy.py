@@ -66,7 +66,8 @@ def make_policy(name: str, **options) -> RoutingPolicy:
 
 def route_from(first: ReplicaState, book: ReplicaBook, key, avoid: tuple[str, ...] = ()) -> tuple[str, ...]:
     """``first``, then the other healthy replicas by ``key``, then the unhealthy ones (none of
-    ``avoid``): Serve tries them in this order when one is at its ``max_ongoing_requests``."""
-    rest = sorted((s for s in book.replicas.values() if s is not first and s.replica_id not in avoid),
+    ``avoid``, none draining): Serve tries them in this order when one is at its
+    ``max_ongoing_requests``."""
+    rest = sorted((s for s in book.routable() if s is not first and s.replica_id not in avoid),
                   key=lambda s: (not s.healthy, key(s)))
     return (first.replica_id, *(s.replica_id for s in rest))

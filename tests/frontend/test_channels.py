@@ -141,3 +141,61 @@ def test_a_request_router_that_ignores_pins_disables_channels():
         await chans.close()
 
     asyncio.run(main())
+
+
+class ServeCancelled(Exception):
+    """What a cancelled DeploymentResponseGenerator raises (Serve's RequestCancelledError)."""
+
+
+class CancellableCall(FakeCall):
+    def cancel(self):
+        self.cancelled = True
+        self.q.put_nowait(ServeCancelled())
+
+
+def test_fail_ends_a_stream_at_once_with_the_error():
+    """How the Router's drain ends a request: the error comes ahead of batches still queued (a
+    channel) or interrupts the wait for the next one (a direct call, whose cancellation is turned
+    into the error), and the direct call is cancelled so the replica aborts the request."""
+    async def main():
+        chans, opened = channels()
+        s = ChannelRequestStream(chans, "req", FakeCall([Bound("r1")]))
+        await asyncio.sleep(0.01)
+        opened[0].q.put_nowait([("req", b([1])), ("req", b([2]))])
+        await asyncio.sleep(0.01)
+        s.fail(TimeoutError("cut"))
+        with pytest.raises(TimeoutError, match="cut"):
+            await s.__anext__()
+        await chans.close()
+
+        call = CancellableCall()
+        d = DirectRequestStream(call)
+        waiting = asyncio.ensure_future(d.__anext__())
+        await asyncio.sleep(0.01)
+        d.fail(TimeoutError("cut"))
+        with pytest.raises(TimeoutError, match="cut"):
+            await asyncio.wait_for(waiting, 5)
+        assert call.cancelled
+        with pytest.raises(TimeoutError):  # and so on every later read
+            await d.__anext__()
+
+    asyncio.run(main())
+
+
+def test_channels_to_replicas_serve_stops_close_once_no_request_is_bound():
+    async def main():
+        chans, opened = channels()
+        s1 = ChannelRequestStream(chans, "a", FakeCall([Bound("r1")]))
+        ChannelRequestStream(chans, "b", FakeCall([Bound("r2")]))
+        await asyncio.sleep(0.01)
+        assert sorted(chans.open_replicas) == ["r1", "r2"]
+        chans.close_unlisted(["r2"])  # r1 is being stopped, but "a" is still bound there
+        await asyncio.sleep(0.01)
+        assert sorted(chans.open_replicas) == ["r1", "r2"]
+        s1.close(abort=False)
+        chans.close_unlisted(["r2"])
+        await asyncio.sleep(0.01)
+        assert chans.open_replicas == ["r2"]
+        await chans.close()
+
+    asyncio.run(main())

@@ -35,6 +35,19 @@ def test_unknown_and_bad_args_are_each_named(tmp_path, capsys):
     assert "args.engine.max_num_seqs" in err
 
 
+@pytest.mark.parametrize("value,ok", [("auto", True), ("none", True), ("hermes", True), ("llama3_json", True),
+                                      ("qwen3_coder", True), ("pythonic", True), ("mistral", False), (1, False)])
+def test_tool_call_parser(tmp_path, capsys, value, ok):
+    cfg = yaml.safe_load((ROOT / "cluster-configs/local.yaml").read_text())
+    cfg["applications"][0]["args"]["tool_call_parser"] = value
+    path = tmp_path / "tools.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["check-config", str(path)]) == (0 if ok else 1)
+    if not ok:
+        err = capsys.readouterr().err
+        assert "applications[0] (kvray): args.tool_call_parser: Input should be 'auto', 'none', 'hermes'" in err
+
+
 def test_rayservice_serve_config_is_read_through(tmp_path, capsys):
     doc = yaml.safe_load((ROOT / "cluster-configs/kuberay/rayservice-cpu.yaml").read_text())
     serve_cfg = yaml.safe_load(doc["spec"]["serveConfigV2"])

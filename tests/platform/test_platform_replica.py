@@ -47,6 +47,8 @@ def test_batches_stats_and_errors():
             assert bad[0].status == 400
             info = await r.model_info()
             assert info["max_model_len"] == 256 and info["block_size"] == 16 and info["tokenizer"] is not None
+            assert info["kv_cache_dtype"] == "float32" and info["quantization"] is None  # what /v1/models shows
+            assert info["kv_cache_tokens"] == stats.engine.num_total_blocks * 16 > 0
         finally:
             await r.__del__()
 

@@ -141,3 +141,36 @@ def test_the_replica_reports_other_routers_tpot_targets_and_its_step_fit():
     v = book.replicas["r"]
     assert v.min_tpot_s() == pytest.approx(0.02)  # no request of this router is there: the replica's own report
     assert v.model.coeffs == StepCoeffs(1e-3, 2e-5, 0.0, 0.0) and v.model.fixed  # the published fit, not refitted
+
+
+def test_a_replica_serve_stops_drains_in_the_book():
+    """A replica that leaves Serve's replica set while this router has requests there stays, as
+    draining: no route goes there, its requests still count, and it leaves with the last one."""
+    from kvray.router.least_load import LeastLoadPolicy
+    from kvray.router.policy import route_from
+
+    clock = Clock(1000.0)
+    book = ReplicaBook(clock=clock)
+    book.sync({"a": stats(max_queued=4, max_num_seqs=4), "b": stats(max_queued=4, max_num_seqs=4),
+               "idle": stats(max_queued=4, max_num_seqs=4)})
+    book.on_dispatch(hint(10, 10, rid="k1"), "a")
+    book.on_dispatch(hint(10, 10, rid="k2"), "a")
+    assert book.capacity() == 24
+    clock.t = 1001.0
+    book.sync({"b": stats(max_queued=4, max_num_seqs=4)})  # Serve stops "a" and "idle"
+    assert "idle" not in book.replicas and book.draining() == [("a", 1001.0)]
+    with book.lock:
+        assert [s.replica_id for s in book.live()] == ["b"] and book.replica_ids() == ["b"]
+        assert route_from(book.replicas["b"], book, lambda s: s.load) == ("b",)
+        assert LeastLoadPolicy().decide(hint(500, 500, rid="new"), book, clock()).route == ("b",)
+    assert book.capacity() == 8 and book.replicas["a"].num_ongoing == 2
+    book.on_finish("k1")
+    assert book.draining() == [("a", 1001.0)]
+    book.on_finish("k2")
+    assert book.draining() == [] and "a" not in book.replicas
+    # a draining replica listed again (it was not stopped after all) takes requests again
+    book.on_dispatch(hint(10, 10, rid="k3"), "b")
+    book.sync({})
+    assert book.draining() == [("b", 1001.0)]
+    book.sync({"b": None})
+    assert book.draining() == [] and book.replica_ids() == ["b"]

@@ -44,10 +44,11 @@ class ShardReader:
         self.bytes_read += tensor.numel() * tensor.element_size()
         self.peak_anon_bytes = max(self.peak_anon_bytes, anon_rss_bytes())
 
-    def read(self, stored, param_name: str, param: torch.Tensor) -> torch.Tensor:
-        """``stored`` (a ``StoredTensor``, or a tensor already in memory) as ``param_name`` needs it:
-        its layer's slice, padded with zeros to the parameter's length (vocabulary padding)."""
-        split = self.splits.get(param_name.rsplit(".", 1)[0] + ".")
+    def read(self, stored, param_name: str, param: torch.Tensor, split: Split | None = None) -> torch.Tensor:
+        """``stored`` (a ``StoredTensor``, or a tensor already in memory) as ``param_name`` (or the part
+        ``param`` of it) needs it: its layer's slice (or ``split``'s), padded with zeros to the
+        parameter's length (vocabulary padding)."""
+        split = split or self.splits.get(param_name.rsplit(".", 1)[0] + ".")
         if split is None:
             tensor = stored.read() if isinstance(stored, StoredTensor) else stored
             self._count(tensor)

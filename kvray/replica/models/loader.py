@@ -14,7 +14,10 @@ from pathlib import Path
 import torch
 
 from kvray.replica.models.checkpoint_shards import ShardReader, StoredTensor, anon_rss_bytes
-from kvray.replica.models.decoder import MODEL_REGISTRY, MODEL_TYPE_TO_ARCH, DecoderForCausalLM
+from kvray.replica.models.decoder import DecoderForCausalLM
+from kvray.replica.models.linear import Linear, linear_method_scope
+from kvray.replica.models.quantization import QuantConfig, default_weight_loader, quant_config
+from kvray.replica.models.registry import MODEL_REGISTRY, MODEL_TYPE_TO_ARCH
 from kvray.replica.parallel.group import SINGLE, ParallelGroup, building
 
 PRESET_PREFIX = "kvray:"
@@ -171,19 +174,17 @@ def _fmt(names) -> str:
     return shown + (f" (and {len(names) - 8} more)" if len(names) > 8 else "")
 
 
-def _copy(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
-    if tuple(tensor.shape) != tuple(param.shape):
-        raise ValueError(f"shape mismatch for tensor {name!r}: checkpoint has {list(tensor.shape)}, "
-                         f"the model (from config.json) expects {list(param.shape)}")
-    param.copy_(tensor)
-
-
 @torch.no_grad()
 def load_weights(model: DecoderForCausalLM, path: Path) -> ShardReader:
-    """Copy every checkpoint tensor into the parameter of the same name, converting dtype; under
-    tensor parallelism only the parameter's slice is read (``ShardReader``). Every parameter must
-    be filled exactly once; extra tensors are an error. Returns the reader (bytes read, peak memory)."""
+    """Hand every checkpoint tensor to where the model's ``checkpoint_layout`` puts it: the weight
+    loader of the parameter of the same name (by default: copy, converting dtype), or a slice of a
+    stacked parameter (MoE experts). Under tensor parallelism only the rank's slice of the tensor is
+    read (``ShardReader``). Every tensor of the layout must be present exactly once, except the
+    parameters a linear method computes itself (``from_checkpoint`` false); extra tensors are an
+    error. Then each linear layer's method prepares its loaded parameters. Returns the reader (what
+    was read, the peak memory)."""
     params = dict(model.named_parameters())  # tied lm_head.weight is deduplicated away
+    layout = model.checkpoint_layout()
     reader = ShardReader(model)
     tied = getattr(model, "tie_word_embeddings", False)
     embed = "model.embed_tokens.weight"
@@ -197,41 +198,68 @@ def load_weights(model: DecoderForCausalLM, path: Path) -> ShardReader:
             if embed in params:  # redundant copy of embed_tokens; used only if that is absent
                 tied_head = reader.read(stored, embed, params[embed])
             continue
-        param = params.get(name)
-        if param is None:
+        slot = layout.get(name)
+        if slot is None:
             unexpected.append(name)
             continue
-        _copy(param, reader.read(stored, name, param), name)
+        param = params[slot.param]
+        if slot.index:  # a slice of a stacked parameter
+            part = param[slot.index]
+            default_weight_loader(part, reader.read(stored, slot.param, part, slot.split), name)
+        else:
+            getattr(param, "weight_loader", default_weight_loader)(param, reader.read(stored, slot.param, param), name)
         loaded.add(name)
-    if tied_head is not None and embed not in loaded:
-        _copy(params[embed], tied_head, "lm_head.weight")
+    if tied_head is not None and embed not in loaded and embed in layout:
+        default_weight_loader(params[embed], tied_head, "lm_head.weight")
         loaded.add(embed)
     if unexpected:
         raise ValueError(f"unexpected tensor(s) in checkpoint {str(path)!r}: {_fmt(unexpected)}")
-    missing = set(params) - loaded
+    missing = {n for n, slot in layout.items() if getattr(params[slot.param], "from_checkpoint", True)} - loaded
     if missing:
         raise ValueError(f"checkpoint {str(path)!r} is missing tensor(s): {_fmt(missing)}")
     for module in model.modules():
+        if isinstance(module, Linear):
+            module.method.process_after_loading(module)
         if hasattr(module, "after_loading"):
             module.after_loading()
     return reader
 
 
+def build_model(cls: type[DecoderForCausalLM], hf_config, dtype: torch.dtype, device,
+                quant: QuantConfig | None) -> DecoderForCausalLM:
+    """The model with uninitialised parameters, each linear layer made by its quantization method."""
+    with linear_method_scope(quant.method if quant is not None else None):
+        model = cls(hf_config, dtype=dtype, device=device)
+    if quant is not None:
+        for name, module in model.named_modules():
+            if isinstance(module, Linear) and module.method != quant.method_for(name):
+                module.set_method(quant.method_for(name))
+    return model
+
+
+def checkpoint_quantization(path: str | os.PathLike, quantization: str | None = None) -> QuantConfig | None:
+    """How the checkpoint's linear layers are stored (or are to be quantized on load); None: not at all."""
+    return quant_config(_read_config_json(resolve_model(path)), quantization)
+
+
 def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32, device="cpu",
-               group: ParallelGroup = SINGLE):
+               quantization: str | None = None, group: ParallelGroup = SINGLE):
     """Build the model for ``path``'s config on ``device`` in ``dtype`` (a torch dtype, a name,
     or "auto", see :func:`resolve_dtype`) and load its weights. ``path`` may be anything
-    :func:`resolve_model` accepts. ``group``: a tensor-parallel rank's, which builds and loads
-    that rank's shard. Returns ``(model, hf_config)``; eval mode, gradients off;
-    ``model.load_stats`` says how much of the checkpoint was read and the memory it took."""
+    :func:`resolve_model` accepts. FP8 checkpoints load as such (see ``quantization.config``);
+    ``quantization="fp8"`` quantizes an unquantized one on load. ``group``: a tensor-parallel rank's,
+    which builds and loads that rank's shard. Returns ``(model, hf_config)``; eval mode, gradients
+    off; ``model.load_stats`` says how much of the checkpoint was read and the memory it took."""
     path = resolve_model(path)
     hf_config = load_config(path)
     dtype = resolve_dtype(dtype, hf_config, device)
     cls = model_class(hf_config)
+    quant = checkpoint_quantization(path, quantization)
     weight_files(path)  # fail on missing weights before allocating anything
     anon_before = anon_rss_bytes()
     with building(group):
-        model = cls(hf_config, dtype=dtype, device=torch.device(device))
+        model = build_model(cls, hf_config, dtype, torch.device(device), quant)
+    model.quantization = quant
     reader = load_weights(model, path)
     model.load_stats = {"checkpoint_bytes_read": reader.bytes_read,
                         "load_peak_anon_bytes": max(0, reader.peak_anon_bytes - anon_before)}

@@ -67,8 +67,9 @@ def vocab_range(vocab_size: int, rank: int, size: int) -> tuple[int, int, int]:
     return start, min(per, vocab_size - start), per
 
 
-def check_tensor_parallel(hf_config, size: int) -> None:
-    """A ValueError naming the config field when the model cannot be split over ``size`` ranks."""
+def check_tensor_parallel(hf_config, size: int, expert_width: tuple[str, int] | None = None) -> None:
+    """A ValueError naming the config field when the model cannot be split over ``size`` ranks.
+    ``expert_width``: (field, width) of a mixture-of-experts model's experts."""
     if size == 1:
         return
     heads = hf_config.num_attention_heads
@@ -80,6 +81,8 @@ def check_tensor_parallel(hf_config, size: int) -> None:
         why = f"num_key_value_heads={kv} neither divides it nor is divisible by it"
     elif hf_config.intermediate_size % size:
         why = f"intermediate_size={hf_config.intermediate_size} is not divisible by it"
+    elif expert_width is not None and expert_width[1] % size:
+        why = f"{expert_width[0]}={expert_width[1]} is not divisible by it"
     if why:
         raise ValueError(f"invalid engine option tensor_parallel_size={size}: the model's {why} "
-                         "(each rank holds an equal share of the heads and of the MLP)")
+                         "(each rank holds an equal share of the heads and of the MLP or of every expert)")
