@@ -1,9 +1,12 @@
 """Tensor parallelism on the CPU (gloo): two ranks give the tokens of one, each reads only its
 shard of the checkpoint, and a rank never outlives its engine nor dies unnoticed.
 
-Models: ``tiny-qwen3`` (GQA, 2 KV heads = 2 ranks, tied embeddings) and a test Llama with one
-KV head (MQA: replicated on both ranks), an untied lm_head, a vocabulary of 1031 (odd: the last
-rank's shard is padded) and biases on every projection (row-parallel biases added once).
+Models: ``tiny-qwen3`` (GQA, 2 KV heads = 2 ranks, tied embeddings); a test Llama with one KV
+head (MQA: replicated on both ranks), an untied lm_head, a vocabulary of 1031 (odd: the last
+rank's shard is padded) and biases on every projection (row-parallel biases added once);
+``tiny-qwen3-moe`` (every expert split by its intermediate features, a dense layer too);
+``tiny-llama`` in FP8 with 16x16 block scales (each rank reads whole blocks of them) and in
+compressed-tensors FP8-dynamic (per-channel scales, split with their rows or replicated).
 """
 import gc
 import json
@@ -17,7 +20,9 @@ from pathlib import Path
 import pytest
 
 from kvray import LLM, SamplingParams
+from kvray.replica.models import fp8_checkpoint
 from kvray.replica.models.bpe import LLAMA3_TOKENIZER
+from kvray.replica.models.loader import resolve_model
 from kvray.replica.models.presets import Preset, _tiny, make_checkpoint
 from kvray.replica.parallel.lifecycle import RankFailure
 from tests.conftest import random_prompts
@@ -37,10 +42,19 @@ def mqa_dir(tmp_path_factory) -> str:
     return str(make_checkpoint(MQA, tmp_path_factory.mktemp("tp") / "mqa"))
 
 
-@pytest.fixture(scope="module", params=["gqa", "mqa"])
-def pair(request, mqa_dir):
+def _fp8_block_16(out: Path) -> str:
+    """tiny-llama in the HF fp8 format with 16 x 16 blocks: every rank's slice is whole blocks."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fp8_checkpoint, "BLOCK", (16, 16))
+        return str(fp8_checkpoint.convert_checkpoint(resolve_model("kvray:tiny-llama"), out, "fp8-block"))
+
+
+@pytest.fixture(scope="module", params=["gqa", "mqa", "moe", "fp8-block", "fp8-dynamic"])
+def pair(request, mqa_dir, tmp_path_factory):
     """(TP=1 engine, TP=2 engine, prompts) of one model."""
-    model = "kvray:tiny-qwen3" if request.param == "gqa" else mqa_dir
+    model = {"gqa": "kvray:tiny-qwen3", "mqa": mqa_dir, "moe": "kvray:tiny-qwen3-moe",
+             "fp8-dynamic": "kvray:tiny-llama-fp8-dynamic"}.get(request.param)
+    model = model or _fp8_block_16(tmp_path_factory.mktemp("tp") / "fp8")
     one = LLM(model, **OPTS)
     two = LLM(model, tensor_parallel_size=2, **OPTS)
     shared = random_prompts(one.engine.vocab_size, [20], seed=1)[0]
@@ -60,6 +74,7 @@ def test_two_ranks_give_the_greedy_tokens_of_one(pair):
     want = _tokens(one, prompts)
     assert _tokens(two, prompts) == want
     assert _tokens(two, prompts) == want  # again: every block comes from the prefix cache now
+    assert two.engine.runner.quantization_name == one.engine.runner.quantization_name
     # what each rank holds: half the query heads, half the KV heads or the one KV head (replicated)
     cfg = one.engine.hf_config
     a1, a2 = one.engine.runner.layers[0], two.engine.runner.layers[0]
@@ -94,6 +109,10 @@ def test_the_model_must_split_evenly():
         LLM("kvray:tiny-qwen3", tensor_parallel_size=3, device="cpu")
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         LLM("kvray:tiny-qwen3", tensor_parallel_size=0, device="cpu")
+    # 128 x 128 FP8 block scales, 192 MLP features: each rank's 96 would split a block
+    with pytest.raises(ValueError, match=r"down_proj.weight_scale_inv'?: a tensor-parallel shard \[0, 96\) of 192 "
+                       "features is not made of whole blocks of 128"):
+        LLM("kvray:tiny-llama-fp8-block", tensor_parallel_size=2, device="cpu")
 
 
 def _alive(pid: int) -> bool:

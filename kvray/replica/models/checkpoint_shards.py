@@ -55,13 +55,17 @@ class ShardReader:
             return tensor
         shape = tuple(stored.shape)
         d = split.dim
-        if param.dim() > d and param.shape[d] >= split.length:  # split element by element: the full shape is known
+        if len(shape) == param.dim() > d and param.shape[d] >= split.length:  # split element by element
             full = list(param.shape)
             full[d] = split.full
             if list(shape) != full:
                 raise ValueError(f"shape mismatch for tensor {param_name!r}: checkpoint has {list(shape)}, the model "
                                  f"(from config.json) expects {full}")
-        index = split.index(shape)
+        block = getattr(param, "block", None)  # (rows, columns) per entry: FP8 block scales
+        try:
+            index = split.index(shape, block[d] if block is not None else None)
+        except ValueError as e:
+            raise ValueError(f"tensor {getattr(stored, 'name', param_name)!r}: {e}") from None
         if index is None:
             tensor = stored.read() if isinstance(stored, StoredTensor) else stored
         else:

@@ -27,17 +27,19 @@ class Split:
     length: int
     full: int
 
-    def index(self, shape: tuple[int, ...]) -> tuple[slice, ...] | None:
+    def index(self, shape: tuple[int, ...], block: int | None = None) -> tuple[slice, ...] | None:
         """What a rank reads of a checkpoint tensor of ``shape`` that belongs to the layer: its
         slice along ``dim``; None (all of it) for a tensor that is not split there (a row-parallel
-        layer's bias, a per-tensor scale). A tensor with fewer entries than ``full`` along ``dim``
-        holds one per block of features (FP8 block scales): the blocks of the slice."""
+        layer's bias, a per-tensor scale). A tensor with one entry per ``block`` features along
+        ``dim`` (FP8 block scales): the blocks of the slice, which must be whole blocks."""
         if len(shape) <= self.dim or shape[self.dim] == 1:
             return None
         n = shape[self.dim]
         start, length = self.start, self.length
         if n != self.full:
-            block = -(-self.full // n)
+            if block is None or n != -(-self.full // block):
+                raise ValueError(f"a tensor of shape {list(shape)} cannot be split over tensor-parallel ranks: "
+                                 f"{n} entries along dim {self.dim} for {self.full} features")
             if start % block or (length % block and start + length != self.full):
                 raise ValueError(f"a tensor-parallel shard [{start}, {start + length}) of {self.full} features is not "
                                  f"made of whole blocks of {block} (the checkpoint's block scales)")

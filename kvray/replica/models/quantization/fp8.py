@@ -145,7 +145,8 @@ class Fp8BlockMethod(LinearMethod):
         n, k = layer.out_features, layer.in_features
         bn, bk = self.block
         new_param(layer, "weight", (n, k), FP8, loader=_load_fp8_weight)
-        new_param(layer, "weight_scale_inv", (-(-n // bn), -(-k // bk)), torch.float32, loader=_load_scale)
+        scale = new_param(layer, "weight_scale_inv", (-(-n // bn), -(-k // bk)), torch.float32, loader=_load_scale)
+        scale.block = self.block  # what one entry covers: a tensor-parallel rank reads whole blocks
         if layer.has_bias:
             new_param(layer, "bias", (n,), layer.params_dtype)
         layer.scale_block = self.block   # (1, bk) once fused from parts whose rows break the blocks
