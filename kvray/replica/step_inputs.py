@@ -114,7 +114,7 @@ class StepInputBuilder:
         self.block_size = block_size
         self.max_blocks = max_blocks_per_seq
         self.group = group
-        self.shared = group.size > 1
+        self.shared = group.distributed
         self.on_cpu = device.type == "cpu"
         cuda = device.type == "cuda"
         self.layout = StepLayout(max_tokens, max_seqs, max_blocks_per_seq)

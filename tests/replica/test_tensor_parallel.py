@@ -218,3 +218,38 @@ def test_each_rank_reads_only_its_slice_of_the_checkpoint(tmp_path):
         assert r["param_bytes"] < 0.51 * single["param_bytes"]
         # and the process never held much more while loading: the other half was never read
         assert r["load_peak_anon_bytes"] < 0.6 * single["load_peak_anon_bytes"]
+
+
+# ---- one rank through the backend: what a single GPU can test of NCCL ----------------------------
+
+def one_rank_group(monkeypatch) -> None:
+    """Engines built from now on run every collective through a real one-rank group (gloo on the
+    CPU, NCCL on a GPU) instead of skipping them: the per-step broadcast, the all-reduces, the
+    logits gather. A one-rank collective is an identity, so the tokens must not change."""
+    from kvray.replica.model_runner import ModelRunner
+    from kvray.replica.parallel.group import connect, host_store
+
+    def join(self, model_path, hf_config, rank, store_port):
+        store = host_store(1, 60)
+        return connect(0, 1, self.device, store.port, store=store)
+
+    monkeypatch.setattr(ModelRunner, "_join", join)
+
+
+def test_a_one_rank_group_runs_every_collective_and_changes_nothing(monkeypatch):
+    opts = dict(OPTS, max_model_len=128)
+    prompts = random_prompts(1024, [3, 40, 9], seed=5)
+    want = _tokens(LLM("kvray:tiny-qwen3", **opts), prompts)
+    one_rank_group(monkeypatch)
+    llm = LLM("kvray:tiny-qwen3", **opts)
+    group = llm.engine.runner.group
+    assert group.distributed and group.size == 1 and group.backend_name == "gloo" and llm.engine.runner.inputs.shared
+    calls = {"broadcast": 0, "all_reduce": 0, "gather": 0}
+    for name in calls:
+        real = getattr(group, name)
+        monkeypatch.setattr(group, name, lambda x, _real=real, _name=name: calls.__setitem__(_name, calls[_name] + 1)
+                            or _real(x))
+    assert _tokens(llm, prompts) == want
+    steps = calls["broadcast"]
+    assert steps > 0 and calls["gather"] > 0  # once per step; the logits of the steps that sample
+    assert calls["all_reduce"] == steps * (1 + 2 * llm.engine.hf_config.num_hidden_layers)  # embedding, o, down

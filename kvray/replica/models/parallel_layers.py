@@ -13,8 +13,8 @@ says which slice each rank holds):
 
 Each layer takes its group from ``kvray.replica.parallel.group.building`` (the loader builds the
 model inside it) and records its ``Split`` as ``tp_split``, by which the loader reads only its
-slice of each checkpoint tensor. In a group of one they are the plain layers: same parameters,
-no communication.
+slice of each checkpoint tensor. Without tensor parallelism they are the plain layers: same
+parameters, no communication.
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ class VocabParallelEmbedding(nn.Module):
         self.tp_split = Split(0, start, count, num_embeddings) if group.size > 1 else None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.group.size == 1:
+        if not self.group.distributed:
             return F.embedding(ids, self.weight)
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.vocab_count)
@@ -99,7 +99,7 @@ class ParallelLMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         local = F.linear(hidden, self.weight)
-        if self.group.size == 1:
+        if not self.group.distributed:
             return local.float()
         parts = self.group.gather(local)
         return None if parts is None else torch.cat(parts, dim=-1)[:, :self.vocab_size].float()

@@ -39,6 +39,12 @@ class ParallelGroup:
         self._store = store  # rank 0's server store must outlive the group
 
     @property
+    def distributed(self) -> bool:
+        """Whether collectives go through a backend (False only for ``SINGLE``; a one-rank NCCL
+        group runs every collective, which is how one GPU tests them)."""
+        return self._pg is not None
+
+    @property
     def backend_name(self) -> str:
         return "none" if self._pg is None else self._pg.name()
 
