@@ -12,7 +12,8 @@ pytest.importorskip("ray")
 from kvray.cli import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = ["cluster-configs/local.yaml", "cluster-configs/gpu.yaml", "cluster-configs/kuberay/rayservice.yaml",
+SHIPPED = ["cluster-configs/local.yaml", "cluster-configs/gpu.yaml", "cluster-configs/gpu-tp2.yaml",
+           "cluster-configs/kuberay/rayservice.yaml",
            "cluster-configs/kuberay/rayservice-cpu.yaml"]
 
 
