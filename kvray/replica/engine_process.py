@@ -106,7 +106,6 @@ def _child_main(fd: int) -> int:
     from kvray.gil import shorten_switch_interval
     from kvray.replica.engine import LLMEngine
     from kvray.replica.engine_loop import EngineLoop, engine_info
-    from kvray.replica.model_runner import resolve_device
 
     # The inbox thread takes each request in while the step loop runs Python: without this it
     # can wait out CPython's 5 ms switch interval before the request reaches the loop.
@@ -128,18 +127,20 @@ def _child_main(fd: int) -> int:
     on_rank_death(rank_died)
     config = conn.recv()
     try:
-        if resolve_device(config.device).type == "cpu":
-            # On a CPU-only machine the model's matmuls would otherwise take the cores from the
-            # processes that accept requests and stream tokens (HTTP, Serve): those are latency
-            # bound, the step loop is throughput bound, so it yields to them (its rank processes,
-            # started while loading, inherit this). With a GPU the step loop's host work is the
-            # GPU's critical path: it keeps its priority.
-            os.nice(CPU_ENGINE_NICENESS)
         engine = LLMEngine(config)
     except BaseException as e:
         logger.exception("the engine failed to load")
         send(Event(EventKind.ERROR, text=f"{type(e).__name__}: {e}"))
         return 1
+    if engine.device.type == "cpu":
+        # On a CPU-only machine the model's matmuls would otherwise take the cores from the
+        # processes that accept requests and stream tokens (HTTP, Serve): those are latency
+        # bound, the step loop is throughput bound, so it yields to them, and so do its other
+        # tensor-parallel ranks. (With a GPU the step loop's host work is the GPU's critical
+        # path: it keeps its priority.)
+        os.nice(CPU_ENGINE_NICENESS)
+        for pid in engine.runner.ranks.pids if engine.runner.ranks is not None else ():
+            os.setpriority(os.PRIO_PROCESS, pid, os.getpriority(os.PRIO_PROCESS, 0))
     # What loading made (modules, weights' Python objects, CUDA graphs) lives as long as the
     # process: out of the collector's sight, so full collections in the step loop stay short.
     gc.collect()

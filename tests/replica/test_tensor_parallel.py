@@ -253,3 +253,31 @@ def test_a_one_rank_group_runs_every_collective_and_changes_nothing(monkeypatch)
     steps = calls["broadcast"]
     assert steps > 0 and calls["gather"] > 0  # once per step; the logits of the steps that sample
     assert calls["all_reduce"] == steps * (1 + 2 * llm.engine.hf_config.num_hidden_layers)  # embedding, o, down
+
+
+def test_a_serving_engine_that_cannot_split_says_why():
+    """In the engine process (what a replica runs) both ranks fail to load: the replica is told the
+    reason, not that a rank died, and no rank process is left behind."""
+    from kvray.replica.async_engine import AsyncLLMEngine
+    from kvray.replica.config import EngineConfig
+    from kvray.replica.engine_process import EngineProcessError
+
+    before = set(_ranks())
+    with pytest.raises(EngineProcessError, match="down_proj.weight_scale_inv'?: a tensor-parallel shard"):
+        AsyncLLMEngine(EngineConfig("kvray:tiny-llama-fp8-block", tensor_parallel_size=2, device="cpu"), process=True)
+    deadline = time.monotonic() + 10
+    while set(_ranks()) - before:
+        assert time.monotonic() < deadline, "a rank process outlived its failed engine"
+        time.sleep(0.1)
+
+
+def _ranks() -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"kvray.replica.parallel.worker" in (entry / "cmdline").read_bytes() \
+                    and _alive(int(entry.name)):
+                out.append(int(entry.name))
+        except OSError:
+            continue
+    return out

@@ -59,7 +59,14 @@ def main(fd: int) -> int:
     except Exception as e:  # noqa: BLE001 - reported to rank 0, which raises it
         logging.getLogger(__name__).exception("rank %d failed to load", spec.rank)
         conn.send(("error", f"{type(e).__name__}: {e}"))
-        return 1
+        # Stay until rank 0 lets go: it usually fails the same way, and its own error (not "rank 1
+        # died") is the one to report.
+        while True:
+            try:
+                if conn.recv_bytes() == STOP:
+                    return 1
+            except (EOFError, OSError):
+                return 1
     conn.send(("ok", runner.load_report))
     return serve(runner, conn)
 
