@@ -51,6 +51,6 @@ class API:
     def error_response(self, e: APIError) -> Response:
         return JSONResponse(self.error_body(e), status_code=e.status, headers=e.headers)
 
-    def stream_error(self, e: APIError) -> bytes:
+    def stream_error(self, e: APIError, req: RequestState) -> bytes:
         """The events that end a stream that failed after it started."""
         return sse(e.body()) + DONE

@@ -4,10 +4,13 @@ from __future__ import annotations
 from starlette.responses import Response
 
 from kvray.frontend.api import API
+from kvray.frontend.messages import MESSAGES
 from kvray.frontend.openai_api import CHAT, COMPLETIONS
 from kvray.frontend.protocol import APIError
+from kvray.frontend.responses import RESPONSES
+from kvray.frontend.tokenize import DETOKENIZE, TOKENIZE
 
-API_BY_KIND: dict[str, API] = {api.kind: api for api in (COMPLETIONS, CHAT)}
+API_BY_KIND: dict[str, API] = {api.kind: api for api in (COMPLETIONS, CHAT, RESPONSES, MESSAGES, TOKENIZE, DETOKENIZE)}
 
 
 def error_response(kind: str, e: APIError) -> Response:

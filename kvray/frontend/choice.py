@@ -122,6 +122,7 @@ class RequestState:
         self.choices = choices
         self.predicted_ttft_s = predicted_ttft_s
         self.closed = False
+        self.num_events = 0  # events streamed so far (for the APIs that number them)
 
     @property
     def num_prompt_tokens(self) -> int:  # each prompt once, whatever n is

@@ -132,9 +132,9 @@ async def prepare_parsed(kind: str, req, body_len: int, headers, t0: float, serv
                           header_tpot_ms=headers.get("x-slo-tpot-ms"))
     except SLOError as e:
         raise APIError(400, str(e), param=e.param) from None
-    constraint = await _off_loop_if(body_len, lambda: structured_outputs(req))
+    constraint = await off_loop_if(body_len, lambda: structured_outputs(req))
     if kind == "chat" and req.tools:  # tool_choice "required" / a named function: a constraint of its own
-        constraint = await _off_loop_if(body_len, lambda: _tool_outputs(req, info, constraint))
+        constraint = await off_loop_if(body_len, lambda: _tool_outputs(req, info, constraint))
     prompts = await (_completion_prompts(req, info) if kind == "completions" else chat_prompt(req, info))
     if len(prompts) * (req.n or 1) > MAX_CHOICES_PER_REQUEST:
         raise APIError(400, f"{len(prompts)} prompts x n={req.n or 1} choices is more than "
@@ -204,7 +204,7 @@ async def _completion_prompts(req: CompletionRequest, info: ModelInfo) -> list[l
 async def _completion_prompt(prompt: str | list[int], info: ModelInfo) -> list[int]:
     if isinstance(prompt, str):
         info.check_prompt_chars(len(prompt), "prompt")
-        return await _off_loop_if(len(prompt), lambda: list(info.tokenizer(prompt).input_ids))
+        return await off_loop_if(len(prompt), lambda: list(info.tokenizer(prompt).input_ids))
     vocab = info.vocab_size
     for t in prompt:
         if t < 0 or t >= vocab:
@@ -257,10 +257,10 @@ async def chat_prompt(req: ChatCompletionRequest, info: ModelInfo) -> list[list[
         except Exception as e:  # no template, a template that rejects these messages, bad kwargs...
             raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
 
-    return await _off_loop_if(chars, render)
+    return await off_loop_if(chars, render)
 
 
-async def _off_loop_if(num_chars: int, fn: Callable[[], Any]) -> Any:
+async def off_loop_if(num_chars: int, fn: Callable[[], Any]) -> Any:
     """``fn()`` inline for short text; in a worker thread for long text, so that tokenizing a large
     prompt never stalls the event loop that streams every other request's tokens (the
     tokenizers library releases the GIL while it works)."""

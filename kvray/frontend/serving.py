@@ -300,13 +300,13 @@ class OpenAIServing:
             status = 200
         except APIError as e:
             status = e.status
-            yield api.stream_error(e)
+            yield api.stream_error(e, req)
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as e:
             logger.exception("stream %s failed", req.p.rid)
             status = 503
-            yield api.stream_error(replica_failed(e))
+            yield api.stream_error(replica_failed(e), req)
         finally:
             self._end(req, status)
 
