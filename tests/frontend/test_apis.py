@@ -3,8 +3,6 @@ echo with prompt log-probs, the Responses API, Anthropic Messages, tokenize/deto
 shapes, their 400s in each API's error shape, and admission for every prompt of a request."""
 import dataclasses
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -12,12 +10,17 @@ from kvray.frontend.prepare import ModelInfo
 from kvray.records import TokenBatch
 from kvray.router.policy import DISPATCH, REJECT, Decision, RoutingPolicy
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_serving import FakeStream, body_of, run, serving, tok  # noqa: E402,F401  (tok: the fixture)
+from kvray.replica.models.loader import load_tokenizer, resolve_model
+from tests.frontend.test_serving import FakeStream, body_of, run, serving
 
 TOOL_TEXT = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>'
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
            "required": ["city", "unit"]}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(resolve_model("kvray:tiny-qwen3"))
 
 
 def scripted(tok, script):
