@@ -101,6 +101,17 @@ class TokenStrings:
         return s
 
 
+def by_string(strings: TokenStrings, pairs) -> dict[str, float]:
+    """``{token text: log-prob}`` from ``(token id, log-prob)`` pairs; tokens of the same text
+    (byte pieces of one character, say) keep the highest."""
+    out: dict[str, float] = {}
+    for t, lp in pairs:
+        s = strings(t)
+        if lp > out.get(s, float("-inf")):
+            out[s] = lp
+    return out
+
+
 def completion_logprobs(strings: TokenStrings, token_ids: list[int], logprobs: list[float],
                         tops: list[dict[int, float] | None] | None, text_offset: int) -> tuple[dict, int]:
     """The legacy completions ``logprobs`` object for these tokens, and the next text offset."""
@@ -111,7 +122,7 @@ def completion_logprobs(strings: TokenStrings, token_ids: list[int], logprobs: l
         text_offset += len(s)
     top = None
     if tops is not None:
-        top = [{strings(t): lp for t, lp in (d or {}).items()} for d in tops]
+        top = [by_string(strings, (d or {}).items()) for d in tops]
     return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": top,
             "text_offset": offsets}, text_offset
 
@@ -148,7 +159,7 @@ def prompt_completion_logprobs(strings: TokenStrings, prompt_ids: list[int], plp
     lps = [None] + [plp[i][prompt_ids[i]] for i in range(1, len(prompt_ids))]
     top = None
     if k:
-        top = [None] + [{strings(t): v for t, v in _top(plp[i], k) + [(prompt_ids[i], plp[i][prompt_ids[i]])]}
+        top = [None] + [by_string(strings, _top(plp[i], k) + [(prompt_ids[i], plp[i][prompt_ids[i]])])
                         for i in range(1, len(prompt_ids))]
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": top, "text_offset": offsets}
 
