@@ -35,9 +35,22 @@ class PromptLogprobs:
     chosen: torch.Tensor               # [rows] log-prob of each prompt token
     top_v: torch.Tensor | None         # [rows, k] top log-probs (k: the largest asked in the step)
     top_i: torch.Tensor | None
+    _event: object = None              # torch.cuda.Event after the copies to the host
+
+    def start_copy(self) -> "PromptLogprobs":
+        """Queue the copies to the host behind the step (as ``SampleResult.start_copy``), so that
+        ``apply`` waits for this step only, not for the step launched after it."""
+        if self.chosen.device.type == "cuda":
+            self.chosen, self.top_v, self.top_i = (t.to("cpu", non_blocking=True) if t is not None else None
+                                                   for t in (self.chosen, self.top_v, self.top_i))
+            self._event = torch.cuda.Event()
+            self._event.record()
+        return self
 
     def apply(self) -> None:
-        """Append the entries to each sequence's ``prompt_logprobs`` (reads the tensors back)."""
+        """Append the entries to each sequence's ``prompt_logprobs``."""
+        if self._event is not None:
+            self._event.synchronize()
         chosen = self.chosen.tolist()
         top_v = self.top_v.tolist() if self.top_v is not None else None
         top_i = self.top_i.tolist() if self.top_i is not None else None
@@ -86,4 +99,4 @@ def compute(model, hidden: torch.Tensor, scheduled: list[tuple[Sequence, int]],
             top_v.append(v)
             top_i.append(idx)
     return PromptLogprobs(entries, torch.cat(chosen), torch.cat(top_v) if k else None,
-                          torch.cat(top_i) if k else None)
+                          torch.cat(top_i) if k else None).start_copy()
