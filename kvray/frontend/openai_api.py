@@ -1,5 +1,6 @@
 """OpenAI's ``/v1/completions`` and ``/v1/chat/completions``: request preparation
-(``kvray.frontend.prepare``) and the response bodies and SSE chunks of both.
+(``kvray.frontend.prepare``) and the response bodies and SSE chunks of both (built as plain
+dicts: the streaming path is hot).
 
 Completions may carry several prompts: choice ``k`` answers prompt ``k // n``. With ``echo``
 each choice's text starts with its prompt, and with ``logprobs`` its log-probs start with the
@@ -15,7 +16,6 @@ from typing import AsyncIterator
 from kvray.frontend.api import API, Outputs
 from kvray.frontend.choice import Choice, RequestState
 from kvray.frontend.prepare import Prepared, Served, prepare
-from kvray.frontend.protocol import chat_chunk, completion_chunk, usage_chunk
 from kvray.frontend.sse import DONE, sse
 from kvray.frontend.text_stream import prompt_completion_logprobs, vllm_prompt_logprobs
 
@@ -39,6 +39,28 @@ def merge_logprobs(kind: str, parts: list[dict]) -> dict | None:
     if tops:
         merged["top_logprobs"] = tops
     return merged
+
+
+def completion_chunk(rid: str, created: int, model: str, text: str, finish_reason: str | None,
+                     logprobs: dict | None, with_usage_field: bool) -> dict:
+    d = {"id": rid, "object": "text_completion", "created": created, "model": model,
+         "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+    if with_usage_field:
+        d["usage"] = None
+    return d
+
+
+def chat_chunk(rid: str, created: int, model: str, delta: dict, finish_reason: str | None,
+               logprobs: dict | None, with_usage_field: bool) -> dict:
+    d = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+         "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+    if with_usage_field:
+        d["usage"] = None
+    return d
+
+
+def usage_chunk(rid: str, created: int, model: str, obj: str, usage_: dict) -> dict:
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage_}
 
 
 def _at(chunk: dict, index: int) -> dict:

@@ -361,28 +361,6 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def completion_chunk(rid: str, created: int, model: str, text: str, finish_reason: str | None,
-                     logprobs: dict | None, with_usage_field: bool) -> dict:
-    d = {"id": rid, "object": "text_completion", "created": created, "model": model,
-         "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
-    if with_usage_field:
-        d["usage"] = None
-    return d
-
-
-def chat_chunk(rid: str, created: int, model: str, delta: dict, finish_reason: str | None,
-               logprobs: dict | None, with_usage_field: bool) -> dict:
-    d = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-         "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
-    if with_usage_field:
-        d["usage"] = None
-    return d
-
-
-def usage_chunk(rid: str, created: int, model: str, obj: str, usage_: dict) -> dict:
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage_}
-
-
 def models_list(names: list[str], created: int | None = None) -> dict:
     created = created or int(time.time())
     return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "kvray"}
