@@ -91,9 +91,11 @@ class Prepared:
 
     def hint(self, block_size: int, decode_estimate_cap: int) -> RoutingHint:
         slo = self.slo
+        # a request with prompt log-probs computes its whole prompt: no prefix-cache hit to route by
+        hashes = prefix_block_hashes(self.prompt_ids, block_size) if self.params.prompt_logprobs is None else []
         return RoutingHint(request_id=self.rid, num_prompt_tokens=len(self.prompt_ids),
                            decode_estimate=min(self.params.max_tokens, decode_estimate_cap),
-                           block_hashes=prefix_block_hashes(self.prompt_ids, block_size), block_size=block_size,
+                           block_hashes=hashes, block_size=block_size,
                            slo_class=slo.name, ttft_ms=slo.ttft_ms, tpot_ms=slo.tpot_ms, priority=slo.priority,
                            on_infeasible=slo.on_infeasible,
                            # when the HTTP handler got it (parsing and tokenizing count against the TTFT)

@@ -25,13 +25,13 @@ def tok():
 
 def scripted(tok, script):
     """A serving loop whose replica answers each request with ``script(prompt_ids, params)``'s
-    batches; ``calls`` records (request id, prompt ids, params)."""
+    batches; ``calls`` records (request id, prompt ids, params, hint)."""
     s, calls, metrics = serving(tok, lambda: None)
     s.info = ModelInfo(tok, 4096, 16, len(tok))  # room for a chat template with tools
     s.served = dataclasses.replace(s.served, info=s.info)
 
     def submit(rid, ids, params, hint):
-        calls.append((rid, ids, params))
+        calls.append((rid, ids, params, hint))
         return FakeStream(script(ids, params))
 
     s.submit = submit
@@ -82,7 +82,9 @@ def test_echo_with_logprobs_and_max_tokens_zero(tok):
         plp = [None] + [{t: -0.5 - i, 9: -0.1, 8: -0.2, 7: -3.0} for i, t in enumerate(ids[1:])]
         return [TokenBatch([9], [-0.1], [{9: -0.1, 8: -0.2}], "length", prompt_logprobs=plp)]
 
-    s, _, _ = scripted(tok, script)
+    s, calls, _ = scripted(tok, script)
+    status, raw = post(s, "completions", {"prompt": "abc def " * 10, "echo": True, "logprobs": 2, "max_tokens": 0})
+    assert status == 200 and calls[-1][3].block_hashes == []  # its prompt is computed whole: no prefix hits
     status, raw = post(s, "completions", {"prompt": "abc def", "echo": True, "logprobs": 2, "max_tokens": 0})
     c = json.loads(raw)["choices"][0]
     ids = tok("abc def").input_ids
@@ -170,6 +172,18 @@ def test_responses_function_calls_and_length(tok):
     assert status == 200 and item["type"] == "function_call" and item["name"] == "get_weather"
     assert json.loads(item["arguments"]) == {"city": "Paris", "unit": "c"} and item["call_id"].startswith("call_")
     assert calls[0][2].structured_outputs.kind == "structural_tag"  # required: enforced by the grammar
+    tools2 = tools + [{"type": "function", "name": "get_time", "parameters": {"type": "object"}}]
+    for choice, parallel, names, single in [("required", False, {"get_weather", "get_time"}, True),
+                                            ({"type": "function", "name": "get_time"}, None, {"get_time"}, True),
+                                            ("required", None, {"get_weather", "get_time"}, False)]:
+        body = {"input": "?", "tools": tools2, "tool_choice": choice,
+                **({"parallel_tool_calls": parallel} if parallel is not None else {})}
+        assert post(s, "responses", body)[0] == 200
+        fmt = json.loads(calls[-1][2].structured_outputs.structural_tag)["format"]
+        assert {t["begin"].split('"name": "')[1].split('"')[0] for t in fmt["tags"]} == names
+        assert fmt["stop_after_first"] is single
+    assert post(s, "responses", {"input": "?", "tools": tools, "tool_choice": "none"})[0] == 200
+    assert calls[-1][2].structured_outputs is None
     status, raw = post(s, "responses", {"input": "weather?", "tools": tools, "stream": True})
     kinds = [e for e, _ in sse_events(raw)]
     assert kinds[2:6] == ["response.output_item.added", "response.function_call_arguments.delta",
@@ -237,6 +251,13 @@ def test_messages_tool_use(tok):
     assert out["stop_reason"] == "tool_use" and out["content"][0]["type"] == "tool_use"
     assert out["content"][0]["input"] == {"city": "Paris", "unit": "c"} and out["content"][0]["id"].startswith("toolu_")
     assert calls[0][2].structured_outputs.kind == "structural_tag"
+    for choice, single in [({"type": "tool", "name": "get_weather"}, True),
+                           ({"type": "any", "disable_parallel_tool_use": True}, True), ({"type": "any"}, False)]:
+        assert post(s, "messages", {**body, "tool_choice": choice})[0] == 200
+        assert json.loads(calls[-1][2].structured_outputs.structural_tag)["format"]["stop_after_first"] is single
+    for choice in ({"type": "none"}, {"type": "auto"}):
+        assert post(s, "messages", {**body, "tool_choice": choice})[0] == 200
+        assert calls[-1][2].structured_outputs is None
     events = sse_events(post(s, "messages", {**body, "stream": True})[1])
     start = next(d for e, d in events if e == "content_block_start")
     assert start["content_block"]["type"] == "tool_use" and start["content_block"]["input"] == {}
