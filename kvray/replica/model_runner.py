@@ -8,7 +8,9 @@ import torch
 
 from kvray.replica.config import EngineConfig
 from kvray.replica.forward_context import ForwardContext, forward_context
+from kvray.replica import prompt_logprobs
 from kvray.replica.models.loader import checkpoint_quantization, load_model
+from kvray.replica.prompt_logprobs import PromptLogprobs
 from kvray.replica.sampler import Sampler, SampleResult
 from kvray.replica.sequence import Sequence
 from kvray.replica.step_inputs import StepInputBuilder
@@ -164,10 +166,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Sequence, int]], pending: dict[Sequence, int] | None = None,
-                prev_tokens: torch.Tensor | None = None) -> tuple[list[Sequence], SampleResult | None]:
+                prev_tokens: torch.Tensor | None = None, prompt_lp: set[Sequence] | None = None,
+                ) -> tuple[list[Sequence], SampleResult | None, PromptLogprobs | None]:
         """Launch the step; return the sequences that reached their end and the token sampled for each
-        (still on the device, its copy to the host started). ``pending``: sequences whose last token
-        id is the row of ``prev_tokens`` given (async scheduling; see ``StepInputBuilder.build``)."""
+        (still on the device, its copy to the host started), and the prompt log-probs of the
+        sequences in ``prompt_lp`` that this step computes (``kvray.replica.prompt_logprobs``).
+        ``pending``: sequences whose last token id is the row of ``prev_tokens`` given (async
+        scheduling; see ``StepInputBuilder.build``)."""
         bucket = None
         if self.graphs is not None:
             num_tokens = sum(n for _, n in scheduled)
@@ -178,9 +183,10 @@ class ModelRunner:
         else:
             with forward_context(step.ctx):
                 hidden = self.model(step.input_ids, step.positions)
+        plp = prompt_logprobs.compute(self.model, hidden, scheduled, prompt_lp) if prompt_lp else None
         if not step.sample_seqs:
-            return [], None
+            return [], None, plp
         if step.sample_index is not None:
             hidden = hidden.index_select(0, step.sample_index)
         logits = self.model.compute_logits(hidden)
-        return step.sample_seqs, self.sampler(logits, step.sample_seqs).start_copy()
+        return step.sample_seqs, self.sampler(logits, step.sample_seqs).start_copy(), plp
