@@ -60,6 +60,32 @@ def resolve_model(model: str | os.PathLike) -> Path:
     return cached
 
 
+def checkpoint_problem(model: str | os.PathLike) -> str | None:
+    """What is wrong with ``model`` that this machine can see, without fetching or generating
+    anything (``kvray check-config`` reports it): an unknown preset; for a local path, the
+    architecture, the files and, for GGUF, the header and tensor types. None if nothing is, or
+    if the path does not exist here (a path on the cluster's nodes, a hub id: checked where it loads)."""
+    text = os.fspath(model)
+    try:
+        if text.startswith(PRESET_PREFIX):
+            from kvray.replica.models.presets import get_preset
+            from kvray.replica.models.real_presets import REAL_PRESETS
+            if text[len(PRESET_PREFIX):] not in REAL_PRESETS:
+                get_preset(text)
+            return None
+        if not Path(text).expanduser().exists():
+            return None
+        path = resolve_model(text)
+        if gguf_ckpt.is_gguf(path):
+            gguf_ckpt.gguf_config(path)
+        else:
+            architecture_of(_read_config_json(path))
+            weight_files(path)
+    except (ValueError, OSError) as e:
+        return str(e)
+    return None
+
+
 def _from_hf_cache(repo_id: str) -> Path | None:
     try:
         from huggingface_hub import snapshot_download
