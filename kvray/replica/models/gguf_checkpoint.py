@@ -95,7 +95,7 @@ def _open(path: str, mtime_ns: int, size: int) -> GGUFFile:
     try:
         reader = GGUFReader(path)
     except Exception as e:  # bad magic, truncated header, unknown type id, ...: all "not a GGUF we can read"
-        raise ValueError(f"corrupt or unreadable GGUF file {path!r}: {_reason(e)}") from None
+        raise ValueError(f"cannot read GGUF file {path!r} (corrupt or truncated): {_reason(e)}") from None
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:
             raise ValueError(f"GGUF file {path!r} is truncated: tensor {t.name!r} ends at byte "
@@ -112,7 +112,7 @@ def _open(path: str, mtime_ns: int, size: int) -> GGUFFile:
 
 def _reason(e: Exception) -> str:
     text = str(e)
-    found = re.search(r"(\d+) is not a valid GGMLQuantizationType", text)
+    found = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", text)
     if found:
         return f"a tensor has unknown quantization type id {found.group(1)} (not a GGML type this gguf library knows)"
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
