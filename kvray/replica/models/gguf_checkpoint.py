@@ -101,6 +101,10 @@ def _open(path: str, mtime_ns: int, size: int) -> GGUFFile:
             raise ValueError(f"GGUF file {path!r} is truncated: tensor {t.name!r} ends at byte "
                              f"{t.data_offset + t.n_bytes}, the file has {size}")
     file = GGUFFile(Path(path), reader, _architecture(reader, path))
+    splits = file.value("split.count", 1)
+    if splits > 1:
+        raise ValueError(f"GGUF file {path!r} is one of {splits} split files; kvray loads single-file GGUF "
+                         "checkpoints (merge them first with llama.cpp's gguf-split --merge)")
     bad = {t.name: t.tensor_type.name for t in reader.tensors if t.tensor_type.name not in SUPPORTED_TYPES}
     if bad:
         name, qtype = next(iter(bad.items()))
