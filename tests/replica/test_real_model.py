@@ -5,7 +5,7 @@ agreement, the chat template, ``kvray make-checkpoint`` and the fetch's errors.
 
 Greedy parity is checked teacher-forced on transformers' side (one batched forward: its argmax
 after every prefix of kvray's output must be kvray's next token, which is what its greedy
-generate() would pick), plus generate() itself on two prompts of each kind: token-by-token
+generate() would pick), plus generate() itself on one prompt of each kind: token-by-token
 generate() of 40 x 32 tokens would cost minutes of CPU."""
 from __future__ import annotations
 
@@ -111,13 +111,13 @@ def test_kvray_tokenizes_like_transformers(greedy, hf):
 @pytest.mark.parametrize("kind", ["plain", "chat"])
 def test_greedy_parity_with_transformers(kind, greedy, hf, llm):
     """20 prompts x 32 tokens: every kvray token is transformers' argmax after the same prefix;
-    and the first two prompts through transformers' own generate(), token for token."""
+    and the first prompt through transformers' own generate(), token for token."""
     model, tok = hf
     runs = greedy[0] if kind == "plain" else greedy[1]
     for i, (want, (ids, cont)) in enumerate(zip(hf_argmax(model, runs), runs)):
         assert cont == want, f"{kind} prompt {i}: kvray {tok.decode(cont)!r} != transformers {tok.decode(want)!r}"
-    for ids, cont in runs[:2]:
-        assert hf_greedy(model, ids, MAX_NEW, llm.engine.eos_token_ids) == cont
+    ids, cont = runs[0]
+    assert hf_greedy(model, ids, MAX_NEW, llm.engine.eos_token_ids) == cont
     first = tok.decode(runs[0][1])
     assert first.startswith(" Paris") if kind == "plain" else "Paris" in first, first
 
@@ -127,7 +127,7 @@ def test_bf16_teacher_forced_top1_agreement(gguf_file, greedy):
     the float32 model's (= transformers', checked above); prints the figure."""
     model, _ = load_model(gguf_file, torch.bfloat16)
     runner = PagedRunner(model, num_blocks=512)
-    runs = greedy[0] + greedy[1]
+    runs = greedy[0][::2] + greedy[1][::2]  # 20 of the 40 runs: bf16 matmuls are slow on a CPU
     hits = total = 0
     for first in range(0, len(runs), 10):  # ten sequences per flattened forward
         batch = runs[first:first + 10]
@@ -165,7 +165,7 @@ def test_chat_template_renders_exactly_like_transformers(llm, hf):
         "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_make_checkpoint_writes_a_safetensors_checkpoint_both_load(tmp_path, greedy, capsys):
+def test_make_checkpoint_writes_a_safetensors_checkpoint_both_load(tmp_path, gguf_file, greedy, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kvray.cli import main
@@ -174,10 +174,15 @@ def test_make_checkpoint_writes_a_safetensors_checkpoint_both_load(tmp_path, gre
     assert "wrote smollm2-135m-instruct" in capsys.readouterr().out
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     assert resolve_model(out) == out  # a Hugging Face checkpoint directory now, not a GGUF
+    # kvray builds the same model from the directory as from the GGUF: same config, same values
+    from_dir, cfg = load_model(out, torch.float32)
+    from_gguf, gguf_cfg = load_model(gguf_file, torch.float32)
+    assert cfg.to_diff_dict() | {"dtype": None} == gguf_cfg.to_diff_dict() | {"dtype": None}
+    theirs = dict(from_gguf.named_parameters())
+    for name, p in from_dir.named_parameters():
+        assert torch.equal(p, theirs.pop(name)), name
+    assert not theirs
     runs = [greedy[0][0], greedy[0][5], greedy[1][0], greedy[1][11]]
-    kv = LLM(str(out), device="cpu", max_model_len=256, num_kv_blocks=64)
-    outs = kv.generate([ids for ids, _ in runs], SamplingParams(temperature=0, max_tokens=MAX_NEW), use_tqdm=False)
-    assert [o.token_ids for o in outs] == [cont for _, cont in runs]
     hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     assert hf_argmax(hf, runs) == [cont for _, cont in runs]
     tok = AutoTokenizer.from_pretrained(str(out))
