@@ -71,7 +71,7 @@ def test_cluster_configs_validate():
         assert set(deps) == {"LLMReplica", "Router"}
         assert deps["LLMReplica"]["ray_actor_options"]["num_gpus"] == gpus
     local = yaml.safe_load((ROOT / "cluster-configs" / "local.yaml").read_text())["applications"][0]
-    assert local["args"]["model"] == "kvray:tiny-qwen3" and local["deployments"][0]["num_replicas"] == 2
+    assert local["args"]["model"] == "kvray:smollm2-135m-instruct" and local["deployments"][0]["num_replicas"] == 2
 
 
 def test_build_app_sets_overridable_defaults():
