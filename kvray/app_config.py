@@ -91,7 +91,7 @@ class AppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(min_length=1, description="checkpoint directory, hub id, or kvray:<preset>")
+    model: str = Field(min_length=1, description="checkpoint directory, GGUF file, hub id, or kvray:<preset>")
     served_model_name: str | None = Field(None, description="the model name clients send; default: `model`")
     engine: EngineArgs = Field(default_factory=EngineArgs, description="kvray.replica.config.EngineConfig options")
     slo_classes: dict[str, SLOClassArgs] = Field(

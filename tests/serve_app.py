@@ -190,9 +190,22 @@ def wait_metric(url: str, name: str, value: float, timeout_s: float = 30.0, **la
                f"{name}{labels} never reached {value} (last {metric(url, name, **labels)})")
 
 
-def local_config() -> dict:
-    """cluster-configs/local.yaml, parsed (tests change the port and what they need)."""
-    return yaml.safe_load((ROOT / "cluster-configs" / "local.yaml").read_text())
+TINY_MODEL = {"model": "kvray:tiny-qwen3", "served_model_name": "tiny-qwen3"}
+
+
+def local_config(real_model: bool = False) -> dict:
+    """cluster-configs/local.yaml, parsed (tests change the port and what they need). It serves
+    the real SmolLM2 preset; unless ``real_model``, the model is swapped for the random-weight
+    ``kvray:tiny-qwen3`` (served as ``tiny-qwen3``): the tests of serving mechanics (metrics,
+    overload, ingress, the API's features) need its speed on 2 cores, not its answers."""
+    cfg = yaml.safe_load((ROOT / "cluster-configs" / "local.yaml").read_text())
+    if not real_model:
+        cfg["applications"][0]["args"].update(TINY_MODEL)
+    return cfg
+
+
+def served_name(cfg: dict) -> str:
+    return cfg["applications"][0]["args"]["served_model_name"]
 
 
 def burst_of_streams(url: str, n: int, headers: dict | None = None, max_tokens: int = 48,

@@ -1,8 +1,9 @@
 """The ``Router`` deployment: kvray's HTTP ingress (FastAPI through ``serve.ingress``), a thin
 shim over ``kvray.frontend.serving``.
 
-Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
-``GET /health``, ``GET /metrics`` (the kvray series of every process on this node, from its Ray
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /v1/responses``,
+``POST /v1/messages`` (Anthropic), ``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info``,
+``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``, ``GET /metrics`` (the kvray series of every process on this node, from its Ray
 metrics agent: ``kvray.metrics``) and ``GET /v1/kvray/replicas`` (the router's
 view of each LLMReplica: latest stats and load estimate, for operators and tests). Here: the
 API key check, the body-size limit, and the wiring: the process's ``Dispatcher`` (routing
@@ -15,6 +16,7 @@ a replica (``model_info``), so the Router never loads or downloads the model its
 import asyncio
 import dataclasses
 import hmac
+import json
 import ipaddress
 import logging
 import os
@@ -28,11 +30,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
 from kvray.app_config import AppArgs, parse_args
+from kvray.frontend.apis import error_response
 from kvray.frontend.channels import ChannelRequestStream, DirectRequestStream, TokenChannels
 from kvray.frontend.drain import Drain, watch_replica_stop
 from kvray.frontend.prepare import ModelInfo
-from kvray.frontend.protocol import error_body, models_list
+from kvray.frontend.protocol import APIError, error_body, models_list
 from kvray.frontend.serving import OpenAIServing
+from kvray.frontend.tokenize import tokenizer_info
 from kvray.gil import shorten_switch_interval
 from kvray.metrics import RouterMetrics, scrape_node
 from kvray.records import RoutingHint
@@ -128,18 +132,19 @@ class Router:
         _warn_if_slow_ingress(self.args)
 
     # ---- access ----------------------------------------------------------------------------------
-    def _denied(self, request: Request) -> Response | None:
-        """None if the request may pass: no keys are configured, or it carries one of them."""
+    def _denied(self, request: Request, kind: str = "completions") -> Response | None:
+        """None if the request may pass: no keys are configured, or it carries one of them (as
+        ``Authorization: Bearer KEY``, or ``x-api-key: KEY`` as Anthropic's clients send it)."""
         if not self._api_keys:
             return None
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        given = token.strip().encode() if scheme.lower() == "bearer" else b""
+        given = (token.strip() if scheme.lower() == "bearer" else request.headers.get("x-api-key", "")).encode()
         if given and any(hmac.compare_digest(given, k) for k in self._api_keys):
             return None
         msg = ("Incorrect API key provided." if given else
                "You didn't provide an API key: send it as 'Authorization: Bearer YOUR_KEY'.")
-        return JSONResponse(error_body(msg, "invalid_request_error", code="invalid_api_key"), status_code=401,
-                            headers={"WWW-Authenticate": "Bearer"})
+        return error_response(kind, APIError(401, msg, type="invalid_request_error", code="invalid_api_key",
+                                             headers={"WWW-Authenticate": "Bearer"}))
 
     # ---- startup -------------------------------------------------------------------------------
     async def _ensure_ready(self, timeout_s: float | None = None) -> OpenAIServing:
@@ -188,7 +193,7 @@ class Router:
         return self._stream.channel.remote(channel_id, hint=pin)
 
     async def _serve(self, kind: str, request: Request) -> Response:
-        denied = self._denied(request)
+        denied = self._denied(request, kind)
         if denied is not None:
             self.metrics.request_done(endpoint=kind, status=401, slo_class="none")
             return denied
@@ -200,15 +205,14 @@ class Router:
         if body is None:
             self.metrics.request_done(endpoint=kind, status=413, slo_class="none")
             limit = self.args.max_request_body_bytes
-            return JSONResponse(error_body(f"the request body is larger than {limit} bytes "
-                                           "(max_request_body_bytes)", code="request_too_large"), status_code=413)
+            return error_response(kind, APIError(413, f"the request body is larger than {limit} bytes "
+                                                 "(max_request_body_bytes)", code="request_too_large"))
         try:
             serving = await self._ensure_ready()
         except Exception as e:
             logger.exception("model info unavailable")
             self.metrics.request_done(endpoint=kind, status=503, slo_class="none")
-            return JSONResponse(error_body(f"the model is not ready: {type(e).__name__}", "service_unavailable"),
-                                status_code=503)
+            return error_response(kind, APIError(503, f"the model is not ready: {type(e).__name__}"))
         return await serving.handle(kind, body, request.headers)
 
     async def _read_body(self, request: Request) -> bytes | None:
@@ -234,6 +238,35 @@ class Router:
     @fastapi_app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         return await self._serve("chat", request)
+
+    @fastapi_app.post("/v1/responses")
+    async def responses(self, request: Request) -> Response:
+        return await self._serve("responses", request)
+
+    @fastapi_app.post("/v1/messages")
+    async def messages(self, request: Request) -> Response:
+        return await self._serve("messages", request)
+
+    @fastapi_app.post("/tokenize")
+    async def tokenize(self, request: Request) -> Response:
+        return await self._serve("tokenize", request)
+
+    @fastapi_app.post("/detokenize")
+    async def detokenize(self, request: Request) -> Response:
+        return await self._serve("detokenize", request)
+
+    @fastapi_app.get("/tokenizer_info")
+    async def tokenizer_info(self, request: Request) -> Response:
+        return self._denied(request) or JSONResponse(tokenizer_info((await self._ensure_ready()).info))
+
+    @fastapi_app.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str, request: Request) -> Response:
+        listed = await self.models(request)
+        names = [self.args.served_model_name, self.args.model]
+        if listed.status_code != 200 or model_id not in names:
+            return listed if listed.status_code != 200 else JSONResponse(error_body(
+                f"The model '{model_id}' does not exist", param="model", code="model_not_found"), status_code=404)
+        return JSONResponse({**json.loads(listed.body)["data"][0], "id": model_id})
 
     @fastapi_app.get("/v1/models")
     async def models(self, request: Request) -> Response:

@@ -97,6 +97,7 @@ class _SamplingRequest(BaseModel):
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = Field(None, max_length=1024)
     slo_class: str | None = None
+    prompt_logprobs: int | None = Field(None, ge=-MAX_INT, le=MAX_INT)  # vLLM's: per prompt token, with top-k
     # structured outputs (read by kvray.frontend.structured): OpenAI's response_format, and
     # vLLM's structured_outputs object and its older guided_* fields
     response_format: dict[str, Any] | None = None
@@ -128,6 +129,9 @@ class _SamplingRequest(BaseModel):
             raise APIError(400, f"min_tokens={self.min_tokens} must be >= 0", param="min_tokens")
         if self.stop_token_ids and any(not 0 <= t <= MAX_INT for t in self.stop_token_ids):
             raise APIError(400, f"stop_token_ids must be in [0, {MAX_INT}]", param="stop_token_ids")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise APIError(400, f"prompt_logprobs={self.prompt_logprobs} must be in [0, {MAX_LOGPROBS}]",
+                           param="prompt_logprobs")
 
     @property
     def include_usage(self) -> bool:
@@ -144,12 +148,10 @@ class CompletionRequest(_SamplingRequest):
 
     def checks(self) -> None:
         self.common_checks()
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise APIError(400, f"max_tokens={self.max_tokens} must be >= 1", param="max_tokens")
+        if self.max_tokens is not None and self.max_tokens < (0 if self.echo else 1):
+            raise APIError(400, f"max_tokens={self.max_tokens} must be >= 1 (0 only with echo)", param="max_tokens")
         if self.logprobs is not None and not (0 <= self.logprobs <= MAX_LOGPROBS):
             raise APIError(400, f"logprobs={self.logprobs} must be in [0, {MAX_LOGPROBS}]", param="logprobs")
-        if self.echo:
-            raise APIError(400, "echo is not supported", param="echo")
         if self.best_of not in (None, 1):
             raise APIError(400, f"best_of={self.best_of} is not supported (only 1)", param="best_of")
         if self.suffix:
@@ -252,6 +254,8 @@ class ChatCompletionRequest(_SamplingRequest):
                                param="top_logprobs")
             if not self.logprobs:
                 raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
+        if self.prompt_logprobs is not None and self.stream:
+            raise APIError(400, "prompt_logprobs is not supported with stream=true", param="prompt_logprobs")
         self.tool_checks()
 
     def tool_checks(self) -> None:
@@ -355,34 +359,6 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
-
-
-
-
-def completion_chunk(rid: str, created: int, model: str, text: str, finish_reason: str | None,
-                     logprobs: dict | None, with_usage_field: bool) -> dict:
-    d = {"id": rid, "object": "text_completion", "created": created, "model": model,
-         "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
-    if with_usage_field:
-        d["usage"] = None
-    return d
-
-
-
-
-
-
-def chat_chunk(rid: str, created: int, model: str, delta: dict, finish_reason: str | None,
-               logprobs: dict | None, with_usage_field: bool) -> dict:
-    d = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-         "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
-    if with_usage_field:
-        d["usage"] = None
-    return d
-
-
-def usage_chunk(rid: str, created: int, model: str, obj: str, usage_: dict) -> dict:
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage_}
 
 
 def models_list(names: list[str], created: int | None = None) -> dict:

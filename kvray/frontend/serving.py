@@ -1,12 +1,13 @@
-"""OpenAI completions and chat completions on top of a replica token stream.
+"""The Router's serving loop: every generation API on top of a replica token stream.
 
 One ``OpenAIServing`` per Router replica. For each request it sheds load when every replica's
-queue is full, prepares the request (``kvray.frontend.prepare``), has the routing policy admit
-it (``kvray.router.dispatch``: dispatch, hold, or a 429), submits it (the Serve handle call that
+queue is full, has the request's API prepare it (``kvray.frontend.api``: OpenAI completions and
+chat, Responses, Anthropic Messages), has the routing policy admit each of its prompts
+(``kvray.router.dispatch``: dispatch, hold, or a 429), submits it (the Serve handle call that
 kvray's request router carries to the chosen replica), retries elsewhere a replica that refused
-it or failed before its first token, then detokenizes the returned ``TokenBatch``es into a JSON
-response or an SSE stream. Errors use the OpenAI error shape; a client that goes away cancels
-the replica call, which aborts the request in the engine.
+it or failed before its first token, then detokenizes the returned ``TokenBatch``es and hands
+them to the API for a JSON response or an SSE stream. Errors use the API's error shape; a
+client that goes away cancels the replica call, which aborts the request in the engine.
 """
 from __future__ import annotations
 
@@ -16,14 +17,16 @@ import math
 import time
 from typing import Any, AsyncIterator, Callable
 
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from kvray import tracing
-from kvray.frontend.choice import Choice, response_body
+from kvray.frontend.api import API
+from kvray.frontend.apis import API_BY_KIND
+from kvray.frontend.choice import Choice, RequestState
 from kvray.frontend.drain import Drain
-from kvray.frontend.prepare import ModelInfo, Prepared, prepare
-from kvray.frontend.protocol import APIError, chat_chunk, completion_chunk, usage, usage_chunk
-from kvray.frontend.sse import DONE, EventStream, at_index, dumps, event
+from kvray.frontend.prepare import ModelInfo, Prepared, Served
+from kvray.frontend.protocol import APIError
+from kvray.frontend.sse import EventStream, dumps
 from kvray.frontend.text_stream import FastDecoder, TokenStrings
 from kvray.metrics import RouterMetrics
 from kvray.records import Refusal, RoutingHint, TokenBatch
@@ -36,25 +39,6 @@ logger = logging.getLogger(__name__)
 
 QUEUE_FULL_RETRY_AFTER_S = 1
 MAX_ATTEMPTS = 3  # dispatches of one request: a replica that is full or gone before its first token is skipped
-
-
-class _Request:
-    """One request while its choices' tokens come back (counted once, whichever path ends it)."""
-
-    def __init__(self, p: Prepared, choices: list[Choice], predicted_ttft_s: float | None):
-        self.p = p
-        self.choices = choices
-        self.predicted_ttft_s = predicted_ttft_s
-        self.closed = False
-
-    def usage(self) -> dict:  # the prompt once, every choice's tokens
-        first = self.choices[0]
-        return usage(len(self.p.prompt_ids), sum(c.num_generated for c in self.choices), first.cached)
-
-    def close_streams(self) -> None:
-        for c in self.choices:
-            if c.stream is not None:  # not finished there: the client is gone, an error, or a stop string seen here
-                c.stream.close(abort=not c.engine_finished)
 
 
 class OpenAIServing:
@@ -79,36 +63,44 @@ class OpenAIServing:
         self.drain = drain if drain is not None else Drain(30.0)
         self.decoder = FastDecoder.wrap(info.tokenizer)
         self.strings = TokenStrings(self.decoder)
+        self.served = Served(info, model_names, slo_classes, default_slo_class)
         self.num_in_flight = 0  # requests of this Router dispatched (or being dispatched), not yet done
 
     # ---- entry point -------------------------------------------------------------------------
     async def handle(self, kind: str, body: bytes, headers) -> Response:
+        """One request of the API ``kind`` (``kvray.frontend.apis.API_BY_KIND``)."""
+        api = API_BY_KIND[kind]
+        if api.local:
+            return await self._answer(api, body)
         t0 = time.monotonic()
-        slo_label = "none"
+        slo_label, status, admitted = "none", 500, []
         try:
             self.drain.check()
             self._shed_if_full()
-            p = await prepare(kind, body, headers, t0, info=self.info, model_names=self.model_names,
-                              slo_classes=self.slo_classes, default_slo_class=self.default_slo_class)
+            p = await api.prepare(body, headers, t0, self.served)
             if tracing.ENABLED:
                 tracing.trace(p.rid, "router_in", t0)
             slo_label = p.slo.name
-            hint, predicted = await self._admit(p)
+            choices = [Choice(k, p.choice(k), self) for k in range(p.num_choices)]
+            for c in choices[::p.n]:  # each prompt is routed on its own
+                admitted.append((c, *await self._admit(c.p)))
+            status = 0
         except APIError as e:
-            self.metrics.request_done(endpoint=kind, status=e.status, slo_class=slo_label)
-            return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+            status = e.status
+            return api.error_response(e)
         except asyncio.CancelledError:  # the client left while the request waited for admission
-            self.metrics.request_done(endpoint=kind, status=499, slo_class=slo_label)
+            status = 499
             raise
-        except Exception:  # a bug: the 500 handler answers, and the request still counts
-            self.metrics.request_done(endpoint=kind, status=500, slo_class=slo_label)
-            raise
-        choices = [Choice(i, p if i == 0 else p.child(i), self) for i in range(p.n)]
-        req = _Request(p, choices, predicted)
+        finally:  # a bug (500: the handler answers) or a refusal still counts; admitted prompts leave the book
+            if status:
+                self.metrics.request_done(endpoint=kind, status=status, slo_class=slo_label)
+                for c, _, _ in admitted if self.dispatcher is not None else ():
+                    self.dispatcher.on_finish(c.p.rid)
+        req = RequestState(p, choices, admitted[0][2])
         self.num_in_flight += 1
         self.drain.add(req)
         try:  # the first batches decide between an error status and a 200
-            firsts = await self._dispatch_choices(req, hint)
+            firsts = await self._dispatch_choices(req, [h for _, h, _ in admitted])
             if tracing.ENABLED:
                 tracing.trace(p.rid, "router_first_out")
         except asyncio.CancelledError:
@@ -116,16 +108,28 @@ class OpenAIServing:
             raise
         except APIError as err:
             self._end(req, err.status)
-            return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-        if p.req.stream:
+            return api.error_response(err)
+        if api.streams(p):
             def abandoned() -> None:  # the response ended: a no-op unless the stream never ran to its end
                 if not req.closed:
                     for c in choices:
-                        c.stream.close(abort=True)
+                        if c.stream is not None:
+                            c.stream.close(abort=True)
                     self._done(req, 499)
 
-            return EventStream(self._sse(req, firsts), abandoned)
-        return await self._collect(req, firsts)
+            return EventStream(self._sse(api, req, firsts), abandoned)
+        return await self._collect(api, req, firsts)
+
+    async def _answer(self, api: API, body: bytes) -> Response:
+        """A request the Router answers itself (tokenize)."""
+        try:
+            out, status = await api.answer(body, self.served), 200
+        except APIError as e:
+            out, status = e, e.status
+        self.metrics.request_done(endpoint=api.kind, status=status, slo_class="none")
+        if isinstance(out, APIError):
+            return api.error_response(out)
+        return Response(dumps(out), media_type="application/json")
 
     def _shed_if_full(self) -> None:
         limit = self.dispatcher.book.capacity() if self.dispatcher is not None else None
@@ -146,27 +150,27 @@ class OpenAIServing:
                 headers={"Retry-After": str(max(1, int(round(d.retry_after_s or 1))))})
         return hint, d.predicted_ttft_s
 
-    async def _dispatch_choices(self, req: _Request, hint: RoutingHint) -> list[tuple]:
-        """Dispatch every choice and return each one's first output. The first choice goes where
-        the policy sends it. The others (``n > 1``) follow it to that replica once its first
-        token shows that the prompt is computed there: they find it in the prefix cache, so the
-        prompt is prefilled once."""
-        first = req.choices[0]
-        outs = [first.add(await self._dispatch(first, hint))]
-        if len(req.choices) == 1:
-            return outs
-        where = self.dispatcher.book.replica_of(first.p.rid) if self.dispatcher is not None else None
+    async def _dispatch_choices(self, req: RequestState, hints: list[RoutingHint]) -> list[tuple]:
+        """Dispatch every choice, prompt after prompt, and return each one's first output. A
+        prompt's first choice goes where the policy sends it (``hints``, one per prompt). Its
+        other choices (``n > 1``) follow it to that replica once its first token shows that the
+        prompt is computed there: they find it in the prefix cache, so the prompt is prefilled once."""
+        n, outs = req.p.n, []
 
-        async def one(c: Choice) -> tuple:
+        async def one(c: Choice, where: str | None) -> tuple:
             h = c.p.hint(self.info.block_size, self.decode_cap)
             if self.dispatcher is not None:
                 self.dispatcher.follow(h, where)
             return c.add(await self._dispatch(c, h))
 
-        # One after another: dispatched together, a choice's call was at times never delivered
-        # (Ray Serve 2.60 routed only some of a burst of calls made from one HTTP request).
-        for c in req.choices[1:]:
-            outs.append(await one(c))
+        for i, hint in enumerate(hints):
+            first, *others = req.choices[i * n:(i + 1) * n]
+            outs.append(first.add(await self._dispatch(first, hint)))
+            where = self.dispatcher.book.replica_of(first.p.rid) if others and self.dispatcher is not None else None
+            # One after another: dispatched together, a choice's call was at times never delivered
+            # (Ray Serve 2.60 routed only some of a burst of calls made from one HTTP request).
+            for c in others:
+                outs.append(await one(c, where))
         return outs
 
     async def _dispatch(self, c: Choice, hint: RoutingHint) -> TokenBatch:
@@ -212,11 +216,11 @@ class OpenAIServing:
         raise AssertionError("unreachable")
 
     # ---- responses ---------------------------------------------------------------------------
-    def _end(self, req: _Request, status: int) -> None:
+    def _end(self, req: RequestState, status: int) -> None:
         req.close_streams()
         self._done(req, status)
 
-    def _done(self, req: _Request, status: int) -> None:
+    def _done(self, req: RequestState, status: int) -> None:
         if req.closed:
             return
         req.closed = True
@@ -231,12 +235,12 @@ class OpenAIServing:
         tpot = first.tpot()
         attained = p.slo.attained(ttft, tpot) if status == 200 else None
         self.metrics.request_done(endpoint=p.kind, status=status, slo_class=p.slo.name,
-                                  prompt_tokens=len(p.prompt_ids) if first.t_first is not None else 0,
-                                  completion_tokens=sum(c.num_generated for c in req.choices),
+                                  prompt_tokens=req.num_prompt_tokens if first.t_first is not None else 0,
+                                  completion_tokens=req.num_generated,
                                   ttft_s=ttft, tpot_s=tpot, e2e_s=e2e if status == 200 else None, attained=attained,
                                   predicted_ttft_s=req.predicted_ttft_s)
 
-    async def _outputs(self, req: _Request, firsts: list[tuple]) -> AsyncIterator[tuple[int, tuple]]:
+    async def _outputs(self, req: RequestState, firsts: list[tuple]) -> AsyncIterator[tuple[int, tuple]]:
         """``(choice index, (text, logprobs, finished))`` as the choices' batches come, starting
         with ``firsts``, until every choice has finished. Raises what a batch raised."""
         if len(req.choices) == 1:  # the common case, without a task per choice
@@ -271,8 +275,7 @@ class OpenAIServing:
             for t in tasks:
                 t.cancel()
 
-    async def _collect(self, req: _Request, firsts: list[tuple]) -> Response:
-        p = req.p
+    async def _collect(self, api: API, req: RequestState, firsts: list[tuple]) -> Response:
         texts: list[list[str]] = [[] for _ in req.choices]
         lps: list[list[dict]] = [[] for _ in req.choices]
         try:
@@ -285,61 +288,32 @@ class OpenAIServing:
             raise
         except APIError as e:
             self._end(req, e.status)
-            return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+            return api.error_response(e)
         except Exception as e:
             req.close_streams()
-            logger.exception("request %s failed", p.rid)
+            logger.exception("request %s failed", req.p.rid)
             self._done(req, 503)
-            err = replica_failed(e)
-            return JSONResponse(err.body(), status_code=503)
+            return api.error_response(replica_failed(e))
         req.close_streams()
-        name = p.req.model or self.model_names[0]
-        out = [c.final(p.kind, "".join(texts[c.index]), lps[c.index]) for c in req.choices]
-        body = response_body(p.kind, p.rid, int(time.time()), name, out, req.usage())
+        body = api.body(req, ["".join(t) for t in texts], lps)
         self._done(req, 200)
         return Response(dumps(body), media_type="application/json")
 
-    async def _sse(self, req: _Request, firsts: list[tuple]) -> AsyncIterator[bytes]:
-        p = req.p
-        created = int(time.time())
-        name = p.req.model or self.model_names[0]
-        with_usage = p.req.include_usage
-        chat = p.kind == "chat"
+    async def _sse(self, api: API, req: RequestState, firsts: list[tuple]) -> AsyncIterator[bytes]:
         status = 499  # unless the stream gets to its end
         try:
-            if chat:
-                for c in req.choices:
-                    role = {"role": "assistant", "content": ""}
-                    yield event(at_index(chat_chunk(p.rid, created, name, role, None, None, with_usage), c.index))
-            async for i, (text, lp, finished) in self._outputs(req, firsts):
-                c = req.choices[i]
-                if text or lp is not None or finished:
-                    reason = c.finish_reason if finished else None
-                    if chat:  # one chunk per batch, unless a tool call's deltas split it
-                        deltas = c.deltas(text, finished) or [{}]
-                        for k, delta in enumerate(deltas):
-                            last = k == len(deltas) - 1
-                            yield event(at_index(chat_chunk(p.rid, created, name, delta,
-                                                            c.reason(reason) if last else None,
-                                                            lp if k == 0 else None, with_usage), i))
-                    else:
-                        yield event(at_index(completion_chunk(p.rid, created, name, text, reason, lp, with_usage), i))
-            if with_usage:
-                yield event(usage_chunk(p.rid, created, name, "chat.completion.chunk" if chat else "text_completion",
-                                        req.usage()))
-            yield DONE
+            async for event in api.events(req, self._outputs(req, firsts)):
+                yield event
             status = 200
         except APIError as e:
             status = e.status
-            yield event(e.body())
-            yield DONE
+            yield api.stream_error(e, req)
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as e:
-            logger.exception("stream %s failed", p.rid)
+            logger.exception("stream %s failed", req.p.rid)
             status = 503
-            yield event(replica_failed(e).body())
-            yield DONE
+            yield api.stream_error(replica_failed(e), req)
         finally:
             self._end(req, status)
 

@@ -1,5 +1,5 @@
-"""Server-sent events as the OpenAI API streams them: ``data: <json>`` events ended by
-``data: [DONE]``, and the streaming response that carries them."""
+"""JSON and server-sent-event bytes, shared by every HTTP API of the Router, and the streaming
+response that carries the events."""
 from __future__ import annotations
 
 import json
@@ -19,15 +19,14 @@ except ImportError:  # pragma: no cover
 DONE = b"data: [DONE]\n\n"
 
 
-def event(obj: Any) -> bytes:
+def sse(obj: Any) -> bytes:
+    """One ``data:`` event (OpenAI chat and completions streams)."""
     return b"data: " + dumps(obj) + b"\n\n"
 
 
-def at_index(chunk: dict, index: int) -> dict:
-    """A chunk of choice ``index`` (the builders make choice 0's)."""
-    if index:
-        chunk["choices"][0]["index"] = index
-    return chunk
+def named_sse(event: str, obj: Any) -> bytes:
+    """One event with its name on an ``event:`` line (Responses and Anthropic streams)."""
+    return b"event: " + event.encode() + b"\ndata: " + dumps(obj) + b"\n\n"
 
 
 class EventStream(StreamingResponse):

@@ -101,6 +101,17 @@ class TokenStrings:
         return s
 
 
+def by_string(strings: TokenStrings, pairs) -> dict[str, float]:
+    """``{token text: log-prob}`` from ``(token id, log-prob)`` pairs; tokens of the same text
+    (byte pieces of one character, say) keep the highest."""
+    out: dict[str, float] = {}
+    for t, lp in pairs:
+        s = strings(t)
+        if lp > out.get(s, float("-inf")):
+            out[s] = lp
+    return out
+
+
 def completion_logprobs(strings: TokenStrings, token_ids: list[int], logprobs: list[float],
                         tops: list[dict[int, float] | None] | None, text_offset: int) -> tuple[dict, int]:
     """The legacy completions ``logprobs`` object for these tokens, and the next text offset."""
@@ -111,7 +122,7 @@ def completion_logprobs(strings: TokenStrings, token_ids: list[int], logprobs: l
         text_offset += len(s)
     top = None
     if tops is not None:
-        top = [{strings(t): lp for t, lp in (d or {}).items()} for d in tops]
+        top = [by_string(strings, (d or {}).items()) for d in tops]
     return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": top,
             "text_offset": offsets}, text_offset
 
@@ -128,3 +139,40 @@ def chat_logprobs(strings: TokenStrings, token_ids: list[int], logprobs: list[fl
                 alts.append({"token": a, "logprob": alp, "bytes": list(a.encode("utf-8"))})
         content.append({"token": s, "logprob": lp, "bytes": list(s.encode("utf-8")), "top_logprobs": alts})
     return {"content": content}
+
+
+def _top(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
+    """The ``k`` most likely of a prompt position's ``{token: log-prob}`` (the engine keeps the
+    prompt token and its top alternatives)."""
+    return sorted(entry.items(), key=lambda kv: -kv[1])[:k]
+
+
+def prompt_completion_logprobs(strings: TokenStrings, prompt_ids: list[int], plp: list[dict[int, float] | None],
+                               k: int) -> dict:
+    """The legacy completions ``logprobs`` object of an echoed prompt: nothing predicts its first
+    token (``None``); the top ``k`` per position with the prompt token itself (none for k=0)."""
+    tokens = [strings(t) for t in prompt_ids]
+    offsets, at = [], 0
+    for s in tokens:
+        offsets.append(at)
+        at += len(s)
+    lps = [None] + [plp[i][prompt_ids[i]] for i in range(1, len(prompt_ids))]
+    top = None
+    if k:
+        top = [None] + [by_string(strings, _top(plp[i], k) + [(prompt_ids[i], plp[i][prompt_ids[i]])])
+                        for i in range(1, len(prompt_ids))]
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": top, "text_offset": offsets}
+
+
+def vllm_prompt_logprobs(strings: TokenStrings, prompt_ids: list[int], plp: list[dict[int, float] | None],
+                         k: int) -> list[dict | None]:
+    """vLLM's ``prompt_logprobs`` field: per prompt token ``{token id: {logprob, rank,
+    decoded_token}}`` with its top ``k``; ``rank`` is known within the top ``k`` (else null)."""
+    out: list[dict | None] = [None]
+    for i in range(1, len(prompt_ids)):
+        top = _top(plp[i], k)
+        d = {str(t): {"logprob": v, "rank": r + 1, "decoded_token": strings(t)} for r, (t, v) in enumerate(top)}
+        t = prompt_ids[i]
+        d.setdefault(str(t), {"logprob": plp[i][t], "rank": None, "decoded_token": strings(t)})
+        out.append(d)
+    return out

@@ -1,7 +1,9 @@
 """``kvray check-config``: every problem of a Serve config file (or a KubeRay RayService), offline:
-Serve's own schema, kvray's ``args``, then GPUs: a replica's against its tensor-parallel ranks
-and, in a RayService, against the worker groups' nodes. ``serve run`` with a config file never exits on a
-failed deploy, so this is how to fail fast.
+Serve's own schema, then kvray's ``args``, then the model where this machine can see it (an
+unknown preset; a local checkpoint's or GGUF file's architecture, files and tensor types), then
+GPUs: a replica's against its tensor-parallel ranks and, in a RayService, against the worker
+groups' nodes. ``serve run`` with a config file never exits on a failed deploy, so this is how to
+fail fast.
 
 ``serve_config_errors`` takes the parsed YAML and never raises: whatever the document holds, each
 problem comes back as one line (the CLI exits 1 on them; an uncaught exception would also exit 1
@@ -51,6 +53,10 @@ def serve_config_errors(doc) -> list[str]:
         except ConfigError as e:
             errors += [_one_line(f"applications[{i}] ({app.get('name')}): {p}") for p in e.problems]
             continue
+        from kvray.replica.models.loader import checkpoint_problem  # imports torch: only when needed
+        problem = checkpoint_problem(args.model)
+        if problem:
+            errors.append(_one_line(f"applications[{i}] ({app.get('name')}): args.model: {problem}"))
         where = f"applications[{i}] ({app.get('name')})"
         errors += [f"{where}: {p}" for p in replica_gpu_errors(_replica_deployment(app), args.engine)]
         if cluster is not None:

@@ -115,6 +115,7 @@ class AsyncLLMEngine:
         tops = [] if params.logprobs else None
         text_sent = ""
         finished = False
+        prompt_lps = None  # on the first delta, when asked for
         try:
             while not finished:
                 deltas = [await queue.get()]
@@ -127,6 +128,7 @@ class AsyncLLMEngine:
                     if isinstance(d, BaseException):
                         raise d
                     new_ids.extend(d.new_token_ids)
+                    prompt_lps = d.prompt_logprobs or prompt_lps
                     if new_lps is not None and d.new_logprobs:
                         new_lps.extend(d.new_logprobs)
                         if new_tops is not None:
@@ -168,7 +170,7 @@ class AsyncLLMEngine:
                     text=out_text, finished=finished, finish_reason=last.finish_reason if finished else None,
                     stop_reason=last.stop_reason if finished else None, logprobs=out_lps, top_logprobs=out_tops,
                     num_cached_tokens=last.num_cached_tokens, metrics=metrics,
-                    new_token_ids=new_ids, new_text=new_text, prompt=prompt)
+                    new_token_ids=new_ids, new_text=new_text, prompt=prompt, prompt_logprobs=prompt_lps)
         finally:
             if not finished:
                 self.abort(request_id)

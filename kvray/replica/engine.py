@@ -6,9 +6,6 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, wait
-from dataclasses import dataclass
-
-import torch
 
 from kvray.records import EngineStats, RequestSnapshot
 from kvray.replica.block_manager import BlockManager
@@ -25,6 +22,7 @@ from kvray.replica.scheduler import Scheduler, SchedulerOutput
 from kvray.replica import deadline_policy  # noqa: F401  (registers the "deadline" policy)
 from kvray.replica.scheduling_policy import make_policy
 from kvray.replica.sequence import Sequence, SequenceStatus, validate_prompt
+from kvray.replica.step_record import Launched, StepRecord, can_look_ahead
 from kvray.step_cost import StepTimeModel
 
 logger = logging.getLogger(__name__)
@@ -40,34 +38,6 @@ MAX_STEP_FAILURES = 3
 # there. Larger chunks barely raise prefill throughput (the GEMMs are already compute bound at 2k
 # tokens) but every decode in such a step waits for the whole chunk, so TPOT grows with it.
 DEFAULT_STEP_TOKENS = 2048
-
-
-@dataclass
-class StepRecord:
-    """One engine step, as the step-cost model learns from it. ``duration_s`` runs from its
-    launch, or from the previous step's end if that is later (async steps overlap), to its end."""
-
-    t_end: float
-    duration_s: float
-    num_batched_tokens: int
-    num_context_tokens: int
-    num_seqs: int
-
-
-@dataclass
-class _Launched:
-    """A step whose device work is queued."""
-
-    out: SchedulerOutput
-    sample_seqs: list[Sequence]      # the sequences it samples, one row of ``result`` each
-    result: SampleResult | None      # None when it samples nothing (only prompt chunks)
-    t_launch: float
-
-
-def _can_look_ahead(step: _Launched) -> bool:
-    """The next step can be launched before this one's tokens are read: they are a tensor to
-    gather from (a sampler that hands back host lists, like a test's stand-in, runs synchronously)."""
-    return step.result is None or isinstance(step.result.token_ids, torch.Tensor)
 
 
 class LLMEngine:
@@ -120,11 +90,12 @@ class LLMEngine:
         self.step_history: deque[StepRecord] = deque(maxlen=STEP_HISTORY)
         self._seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
-        self._inflight: _Launched | None = None  # the step launched, not yet completed (async scheduling)
+        self._inflight: Launched | None = None  # the step launched, not yet completed (async scheduling)
         self._last_step_end = 0.0
         self._step_failures = 0
         self.grammars: GrammarCache | None = None  # made when the first structured-outputs request comes
         self._compiling: list[Sequence] = []  # requests whose grammar is being compiled (not scheduled yet)
+        self._prompt_lp: set[Sequence] = set()  # requests whose prompt log-probs are still to compute
         logger.info("engine ready in %.1f s: model=%s device=%s dtype=%s quantization=%s max_model_len=%d KV=%d tokens "
                     "(%s), step budget %d tokens", time.monotonic() - t_start, config.model, self.device, dtype,
                     self.runner.quantization_name, self.max_model_len, num_blocks * config.block_size,
@@ -169,6 +140,8 @@ class LLMEngine:
 
     def add_sequence(self, seq: Sequence) -> None:
         self._seqs[seq.request_id] = seq
+        if seq.needs_prompt_logprobs:
+            self._prompt_lp.add(seq)
         if seq.grammar is not None and seq.grammar.matcher is None:
             self._compiling.append(seq)  # scheduled once its grammar is compiled (off this thread)
         else:
@@ -280,7 +253,7 @@ class LLMEngine:
             self.scheduler.update_after_step(prev.out)  # overlaps the GPU
         pending: dict[Sequence, int] = {}
         nxt = None
-        if self.config.async_scheduling and _can_look_ahead(prev):
+        if self.config.async_scheduling and can_look_ahead(prev):
             pending = self._reserve_next_tokens(prev)
             nxt = self._launch(self.scheduler.schedule(), prev.result, pending)
         done = self._complete(prev, pending)
@@ -290,14 +263,18 @@ class LLMEngine:
         return done
 
     def _launch(self, out: SchedulerOutput, prev: SampleResult | None = None,
-                pending: dict[Sequence, int] | None = None) -> _Launched | None:
+                pending: dict[Sequence, int] | None = None) -> Launched | None:
         if not out.scheduled:
             return None
         t0 = time.monotonic()
-        sample_seqs, result = self.runner.execute(out.scheduled, pending, prev.token_ids if pending else None)
-        return _Launched(out, sample_seqs, result, t0)
+        wanted = self._prompt_lp
+        if wanted:  # forget those done, finished or aborted
+            wanted = self._prompt_lp = {s for s in wanted if s.needs_prompt_logprobs and not s.is_finished}
+        sample_seqs, result, plp = self.runner.execute(out.scheduled, pending, prev.token_ids if pending else None,
+                                                       wanted)
+        return Launched(out, sample_seqs, result, t0, plp)
 
-    def _reserve_next_tokens(self, prev: _Launched) -> dict[Sequence, int]:
+    def _reserve_next_tokens(self, prev: Launched) -> dict[Sequence, int]:
         """Give each sequence sampled in ``prev`` that cannot finish on that token a placeholder
         for it (so the scheduler grants it its next decode); map it to its row of the samples."""
         pending: dict[Sequence, int] = {}
@@ -318,11 +295,13 @@ class LLMEngine:
             pending[seq] = row
         return pending
 
-    def _complete(self, step: _Launched, pending: dict[Sequence, int]) -> list[Sequence]:
+    def _complete(self, step: Launched, pending: dict[Sequence, int]) -> list[Sequence]:
         """Wait for the step's tokens (the one sync), append them and apply the stop checks."""
         result = step.result
         if result is not None:
             result.resolve()
+        if step.prompt_lp is not None:  # before the first token: its output carries them
+            step.prompt_lp.apply()
         now = time.monotonic()
         done = []
         for i, seq in enumerate(step.sample_seqs):
@@ -389,7 +368,8 @@ class LLMEngine:
             text=self.output_text(seq), finished=seq.is_finished, finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason, logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
             top_logprobs=list(seq.top_logprobs) if seq.top_logprobs is not None else None,
-            num_cached_tokens=seq.num_cached_tokens, metrics=seq.metrics, prompt=seq.prompt)
+            num_cached_tokens=seq.num_cached_tokens, metrics=seq.metrics, prompt=seq.prompt,
+            prompt_logprobs=list(seq.prompt_logprobs) if seq.prompt_logprobs is not None else None)
 
     def stats(self) -> EngineStats:
         return self.scheduler.stats(self.step_cost)

@@ -122,7 +122,8 @@ class EngineLoop:
             new_top_logprobs=seq.top_logprobs[k0:n] if seq.top_logprobs is not None else None,
             engine_text=seq.detokenizer.text if seq.detokenizer is not None else None,
             num_cached_tokens=seq.num_cached_tokens, first_token_time=seq.metrics.first_token_time,
-            num_preemptions=seq.metrics.num_preemptions, queue_time_s=_queue_time(seq) if k0 == 0 else None)))
+            num_preemptions=seq.metrics.num_preemptions, queue_time_s=_queue_time(seq) if k0 == 0 else None,
+            prompt_logprobs=seq.prompt_logprobs if k0 == 0 else None)))
 
 
 def _queue_time(seq) -> float | None:

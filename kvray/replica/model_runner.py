@@ -18,12 +18,14 @@ import torch
 from kvray.replica.config import EngineConfig
 from kvray.replica.cuda_graphs import Bucket, StepGraphs
 from kvray.replica.forward_context import ForwardContext, forward_context
+from kvray.replica import prompt_logprobs
 from kvray.replica.models.loader import checkpoint_quantization, load_config, load_model
 from kvray.replica.models.moe import moe_spec
 from kvray.replica.parallel.group import SINGLE, ParallelGroup, connect
 from kvray.replica.parallel.launcher import RankProcesses, WorkerSpec
 from kvray.replica.parallel.lifecycle import RankFailure
 from kvray.replica.parallel.sharding import check_tensor_parallel
+from kvray.replica.prompt_logprobs import PromptLogprobs
 from kvray.replica.sampler import Sampler, SampleResult
 from kvray.replica.sequence import Sequence
 from kvray.replica.step_inputs import StepHeader, StepInputBuilder, StepInputs
@@ -280,12 +282,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Sequence, int]], pending: dict[Sequence, int] | None = None,
-                prev_tokens: torch.Tensor | None = None) -> tuple[list[Sequence], SampleResult | None]:
+                prev_tokens: torch.Tensor | None = None, prompt_lp: set[Sequence] | None = None,
+                ) -> tuple[list[Sequence], SampleResult | None, PromptLogprobs | None]:
         """Launch the step; return the sequences that reached their end and the token sampled for each
-        (still on the device, its copy to the host started). ``pending``: sequences whose last token
-        id is the row of ``prev_tokens`` given (async scheduling; see ``StepInputBuilder.build``).
-        Under tensor parallelism a failure past the inputs is the engine's end (``RankFailure``):
-        the ranks may be stuck halfway through the step."""
+        (still on the device, its copy to the host started), and the prompt log-probs of the
+        sequences in ``prompt_lp`` that this step computes (``kvray.replica.prompt_logprobs``).
+        ``pending``: sequences whose last token id is the row of ``prev_tokens`` given (async
+        scheduling; see ``StepInputBuilder.build``). Under tensor parallelism a failure past the
+        inputs is the engine's end (``RankFailure``): the ranks may be stuck halfway through the step."""
         if self.ranks is not None:
             self.ranks.check()
         bucket = None
@@ -293,38 +297,43 @@ class ModelRunner:
             num_tokens = sum(n for _, n in scheduled)
             bucket = self.graphs.bucket(num_tokens, len(scheduled))
         step = self.inputs.build(scheduled, pending, prev_tokens, bucket)
+        prompt = prompt_logprobs.plan(scheduled, prompt_lp) if prompt_lp else None
         if self.ranks is None:
-            logits = self._run(step, bucket)
+            logits, plp = self._run(step, bucket, prompt)
         else:
             try:
-                self.ranks.send_step(step.header.pack())
-                logits = self._run(step, bucket)
+                self.ranks.send_step(step.header.pack() + (prompt.row_bytes() if prompt is not None else b""))
+                logits, plp = self._run(step, bucket, prompt)
             except RankFailure:
                 raise
             except Exception as e:
                 raise self.ranks.fail(e) from e
         if logits is None:
-            return [], None
-        return step.sample_seqs, self.sampler(logits, step.sample_seqs).start_copy()
+            return [], None, plp
+        return step.sample_seqs, self.sampler(logits, step.sample_seqs).start_copy(), plp
 
     @torch.inference_mode()
-    def follow(self, header: StepHeader) -> None:
-        """A rank other than 0: the step rank 0 is running."""
+    def follow(self, header: StepHeader, prompt_rows: bytes = b"") -> None:
+        """A rank other than 0: the step rank 0 is running (``prompt_rows``: the rows of its prompt
+        log-probs, ``prompt_logprobs.Plan.row_bytes``)."""
         bucket = Bucket(header.bucket_tokens, header.bucket_seqs, bool(header.bucket_decode)) \
             if header.bucket_tokens else None
-        self._run(self.inputs.receive(header), bucket)
+        self._run(self.inputs.receive(header), bucket, prompt_logprobs.Plan.of_rows(prompt_rows) if prompt_rows else None)
 
-    def _run(self, step: StepInputs, bucket: Bucket | None) -> torch.Tensor | None:
-        """Every rank: the step's forward (its inputs shared first), then the logits of the rows to
-        sample (rank 0's; gathered from every rank's vocabulary shard), or None."""
+    def _run(self, step: StepInputs, bucket: Bucket | None, prompt: prompt_logprobs.Plan | None
+             ) -> tuple[torch.Tensor | None, PromptLogprobs | None]:
+        """Every rank, in the same order: the step's forward (its inputs shared first), the prompt
+        log-probs of ``prompt``, then the logits of the rows to sample. The logits and log-probs are
+        rank 0's (gathered from every rank's vocabulary shard); None elsewhere, or when none."""
         if bucket is not None:
             hidden = self.graphs.replay(bucket, step.num_tokens)
         else:
             self.inputs.share(step.header.num_seqs)
             with forward_context(step.ctx):
                 hidden = self.model(step.input_ids, step.positions)
+        plp = prompt_logprobs.compute(self.model, hidden, prompt) if prompt is not None else None
         if not step.header.num_sampled:
-            return None
+            return None, plp
         if step.sample_index is not None:
             hidden = hidden.index_select(0, step.sample_index)
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden), plp

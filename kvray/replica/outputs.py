@@ -39,3 +39,6 @@ class RequestOutput:
     new_token_ids: list[int] = field(default_factory=list)
     new_text: str = ""
     prompt: str | None = None
+    # per prompt token: {token: log-prob} of it and the top alternatives (None for the first);
+    # with SamplingParams.prompt_logprobs, else None
+    prompt_logprobs: list[dict[int, float] | None] | None = None

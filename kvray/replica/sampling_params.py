@@ -82,6 +82,10 @@ class SamplingParams:
     tpot_ms: float | None = None
     priority: float = 1.0
     structured_outputs: StructuredOutputs | None = None
+    # vLLM's extension: the log-prob of every prompt token after the first, with this many top
+    # alternatives per position (0: the prompt token's own only). Computed while the prompt is
+    # prefilled; such a request uses the prefix cache only where it has them already.
+    prompt_logprobs: int | None = None
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -124,6 +128,7 @@ class SamplingParams:
         if self.top_k == 0:
             raise bad("top_k", "must be -1 (disabled) or an integer >= 1")
         integer("logprobs", 0, MAX_LOGPROBS, allow_none=True)
+        integer("prompt_logprobs", 0, MAX_LOGPROBS, allow_none=True)
         integer("seed", SEED_MIN, SEED_MAX, allow_none=True)
         integer("min_tokens", 0, self.max_tokens)
         if not isinstance(self.ignore_eos, bool):

@@ -203,6 +203,11 @@ class Scheduler:
             if seq.status is not SequenceStatus.WAITING:
                 continue  # a policy listed a sequence twice or one that is not waiting
             computed, num_cached = bm.get_computed_blocks(seq)
+            if computed and seq.needs_prompt_logprobs:
+                # cached blocks hold K/V but not the hidden states that prompt log-probs come from:
+                # use them only for the prefix whose log-probs are known (kvray.replica.prompt_logprobs)
+                computed = computed[:(len(seq.prompt_logprobs) - 1) // bm.block_size]
+                num_cached = len(computed) * bm.block_size
             remaining = seq.num_tokens - num_cached
             limit = min(budget, prefill_left) if remaining > 1 else budget
             if self.enable_chunked_prefill:

@@ -50,6 +50,7 @@ class StepHeader(NamedTuple):
     bucket_decode: int = 0
 
     _FORMAT = struct.Struct("<10q")
+    SIZE = _FORMAT.size
 
     def pack(self) -> bytes:
         return self._FORMAT.pack(*self)

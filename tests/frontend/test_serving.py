@@ -202,7 +202,7 @@ def test_validation_happens_before_dispatch(tok):
         (b'{"prompt": "x", "max_tokens": 200}', 400, "context_length_exceeded"),
         (json.dumps({"prompt": list(range(130))}).encode(), 400, "context_length_exceeded"),
         (b'{"prompt": []}', 400, None),
-        (b'{"prompt": ["a", "b"]}', 400, None),
+        (b'{"prompt": [[1, 2], []]}', 400, None),  # batched prompts: each is checked
         (b'{"model": "other", "prompt": "x"}', 404, "model_not_found"),
         (b'{"prompt": "x", "slo_class": "gold"}', 400, None),
         (b'not json', 400, "invalid_json"),

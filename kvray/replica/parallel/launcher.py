@@ -113,8 +113,9 @@ class RankProcesses:
         except OSError as e:
             raise self.fail(e) from None
 
-    def send_step(self, header: bytes) -> None:
-        self._send(STEP + header)
+    def send_step(self, message: bytes) -> None:
+        """A step's header (and what else its ranks need to know of it) to every rank."""
+        self._send(STEP + message)
 
     def call(self, name: str, *args) -> None:
         """Every rank runs ``ModelRunner.<name>(*args)``; collect the results with ``replies``."""

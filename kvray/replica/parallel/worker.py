@@ -29,8 +29,8 @@ def serve(runner, conn: Connection) -> int:
         except (EOFError, OSError):
             return 0
         tag, body = msg[:1], msg[1:]
-        if tag == STEP:
-            runner.follow(StepHeader.unpack(body))
+        if tag == STEP:  # the header, then the rows of the step's prompt log-probs, if any
+            runner.follow(StepHeader.unpack(body[:StepHeader.SIZE]), body[StepHeader.SIZE:])
         elif tag == CALL:
             name, args = pickle.loads(body)
             try:
