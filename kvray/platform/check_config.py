@@ -54,10 +54,13 @@ def serve_config_errors(doc) -> list[str]:
             errors += [_one_line(f"applications[{i}] ({app.get('name')}): {p}") for p in e.problems]
             continue
         from kvray.replica.models.loader import checkpoint_problem  # imports torch: only when needed
+        from kvray.replica.parallel.model_check import tensor_parallel_problem
+        where = f"applications[{i}] ({app.get('name')})"
         problem = checkpoint_problem(args.model)
         if problem:
-            errors.append(_one_line(f"applications[{i}] ({app.get('name')}): args.model: {problem}"))
-        where = f"applications[{i}] ({app.get('name')})"
+            errors.append(_one_line(f"{where}: args.model: {problem}"))
+        elif problem := tensor_parallel_problem(args.model, args.engine.tensor_parallel_size):
+            errors.append(_one_line(f"{where}: args.engine.tensor_parallel_size: {problem}"))
         errors += [f"{where}: {p}" for p in replica_gpu_errors(_replica_deployment(app), args.engine)]
         if cluster is not None:
             errors += [f"{where}: {p}" for p in node_gpu_errors(_replica_deployment(app), cluster)]

@@ -20,11 +20,10 @@ from kvray.replica.cuda_graphs import Bucket, StepGraphs
 from kvray.replica.forward_context import ForwardContext, forward_context
 from kvray.replica import prompt_logprobs
 from kvray.replica.models.loader import checkpoint_quantization, load_config, load_model
-from kvray.replica.models.moe import moe_spec
 from kvray.replica.parallel.group import SINGLE, ParallelGroup, connect
 from kvray.replica.parallel.launcher import RankProcesses, WorkerSpec
 from kvray.replica.parallel.lifecycle import RankFailure
-from kvray.replica.parallel.sharding import check_tensor_parallel
+from kvray.replica.parallel.model_check import check_model_splits
 from kvray.replica.prompt_logprobs import PromptLogprobs
 from kvray.replica.sampler import Sampler, SampleResult
 from kvray.replica.sequence import Sequence
@@ -127,10 +126,7 @@ class ModelRunner:
             return SINGLE
         if rank:
             return connect(rank, size, self.device, store_port)
-        spec = moe_spec(hf_config)
-        width = ("moe_intermediate_size" if hasattr(hf_config, "moe_intermediate_size") else "intermediate_size",
-                 spec.intermediate) if spec is not None else None
-        check_tensor_parallel(hf_config, size, width)
+        check_model_splits(hf_config, size)
         devices = rank_devices(self.device, size)
         self.ranks = RankProcesses(WorkerSpec(self.config, str(model_path), self.dtype, str(self.device), 0, size, 0,
                                               os.getpid()), devices)

@@ -185,8 +185,14 @@ def test_a_cpu_replica_may_run_tensor_parallel_ranks():
     from kvray.platform.check_config import serve_config_errors
 
     cfg = yaml.safe_load((ROOT / "cluster-configs/local.yaml").read_text())
+    cfg["applications"][0]["args"]["model"] = "kvray:tiny-qwen3"
     cfg["applications"][0]["args"]["engine"]["tensor_parallel_size"] = 2
     assert serve_config_errors(cfg) == []
+    cfg["applications"][0]["args"]["engine"]["tensor_parallel_size"] = 3  # 4 heads: not over 3 ranks
+    [err] = serve_config_errors(cfg)
+    assert err.startswith("applications[0] (kvray): args.engine.tensor_parallel_size: invalid engine option "
+                          "tensor_parallel_size=3: the model's num_attention_heads=4 is not divisible by it"), err
+    cfg["applications"][0]["args"]["engine"]["tensor_parallel_size"] = 2
     cfg["applications"][0]["args"]["engine"]["device"] = "cuda"
     [err] = serve_config_errors(cfg)
     assert "num_gpus is 0 but args.engine.device is cuda" in err

@@ -85,6 +85,23 @@ def test_two_ranks_give_the_greedy_tokens_of_one(pair):
     assert two.engine.block_manager.num_total_blocks == two.engine.runner.num_blocks == OPTS["num_kv_blocks"]
 
 
+def test_two_ranks_give_the_prompt_logprobs_of_one(pair):
+    """Prompt log-probs come from every rank's vocabulary shard of the planned rows (sent to rank 1
+    with the step's header), in chunks of the 32-token steps, next to a request that wants none."""
+    one, two, prompts = pair
+    params = [SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=k) for k in (2, 0, 5)] + [GREEDY]
+    want = one.generate(prompts[:4], params, use_tqdm=False)
+    got = two.generate(prompts[:4], params, use_tqdm=False)
+    for w, g in zip(want, got):
+        assert g.token_ids == w.token_ids
+        if w.prompt_logprobs is None:
+            assert g.prompt_logprobs is None
+            continue
+        assert len(g.prompt_logprobs) == len(w.prompt_logprobs) > 1
+        for a, b in zip(w.prompt_logprobs[1:], g.prompt_logprobs[1:]):
+            assert set(a) == set(b) and all(abs(a[t] - b[t]) < 1e-4 for t in a)
+
+
 def test_graph_replays_on_two_ranks_give_the_eager_tokens(pair):
     """Rank 0 pads each step to its CUDA-graph bucket and names it in the header; rank 1 runs the
     same padded forward (on the CPU, what a replay computes, run eagerly)."""
