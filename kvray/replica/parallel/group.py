@@ -51,17 +51,14 @@ class ParallelGroup:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum ``x`` over the ranks, in place; returns it."""
         if self._pg is not None:
-            opts = dist.AllreduceOptions()
-            opts.asyncOp = False
-            self._pg.allreduce([x], opts).wait()
+            self._pg.allreduce([x], _on_current_stream(dist.AllreduceOptions())).wait()
         return x
 
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:
         """Rank 0's ``x`` into every rank's ``x`` (in place); returns it."""
         if self._pg is not None:
-            opts = dist.BroadcastOptions()
+            opts = _on_current_stream(dist.BroadcastOptions())
             opts.rootRank = 0
-            opts.asyncOp = False
             self._pg.broadcast([x], opts).wait()
         return x
 
@@ -82,6 +79,14 @@ class ParallelGroup:
                 self._pg.abort()
             except Exception:  # noqa: BLE001 - some backends cannot abort; the caller fails anyway
                 logger.debug("process group abort failed", exc_info=True)
+
+
+def _on_current_stream(opts):
+    """Collective options that run it on the current stream (torch >= 2.7; earlier ones run it on
+    the backend's stream, ordered after the current one, which graph capture also records)."""
+    if hasattr(opts, "asyncOp"):
+        opts.asyncOp = False
+    return opts
 
 
 SINGLE = ParallelGroup(0, 1, torch.device("cpu"))
