@@ -21,6 +21,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -102,6 +103,55 @@ class EngineProcess:
         self._on_exit(error)
 
 
+def _sender(conn: Connection):
+    """``send(event)`` for the threads that all send (the step loop, the inbox, a tensor-parallel
+    rank's watcher); a rank's death is reported with it and ends this process at once: nothing
+    here can finish on half a model."""
+    lock = threading.Lock()
+
+    def send(event: Event) -> None:
+        with lock:
+            conn.send(event)
+
+    def rank_died(message: str) -> None:
+        logger.error("%s: the engine exits", message)
+        try:
+            send(Event(EventKind.ERROR, text=message))
+        finally:
+            os._exit(1)
+
+    on_rank_death(rank_died)
+    return send
+
+
+def _yield_the_cpu(engine) -> None:
+    """On a CPU-only machine the model's matmuls would otherwise take the cores from the
+    processes that accept requests and stream tokens (HTTP, Serve): those are latency bound, the
+    step loop is throughput bound, so it yields to them, and so do its other tensor-parallel
+    ranks. (With a GPU the step loop's host work is the GPU's critical path: it keeps its
+    priority.)"""
+    if engine.device.type != "cpu":
+        return
+    os.nice(CPU_ENGINE_NICENESS)
+    for pid in engine.runner.ranks.pids if engine.runner.ranks is not None else ():
+        os.setpriority(os.PRIO_PROCESS, pid, os.getpriority(os.PRIO_PROCESS, 0))
+
+
+def _exit_with_parent(fd: int) -> None:
+    """While the engine loads, the parent sends nothing: the socket turning readable means it is
+    gone (a replica killed while loading). Exit then, at once, taking the tensor-parallel ranks
+    along (they die with this process), instead of loading for nobody. After READY the inbox
+    thread sees the end of the socket."""
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        if sock.recv(1, socket.MSG_PEEK) == b"":
+            os._exit(0)
+    except OSError:
+        os._exit(0)
+    finally:
+        sock.close()
+
+
 def _child_main(fd: int) -> int:
     from kvray.gil import shorten_switch_interval
     from kvray.replica.engine import LLMEngine
@@ -111,36 +161,16 @@ def _child_main(fd: int) -> int:
     # can wait out CPython's 5 ms switch interval before the request reaches the loop.
     shorten_switch_interval()
     conn = Connection(fd)
-    lock = threading.Lock()
-
-    def send(event: Event) -> None:  # the step loop, the inbox and a rank's watcher all send
-        with lock:
-            conn.send(event)
-
-    def rank_died(message: str) -> None:  # a tensor-parallel rank is gone: nothing here can finish
-        logger.error("%s: the engine exits", message)
-        try:
-            send(Event(EventKind.ERROR, text=message))
-        finally:
-            os._exit(1)
-
-    on_rank_death(rank_died)
+    send = _sender(conn)
     config = conn.recv()
+    threading.Thread(target=_exit_with_parent, args=(fd,), name="kvray-engine-parent", daemon=True).start()
     try:
         engine = LLMEngine(config)
     except BaseException as e:
         logger.exception("the engine failed to load")
         send(Event(EventKind.ERROR, text=f"{type(e).__name__}: {e}"))
         return 1
-    if engine.device.type == "cpu":
-        # On a CPU-only machine the model's matmuls would otherwise take the cores from the
-        # processes that accept requests and stream tokens (HTTP, Serve): those are latency
-        # bound, the step loop is throughput bound, so it yields to them, and so do its other
-        # tensor-parallel ranks. (With a GPU the step loop's host work is the GPU's critical
-        # path: it keeps its priority.)
-        os.nice(CPU_ENGINE_NICENESS)
-        for pid in engine.runner.ranks.pids if engine.runner.ranks is not None else ():
-            os.setpriority(os.PRIO_PROCESS, pid, os.getpriority(os.PRIO_PROCESS, 0))
+    _yield_the_cpu(engine)  # after loading, which runs at full speed
     # What loading made (modules, weights' Python objects, CUDA graphs) lives as long as the
     # process: out of the collector's sight, so full collections in the step loop stay short.
     gc.collect()

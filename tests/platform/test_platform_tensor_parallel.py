@@ -127,5 +127,13 @@ def test_serve_run_with_two_ranks_and_a_rank_killed(tmp_path):
         wait_until(lambda: rank1b not in rank_processes(), 5, "rank 1 outlived its engine process")
     finally:
         run.stop()
-    wait_until(lambda: not set(engine_processes()) - before_engines and not set(rank_processes()) - before_ranks,
-               30, "engine or rank processes outlived `serve run`")
+
+    def left() -> dict:
+        return {pid: (Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:4], parent)
+                for pid, parent in {**engine_processes(), **rank_processes()}.items()
+                if pid not in before_engines | before_ranks}
+
+    deadline = time.time() + 30
+    while remaining := left():
+        assert time.time() < deadline, f"engine or rank processes outlived `serve run`: {remaining}"
+        time.sleep(0.5)
