@@ -11,6 +11,7 @@ from kvray.records import TokenBatch
 from kvray.router.policy import DISPATCH, REJECT, Decision, RoutingPolicy
 
 from kvray.replica.models.loader import load_tokenizer, resolve_model
+from tests.frontend.grammar_shape import calls_of
 from tests.frontend.test_serving import FakeStream, body_of, run, serving
 
 TOOL_TEXT = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>'
@@ -180,8 +181,9 @@ def test_responses_function_calls_and_length(tok):
                 **({"parallel_tool_calls": parallel} if parallel is not None else {})}
         assert post(s, "responses", body)[0] == 200
         fmt = json.loads(calls[-1][2].structured_outputs.structural_tag)["format"]
-        assert {t["begin"].split('"name": "')[1].split('"')[0] for t in fmt["tags"]} == names
-        assert fmt["stop_after_first"] is single
+        tags, most = calls_of(fmt)
+        assert {t["begin"].split('"name": "')[1].split('"')[0] for t in tags} == names
+        assert (most == 1) is single
     assert post(s, "responses", {"input": "?", "tools": tools, "tool_choice": "none"})[0] == 200
     assert calls[-1][2].structured_outputs is None
     status, raw = post(s, "responses", {"input": "weather?", "tools": tools, "stream": True})
@@ -254,7 +256,7 @@ def test_messages_tool_use(tok):
     for choice, single in [({"type": "tool", "name": "get_weather"}, True),
                            ({"type": "any", "disable_parallel_tool_use": True}, True), ({"type": "any"}, False)]:
         assert post(s, "messages", {**body, "tool_choice": choice})[0] == 200
-        assert json.loads(calls[-1][2].structured_outputs.structural_tag)["format"]["stop_after_first"] is single
+        assert (calls_of(json.loads(calls[-1][2].structured_outputs.structural_tag)["format"])[1] == 1) is single
     for choice in ({"type": "none"}, {"type": "auto"}):
         assert post(s, "messages", {**body, "tool_choice": choice})[0] == 200
         assert calls[-1][2].structured_outputs is None
