@@ -1,5 +1,5 @@
-"""The typed records that cross kvray's process and deployment seams (a leaf module: no Ray, no
-torch). Each has one producer:
+"""The typed records that cross kvray's process and deployment seams (a leaf module above
+``kvray.slo`` only: no Ray, no torch). Each has one producer:
 
 * ``EngineStats``: the engine's step loop (``LLMEngine.stats``), read by the serving replica, the
   router, the autoscaler and the metrics. It carries the engine's fitted step-cost coefficients,
@@ -9,7 +9,9 @@ torch). Each has one producer:
   (it travels beside ``EngineStats``, never inside it).
 * ``Delta``: what one engine step added to a request (engine process -> replica process).
 * ``TokenBatch``, ``Refusal``, ``Bound``: what a replica streams to the Router for a request.
-* ``RoutingHint``: what the Router tells the request router and the replica about a request.
+* ``RoutingHint``: what the Router tells the request router and the replica about a request,
+  with its ``kvray.slo.SLOTarget`` (the one record of a request's latency targets, which its
+  ``SamplingParams`` carry on to the engine).
 * ``Command`` and ``Event``: the messages between a replica and its engine process.
 """
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from typing import Any
+
+from kvray.slo import NO_SLO, SLOTarget
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,7 @@ class EngineStats:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     scheduling_policy: str = "fcfs"
-    min_tpot_ms: float | None = None   # the tightest TPOT target among the requests there
+    min_tpot_s: float | None = None    # the tightest TPOT target among the requests there
     step_coeffs: tuple[float, float, float, float] | None = None  # a, b, c, d of kvray.step_cost, fitted
     num_steps: int = 0
     num_added_total: int = 0           # requests the step loop has taken in (admitted or refused)
@@ -98,7 +102,6 @@ class Delta:
     stop_reason: str | int | None = None
     new_logprobs: list[float] | None = None
     new_top_logprobs: list[dict[int, float] | None] | None = None
-    engine_text: str | None = None  # the engine's own text, for requests with stop strings
     num_cached_tokens: int = 0
     first_token_time: float | None = None
     num_preemptions: int = 0
@@ -165,11 +168,7 @@ class RoutingHint:
     # Chained hashes of the prompt's full KV blocks (kvray.replica.block_hash).
     block_hashes: list[int] = field(default_factory=list)
     block_size: int = 16
-    slo_class: str | None = None
-    ttft_ms: float | None = None
-    tpot_ms: float | None = None
-    priority: float = 1.0
-    on_infeasible: str = "queue"
+    slo: SLOTarget = NO_SLO  # the request's targets (the same record its SamplingParams carries)
     arrival_time: float = 0.0  # wall clock (time.time()) when the router received the request
     # The replicas to try, best first, as the routing policy decided (the request router follows it).
     route: tuple[str, ...] = ()

@@ -9,10 +9,11 @@ import time
 
 from kvray.frontend.prepare import Prepared
 from kvray.frontend.protocol import APIError, usage
-from kvray.frontend.text_stream import TextStream, chat_logprobs, completion_logprobs
+from kvray.frontend.logprobs import chat_logprobs, completion_logprobs
 from kvray.frontend.tool_calls import tool_finish_reason
 from kvray.frontend.tool_formats import parse_tool_calls, request_format
 from kvray.records import Refusal, TokenBatch
+from kvray.replica.detokenizer import TextStream
 
 
 class Choice:

@@ -27,9 +27,10 @@ from kvray.frontend.drain import Drain
 from kvray.frontend.prepare import ModelInfo, Prepared, Served
 from kvray.frontend.protocol import APIError
 from kvray.frontend.sse import EventStream, dumps
-from kvray.frontend.text_stream import FastDecoder, TokenStrings
+from kvray.frontend.logprobs import TokenStrings
 from kvray.metrics import RouterMetrics
 from kvray.records import Refusal, RoutingHint, TokenBatch
+from kvray.replica.detokenizer import FastDecoder
 from kvray.replica.sampling_params import SamplingParams
 from kvray.router.dispatch import Dispatcher
 from kvray.router.policy import DISPATCH

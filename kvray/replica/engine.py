@@ -10,7 +10,7 @@ from concurrent.futures import FIRST_COMPLETED, wait
 from kvray.records import EngineStats, RequestSnapshot
 from kvray.replica.block_manager import BlockManager
 from kvray.replica.config import EngineConfig
-from kvray.replica.detokenizer import IncrementalDetokenizer
+from kvray.replica.detokenizer import FastDecoder, TextStream
 from kvray.replica.grammar import GrammarCache
 from kvray.replica.model_runner import ModelRunner, resolve_device
 from kvray.replica.models.loader import load_config, load_tokenizer, resolve_dtype, resolve_model
@@ -22,6 +22,7 @@ from kvray.replica import deadline_policy  # noqa: F401  (registers the "deadlin
 from kvray.replica.scheduling_policy import make_policy
 from kvray.replica.sequence import Sequence, SequenceStatus, validate_prompt
 from kvray.replica.step_record import Launched, StepRecord, can_look_ahead
+from kvray.replica.stopping import stop_reason
 from kvray.step_cost import StepTimeModel
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class LLMEngine:
         self.runner = ModelRunner(config, path, dtype, self.device)
         self.hf_config = self.runner.hf_config
         self.tokenizer = load_tokenizer(path)
+        self.decoder = FastDecoder.wrap(self.tokenizer)  # what the requests with stop strings detokenize with
         self.model_path = path
         self.vocab_size = self.hf_config.vocab_size
         limit = getattr(self.hf_config, "max_position_embeddings", None) or 2048
@@ -122,7 +124,7 @@ class LLMEngine:
     def make_sequence(self, request_id: str | None, prompt_token_ids: list[int], params: SamplingParams,
                       arrival_time: float | None = None, prompt: str | None = None) -> Sequence:
         """Validate a request and build its Sequence; raises ValueError before touching shared state."""
-        params.validate()
+        params.check()  # validated once: at construction, or here if changed since
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
         if request_id in self._seqs:
@@ -130,7 +132,7 @@ class LLMEngine:
         validate_prompt(prompt_token_ids, self.max_model_len, self.vocab_size)
         seq = Sequence(request_id, prompt_token_ids, params, self.config.block_size, arrival_time, prompt)
         if params.stop_strings:
-            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids)
+            seq.detokenizer = TextStream(self.decoder, prompt_token_ids, params.stop_strings)
         if params.structured_outputs is not None:
             seq.grammar = self._grammar_cache().state(params.structured_outputs)
             if seq.grammar.ready():
@@ -330,22 +332,7 @@ class LLMEngine:
             seq.logprobs.append(result.logprobs[row])
             if seq.top_logprobs is not None:
                 seq.top_logprobs.append(result.top_logprobs[row])
-        p = seq.params
-        reason = stop = None
-        n_out = seq.num_output_tokens
-        if seq.grammar is not None and seq.grammar.accept(token):
-            reason = "stop"  # the grammar is complete (its stop token came)
-        elif n_out >= p.min_tokens:
-            if not p.ignore_eos and token in self.eos_token_ids:
-                reason = "stop"
-            elif p.stop_token_ids and token in p.stop_token_ids:
-                reason, stop = "stop", token
-        if seq.detokenizer is not None:  # the new token's text; cut before a stop string
-            stop_str = seq.detokenizer.add_until_stop(seq.token_ids[-1:], p.stop_strings)
-            if stop_str is not None and reason is None:
-                reason, stop = "stop", stop_str
-        if reason is None and (n_out >= p.max_tokens or seq.num_tokens >= self.max_model_len):
-            reason = "length"
+        reason, stop = stop_reason(seq, token, self.eos_token_ids, self.max_model_len)
         if reason is not None:
             seq.stop_reason = stop
             seq.metrics.finished_time = now

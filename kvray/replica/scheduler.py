@@ -261,8 +261,7 @@ class Scheduler:
         (a ``kvray.step_cost.StepTimeModel``) of the steps run so far."""
         running, waiting, bm = self.running, self._waiting, self.block_manager
         bm_stats = bm.stats()
-        tpots = [s.params.tpot_ms for s in running if s.params.tpot_ms] + \
-                [s.params.tpot_ms for s in waiting if s.params.tpot_ms]
+        tpots = [t for s in running if (t := s.params.slo.tpot_s)] + [t for s in waiting if (t := s.params.slo.tpot_s)]
         return EngineStats(
             num_running=len(running), num_waiting=len(waiting), num_free_blocks=bm.num_free_blocks,
             num_total_blocks=bm.num_total_blocks,
@@ -272,7 +271,7 @@ class Scheduler:
             prefix_hit_rate=bm_stats["prefix_hit_rate"], prefix_hit_tokens=bm_stats["prefix_hit_tokens"],
             prefix_queried_tokens=bm_stats["prefix_queried_tokens"], block_size=bm.block_size,
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-            scheduling_policy=self.policy.name, min_tpot_ms=min(tpots) if tpots else None,
+            scheduling_policy=self.policy.name, min_tpot_s=min(tpots) if tpots else None,
             step_coeffs=step_cost.coeffs.as_tuple(), num_steps=step_cost.num_samples)
 
     def request_snapshots(self) -> list[RequestSnapshot]:
@@ -282,8 +281,7 @@ class Scheduler:
             p, m = s.params, s.metrics
             left = max(0, s.num_tokens - s.num_computed_tokens) if m.first_token_time is None else 0
             out.append(RequestSnapshot(m.arrival_time, m.first_token_time, left, s.num_output_tokens, p.max_tokens,
-                                       p.ttft_ms / 1000.0 if p.ttft_ms else None,
-                                       p.tpot_ms / 1000.0 if p.tpot_ms else None, s.deadline))
+                                       p.slo.ttft_s, p.slo.tpot_s, s.deadline))
         return out
 
 

@@ -83,10 +83,10 @@ class ReplicaState:
         hit = self.prefix_hit_blocks(hint.block_hashes)
         cached = hit * hint.block_size if cached_tokens is None else cached_tokens
         uncached = max(1, hint.num_prompt_tokens - cached)
-        slo_ttft = hint.ttft_ms / 1000.0 if hint.ttft_ms else None
-        tpot_s = hint.tpot_ms / 1000.0 if hint.tpot_ms else None
+        slo = hint.slo
+        tpot_s = slo.tpot_s
         r = InFlight(hint.request_id, hint.num_prompt_tokens, uncached, hint.cost(hit),
-                     hint.arrival_time + slo_ttft if slo_ttft else None, tpot_s, hint.priority)
+                     slo.deadline(hint.arrival_time), tpot_s, slo.priority)
         self.inflight[r.request_id] = r
         self.dispatched_total += 1
         self._event(now, 1, uncached, 0, r.prompt_tokens, r.cost)
@@ -189,8 +189,8 @@ class ReplicaState:
     def min_tpot_s(self) -> float | None:
         """The tightest TPOT target among the requests there: this router's, and the replica's own
         report (which covers other routers' requests)."""
-        there = self.engine.min_tpot_ms
-        vals = list(self._tpots) + ([there / 1000.0] if there else [])
+        there = self.engine.min_tpot_s
+        vals = list(self._tpots) + ([there] if there else [])
         return min(vals) if vals else None
 
     def prefill_rates(self, now: float, priority: float) -> tuple[float, float]:

@@ -108,7 +108,7 @@ def test_completion_json_and_request_mapping(tok):
         -0.1, -0.2, -0.3, -0.4]
     rid, prompt_ids, params, hint = calls[0]
     assert prompt_ids == tok("abc").input_ids and params.max_tokens == 4 and params.seed == 7
-    assert params.temperature == 0 and params.stop == ["zzz"] and params.slo_class == "interactive"
+    assert params.temperature == 0 and params.stop == ["zzz"] and params.slo.name == "interactive" and hint.slo is params.slo
     assert hint.decode_estimate == 4 and hint.num_prompt_tokens == len(prompt_ids) and rid == hint.request_id
     assert streams[0].closed is False  # finished normally: nothing to abort
 

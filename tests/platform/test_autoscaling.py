@@ -21,6 +21,7 @@ from kvray.platform.autoscaling import (  # noqa: E402
     POLICY_PATH, SLOHeadroomPolicy, apply_autoscaling_defaults, derive_autoscaling_defaults,
     derived_target, fill_serve_config, user_set)
 from kvray.records import EngineStats, RequestSnapshot  # noqa: E402
+from kvray.slo import SLOTarget  # noqa: E402
 from kvray.step_cost import StepCoeffs, StepTimeModel, predict_attainment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -367,7 +368,7 @@ def test_replica_stats_from_a_real_engine():
     core = LLMEngine(EngineConfig(model="kvray:tiny-qwen3", device="cpu", max_num_seqs=4, max_model_len=256))
     for i in range(3):
         core.add_sequence(core.make_sequence(f"r{i}", list(range(10, 10 + 20 * (i + 1))),
-                                             SamplingParams(max_tokens=8, ignore_eos=True, ttft_ms=60_000, tpot_ms=5_000)))
+                                             SamplingParams(max_tokens=8, ignore_eos=True, slo=SLOTarget("t", 60_000, 5_000))))
     core.step()
     eng = SimpleNamespace(stats=core.stats, request_snapshots=core.request_snapshots)
     snaps = core.request_snapshots()

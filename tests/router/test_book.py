@@ -4,7 +4,7 @@ import pytest
 from helpers import Clock, hint, stats
 
 from kvray.router.book import ReplicaBook
-from kvray.slo import urgency
+from kvray.slo import SLOTarget, urgency
 from kvray.step_cost import StepCoeffs
 
 
@@ -97,7 +97,7 @@ def test_counts_between_polls():
     book.update_stats("r0", stats(1.0, num_running=2, num_waiting=1, queued_prefill_tokens=500, tokens_in_flight=3000,
                                   num_free_blocks=100, num_total_blocks=200, block_size=16))
     v = book.replicas["r0"]
-    book.on_dispatch(hint(800, 100, rid="a", arrival_time=1.5, ttft_ms=500, tpot_ms=50, priority=2.0), "r0")
+    book.on_dispatch(hint(800, 100, rid="a", arrival_time=1.5, slo=SLOTarget("i", 500, 50, 2.0)), "r0")
     assert v.num_requests == 4 and v.queued_prefill_tokens == 1300 and v.context_tokens == 3800
     assert v.free_blocks == 100 - 800 // 16
     assert v.min_tpot_s() == 0.05
@@ -124,8 +124,8 @@ def test_prefix_lru_and_who_goes_first_on_a_deadline_replica():
     assert len(v._prefix) == 4 and v.prefix_hit_blocks([1, 2]) == 0  # oldest hashes evicted
     book = ReplicaBook(clock=Clock(0.0))
     book.update_stats("r1", stats(-1.0, scheduling_policy="deadline"))
-    book.on_dispatch(hint(4000, 10, rid="batch", arrival_time=0.0, ttft_ms=10_000, priority=1.0), "r1")
-    book.on_dispatch(hint(1000, 10, rid="inter", arrival_time=0.0, ttft_ms=500, priority=2.0), "r1")
+    book.on_dispatch(hint(4000, 10, rid="batch", arrival_time=0.0, slo=SLOTarget("b", 10_000, None, 1.0)), "r1")
+    book.on_dispatch(hint(1000, 10, rid="inter", arrival_time=0.0, slo=SLOTarget("i", 500, None, 2.0)), "r1")
     v = book.replicas["r1"]
     # A new interactive request (deadline 0.6) waits only for the earlier interactive one...
     assert v.prefill_ahead_of(urgency(0.6, 2.0, 0.1), 0.6, 0.1) == 1000
@@ -137,7 +137,7 @@ def test_prefix_lru_and_who_goes_first_on_a_deadline_replica():
 
 def test_the_replica_reports_other_routers_tpot_targets_and_its_step_fit():
     book = ReplicaBook()
-    book.update_stats("r", stats(1.0, min_tpot_ms=20.0, step_coeffs=(1e-3, 2e-5, 0.0, 0.0)))
+    book.update_stats("r", stats(1.0, min_tpot_s=0.02, step_coeffs=(1e-3, 2e-5, 0.0, 0.0)))
     v = book.replicas["r"]
     assert v.min_tpot_s() == pytest.approx(0.02)  # no request of this router is there: the replica's own report
     assert v.model.coeffs == StepCoeffs(1e-3, 2e-5, 0.0, 0.0) and v.model.fixed  # the published fit, not refitted

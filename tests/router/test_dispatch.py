@@ -9,6 +9,7 @@ from kvray.records import RoutingHint
 from kvray.router.book import ReplicaBook
 from kvray.router.dispatch import Dispatcher
 from kvray.router.policy import DISPATCH, REJECT, make_policy
+from kvray.slo import SLOTarget
 
 TPOT_MS = 50.0
 
@@ -21,9 +22,8 @@ def replica(running=0, waiting=0, queued=0, tokens=0, max_seqs=4, t=999.0, healt
 
 def hint(rid, cls="interactive", prompt=200, decode=64, arrival=1000.0, on_infeasible="queue"):
     ttft = 500.0 if cls == "interactive" else 10_000.0
-    return RoutingHint(rid, prompt, decode, [], 16, slo_class=cls, ttft_ms=ttft, tpot_ms=TPOT_MS,
-                       priority=2.0 if cls == "interactive" else 1.0, on_infeasible=on_infeasible,
-                       arrival_time=arrival)
+    slo = SLOTarget(cls, ttft, TPOT_MS, 2.0 if cls == "interactive" else 1.0, on_infeasible)
+    return RoutingHint(rid, prompt, decode, [], 16, slo=slo, arrival_time=arrival)
 
 
 def dispatcher(clock, replicas: dict, **opts) -> Dispatcher:
