@@ -26,8 +26,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvray.records import RoutingHint
-from kvray.router.book import RATE_WINDOW_S, ReplicaBook, ReplicaState
+from kvray.router.book import ReplicaBook
 from kvray.router.policy import DISPATCH, QUEUE, REJECT, Decision, RoutingPolicy, register_policy
+from kvray.router.replica_state import RATE_WINDOW_S, ReplicaState
 from kvray.slo import urgency
 from kvray.step_cost import predict_ttft_s, predict_tpot_s, tpot_safe_chunk
 

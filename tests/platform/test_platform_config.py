@@ -88,7 +88,7 @@ def test_build_app_sets_overridable_defaults():
         "max_ongoing_requests"] == 32 + 8 + 32
     rc = opts["request_router_config"]
     assert rc.get_request_router_class().__name__ == KVRayRequestRouter.__name__
-    assert rc.request_router_kwargs == {"policy": "least_load", "policy_options": {}}
+    assert not rc.request_router_kwargs  # the Router decides every route: the plug-in takes no policy
     assert rc.request_routing_stats_period_s == 2
     assert build_app({"model": "m"}) is not None
     with pytest.raises(ConfigError, match="args.nope"):

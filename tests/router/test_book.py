@@ -21,13 +21,12 @@ def test_dispatch_and_completion_are_counted_at_once():
     assert loads(book) == {"a": 0, "b": 0}
     book.on_finish("k1")  # twice is harmless
     book.on_finish("unknown")
-    # a request refused by "a" and then sent to "b": the end of a's call does not end it
+    # a request refused by "a" and then sent to "b": it moves, and ends once, at "b"
     book.on_dispatch(hint(10, 10, rid="k2"), "a")
     book.on_dispatch(hint(10, 10, rid="k2"), "b")
-    book.on_finish("k2", replica_id="a")
-    assert loads(book) == {"a": 0, "b": 20} and book.replica_of("k2") == "b"
-    book.on_finish("k2", replica_id="b")
-    assert loads(book) == {"a": 0, "b": 0} and book.replica_of("k2") == "b"  # still known for a retry
+    assert loads(book) == {"a": 0, "b": 20}
+    book.on_finish("k2")
+    assert loads(book) == {"a": 0, "b": 0}
 
 
 def test_snapshot_plus_dispatches_since_never_double_counts():
@@ -159,10 +158,9 @@ def test_a_replica_serve_stops_drains_in_the_book():
     clock.t = 1001.0
     book.sync({"b": stats(max_queued=4, max_num_seqs=4)})  # Serve stops "a" and "idle"
     assert "idle" not in book.replicas and book.draining() == [("a", 1001.0)]
-    with book.lock:
-        assert [s.replica_id for s in book.live()] == ["b"] and book.replica_ids() == ["b"]
-        assert route_from(book.replicas["b"], book, lambda s: s.load) == ("b",)
-        assert LeastLoadPolicy().decide(hint(500, 500, rid="new"), book, clock()).route == ("b",)
+    assert [s.replica_id for s in book.live()] == ["b"] and book.replica_ids() == ["b"]
+    assert route_from(book.replicas["b"], book, lambda s: s.load) == ("b",)
+    assert LeastLoadPolicy().decide(hint(500, 500, rid="new"), book, clock()).route == ("b",)
     assert book.capacity() == 8 and book.replicas["a"].num_ongoing == 2
     book.on_finish("k1")
     assert book.draining() == [("a", 1001.0)]
