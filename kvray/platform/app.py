@@ -28,7 +28,7 @@ from ray.serve.config import RequestRouterConfig
 
 from kvray.app_config import AppArgs, parse_args
 from kvray.frontend.ingress import Router
-from kvray.platform.autoscaling import apply_autoscaling_defaults
+from kvray.platform.autoscaling.defaults import apply_autoscaling_defaults
 from kvray.platform.replica import LLMReplica
 from kvray.platform.token_streams import CHANNEL_SLOTS
 from kvray.router.serve_router import PLUGIN_PATH

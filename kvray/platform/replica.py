@@ -50,7 +50,7 @@ class LLMReplica(TokenStreams):
 
     def __init__(self, model: str, engine_options: dict | None = None, shutdown_timeout_s: float = 30.0,
                  stream_interval_ms: float = 0.0, served_model_name: str | None = None):
-        from kvray.platform.autoscaling import pin_replica_gpus
+        from kvray.platform.gpus import pin_replica_gpus
         pin_replica_gpus()  # before torch touches CUDA: a replica sees only the GPUs Ray gave it
         from kvray.replica.async_engine import AsyncLLMEngine  # the engine process loads torch, not this one
         from kvray.replica.config import EngineConfig
@@ -95,7 +95,7 @@ class LLMReplica(TokenStreams):
 
     def record_autoscaling_stats(self) -> dict:
         """Load signal for kvray's SLO-headroom autoscaling policy (Serve pushes it to the controller)."""
-        from kvray.platform.autoscaling import replica_autoscaling_stats
+        from kvray.platform.autoscaling.signal import replica_autoscaling_stats
         return replica_autoscaling_stats(self.engine)
 
     async def record_routing_stats(self) -> dict:
