@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import time
 
-from kvray.frontend.prepare import Prepared
-from kvray.frontend.protocol import APIError, usage
+from kvray.frontend.errors import APIError
 from kvray.frontend.logprobs import TokenStrings, chat_logprobs, completion_logprobs
+from kvray.frontend.prepare import Prepared
+from kvray.frontend.protocol import usage
 from kvray.frontend.tool_calls import tool_finish_reason
 from kvray.frontend.tool_formats import ToolFormat, parse_tool_calls, request_format
 from kvray.records import Refusal, TokenBatch

@@ -27,7 +27,7 @@ import logging
 import time
 from typing import Callable, Iterable
 
-from kvray.frontend.protocol import APIError
+from kvray.frontend.errors import APIError
 from kvray.router.book import ReplicaBook
 
 logger = logging.getLogger(__name__)

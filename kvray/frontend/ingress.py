@@ -17,8 +17,8 @@ a replica (``model_info``), so the Router never loads or downloads the model its
 import asyncio
 import dataclasses
 import hmac
-import json
 import ipaddress
+import json
 import logging
 import os
 import time
@@ -33,8 +33,9 @@ from starlette.responses import JSONResponse, Response
 from kvray.app_config import AppArgs, parse_args
 from kvray.frontend.apis import error_response
 from kvray.frontend.drain import Drain, watch_replica_stop
+from kvray.frontend.errors import APIError, error_body
 from kvray.frontend.prepare import ModelInfo
-from kvray.frontend.protocol import APIError, error_body, models_list
+from kvray.frontend.protocol import models_list
 from kvray.frontend.replica_client import ReplicaClient
 from kvray.frontend.serving import OpenAIServing
 from kvray.frontend.tokenize import tokenizer_info

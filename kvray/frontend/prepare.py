@@ -17,7 +17,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from kvray.frontend.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_json, parse_request
+from kvray.frontend.body import parse_json, parse_request
+from kvray.frontend.errors import APIError
+from kvray.frontend.protocol import ChatCompletionRequest, CompletionRequest
 from kvray.frontend.structured import structured_outputs
 from kvray.frontend.tool_calls import new_call_id, tool_dicts
 from kvray.frontend.tool_formats import ToolFormat, resolve_tool_format

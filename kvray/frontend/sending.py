@@ -15,7 +15,7 @@ import math
 from kvray import tracing
 from kvray.frontend.choice import Choice, RequestState
 from kvray.frontend.drain import Drain
-from kvray.frontend.protocol import APIError
+from kvray.frontend.errors import APIError
 from kvray.frontend.replica_client import ReplicaClient
 from kvray.metrics import RouterMetrics
 from kvray.records import Refusal, TokenBatch

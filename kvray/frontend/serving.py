@@ -23,9 +23,9 @@ from kvray.frontend.api import API
 from kvray.frontend.apis import API_BY_KIND
 from kvray.frontend.choice import Choice, RequestState
 from kvray.frontend.drain import Drain
+from kvray.frontend.errors import APIError
 from kvray.frontend.logprobs import TokenStrings
 from kvray.frontend.prepare import ModelInfo, Served
-from kvray.frontend.protocol import APIError
 from kvray.frontend.replica_client import ReplicaClient
 from kvray.frontend.sending import Sender, replica_failed
 from kvray.frontend.sse import EventStream, dumps

@@ -131,15 +131,24 @@ class Scheduler:
     # ---- the step ----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         now = self.clock()
-        bm = self.block_manager
         out = SchedulerOutput()
-        scheduled = out.scheduled
         budget = self.max_num_batched_tokens
         prefill_left = self.policy.prefill_token_budget(self.running, budget, now)
         if prefill_left < 0:
             raise ValueError(f"policy {type(self.policy).__name__} returned a negative prefill budget")
+        budget, prefill_left = self._schedule_running(out, budget, prefill_left)  # 1. running sequences
+        if not out.preempted:  # 2. admissions
+            if not self._running and prefill_left <= 0:
+                prefill_left = budget  # nothing runs: a policy may not starve the engine
+            self._admit(out, budget, prefill_left, now)
+        out.num_decode_tokens = out.num_batched_tokens - out.num_prefill_tokens
+        return out
 
-        # 1. running sequences
+    def _schedule_running(self, out: SchedulerOutput, budget: int, prefill_left: int) -> tuple[int, int]:
+        """Grant the running sequences their tokens, in running order, preempting where KV blocks
+        run out; returns what is left of the token and prefill budgets."""
+        bm = self.block_manager
+        scheduled = out.scheduled
         order = list(self._running)
         kept: dict[Sequence, None] = {}
         gone: set[int] = set()  # id() of sequences preempted this step
@@ -181,15 +190,7 @@ class Scheduler:
         out.num_batched_tokens = self.max_num_batched_tokens - budget
         out.num_context_tokens = context
         out.num_prefill_tokens = prefill
-
-        # 2. admissions
-        if not out.preempted:
-            if not kept and prefill_left <= 0:
-                prefill_left = budget  # nothing runs: a policy may not starve the engine
-            self._admit(out, budget, prefill_left, now)
-
-        out.num_decode_tokens = out.num_batched_tokens - out.num_prefill_tokens
-        return out
+        return budget, prefill_left
 
     def _admit(self, out: SchedulerOutput, budget: int, prefill_left: int, now: float) -> None:
         bm = self.block_manager

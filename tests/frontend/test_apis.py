@@ -7,9 +7,8 @@ import pytest
 
 from kvray.frontend.prepare import ModelInfo
 from kvray.records import TokenBatch
-from kvray.router.policy import DISPATCH, REJECT, Decision, RoutingPolicy
-
 from kvray.replica.models.loader import load_tokenizer, resolve_model
+from kvray.router.policy import DISPATCH, REJECT, Decision, RoutingPolicy
 from tests.frontend.test_serving import FakeStream, body_of, run, serving
 
 TOOL_TEXT = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>'

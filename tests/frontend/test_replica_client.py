@@ -5,8 +5,13 @@ import pytest
 
 from kvray import SamplingParams
 from kvray.frontend import replica_client as ch
-from kvray.frontend.replica_client import (ChannelRequestStream, DirectRequestStream, ReplicaClient, ReplicaLost,
-                                           TokenChannels)
+from kvray.frontend.replica_client import (
+    ChannelRequestStream,
+    DirectRequestStream,
+    ReplicaClient,
+    ReplicaLost,
+    TokenChannels,
+)
 from kvray.records import Bound, Refusal, RoutingHint, TokenBatch
 
 

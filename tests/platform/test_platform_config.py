@@ -6,7 +6,9 @@ import pytest
 import yaml
 
 from kvray.app_config import AppArgs, ConfigError, EngineArgs, parse_args
-from kvray.frontend.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
+from kvray.frontend.body import parse_request
+from kvray.frontend.errors import APIError
+from kvray.frontend.protocol import ChatCompletionRequest, CompletionRequest
 from kvray.replica.config import EngineConfig
 
 ROOT = Path(__file__).resolve().parents[2]
