@@ -5,13 +5,12 @@ import itertools
 import logging
 import time
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, wait
 
 from kvray.records import EngineStats, RequestSnapshot
 from kvray.replica.block_manager import BlockManager
 from kvray.replica.config import EngineConfig
 from kvray.replica.detokenizer import FastDecoder, TextStream
-from kvray.replica.grammar import GrammarCache
+from kvray.replica.grammar import Compiling, GrammarCache
 from kvray.replica.model_runner import ModelRunner, resolve_device
 from kvray.replica.models.loader import load_config, load_tokenizer, resolve_dtype, resolve_model
 from kvray.replica.outputs import RequestOutput
@@ -95,7 +94,7 @@ class LLMEngine:
         self._last_step_end = 0.0
         self._step_failures = 0
         self.grammars: GrammarCache | None = None  # made when the first structured-outputs request comes
-        self._compiling: list[Sequence] = []  # requests whose grammar is being compiled (not scheduled yet)
+        self._compiling = Compiling()  # requests whose grammar is being compiled (not scheduled yet)
         self._prompt_lp: set[Sequence] = set()  # requests whose prompt log-probs are still to compute
         logger.info("engine ready in %.1f s: model=%s device=%s dtype=%s quantization=%s max_model_len=%d KV=%d tokens "
                     "(%s), step budget %d tokens", time.monotonic() - t_start, config.model, self.device, dtype,
@@ -144,7 +143,7 @@ class LLMEngine:
         if seq.needs_prompt_logprobs:
             self._prompt_lp.add(seq)
         if seq.grammar is not None and seq.grammar.matcher is None:
-            self._compiling.append(seq)  # scheduled once its grammar is compiled (off this thread)
+            self._compiling.add(seq)  # scheduled once its grammar is compiled (off this thread)
         else:
             self.scheduler.add(seq)
 
@@ -156,25 +155,13 @@ class LLMEngine:
 
     def _take_compiled(self) -> list[Sequence]:
         """Schedule the requests whose grammar is now compiled; fail those whose compile failed
-        (returned). With nothing else to run, wait a moment for a compile instead of spinning."""
-        if not self.scheduler.has_unfinished() and self._inflight is None:
-            wait([s.grammar.future for s in self._compiling], timeout=0.01, return_when=FIRST_COMPLETED)
-        failed, still = [], []
-        for seq in self._compiling:
-            if seq.is_finished:
-                continue  # aborted while compiling
-            if not seq.grammar.ready():
-                still.append(seq)
-                continue
-            try:
-                seq.grammar.start()
-            except Exception as e:  # noqa: BLE001 - the library could not compile this request's grammar
-                self._fail(seq, e)
-                failed.append(seq)
-                continue
+        (returned)."""
+        ready, failed = self._compiling.take(idle=not self.scheduler.has_unfinished() and self._inflight is None)
+        for seq in ready:
             self.scheduler.add(seq)
-        self._compiling = still
-        return failed
+        for seq, error in failed:
+            self._fail(seq, error)
+        return [seq for seq, _ in failed]
 
     def abort(self, request_id: str) -> Sequence | None:
         seq = self.scheduler.abort(request_id)
