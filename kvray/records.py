@@ -8,7 +8,8 @@
 * ``RequestSnapshot``: the engine's in-flight requests, for the autoscaler's attainment prediction
   (it travels beside ``EngineStats``, never inside it).
 * ``Delta``: what one engine step added to a request (engine process -> replica process).
-* ``TokenBatch``, ``Refusal``, ``Bound``: what a replica streams to the Router for a request.
+* ``TokenBatch``, ``Refusal``, ``Bound``: what a replica streams to the Router for a request (the
+  token-stream protocol: ``kvray.platform.token_streams`` and ``kvray.frontend.replica_client``).
 * ``RoutingHint``: what the Router tells the request router and the replica about a request,
   with its ``kvray.slo.SLOTarget`` (the one record of a request's latency targets, which its
   ``SamplingParams`` carry on to the engine).
@@ -151,7 +152,8 @@ class Refusal:
 
 @dataclass(frozen=True)
 class Bound:
-    """The replica took the request; its batches come through the caller's token channel."""
+    """The replica took the request (its batches follow, in the request's own stream or through
+    the caller's token channel); or, first on a token channel, the replica the channel reached."""
 
     replica_id: str
 
@@ -172,8 +174,7 @@ class RoutingHint:
     arrival_time: float = 0.0  # wall clock (time.time()) when the router received the request
     # The replicas to try, best first, as the routing policy decided (the request router follows it).
     route: tuple[str, ...] = ()
-    # Route to exactly this replica and leave it out of the load accounting (the Router's token
-    # channels). None: the route, or the policy, decides.
+    # Route to exactly this replica or nowhere (the Router's token channels). None: the route decides.
     pin_replica: str | None = None
     # Replicas not to route to: they refused this request or failed it before its first token.
     avoid: tuple[str, ...] = ()
