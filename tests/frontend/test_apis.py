@@ -1,16 +1,14 @@
 """The Router's other APIs without Ray, on scripted replica streams: batched completion prompts,
 echo with prompt log-probs, the Responses API, Anthropic Messages, tokenize/detokenize; their
 shapes, their 400s in each API's error shape, and admission for every prompt of a request."""
-import dataclasses
 import json
 
 import pytest
 
 from kvray.frontend.prepare import ModelInfo
 from kvray.records import TokenBatch
-from kvray.router.policy import DISPATCH, REJECT, Decision, RoutingPolicy
-
 from kvray.replica.models.loader import load_tokenizer, resolve_model
+from kvray.router.policy import DISPATCH, REJECT, Decision, RoutingPolicy
 from tests.frontend.grammar_shape import calls_of
 from tests.frontend.test_serving import FakeStream, body_of, run, serving
 
@@ -27,15 +25,14 @@ def tok():
 def scripted(tok, script):
     """A serving loop whose replica answers each request with ``script(prompt_ids, params)``'s
     batches; ``calls`` records (request id, prompt ids, params, hint)."""
-    s, calls, metrics = serving(tok, lambda: None)
-    s.info = ModelInfo(tok, 4096, 16, len(tok))  # room for a chat template with tools
-    s.served = dataclasses.replace(s.served, info=s.info)
+    s, calls, metrics = serving(tok, lambda: None, info=ModelInfo(tok, 4096, 16, len(tok)))  # room for tools
 
-    def submit(rid, ids, params, hint):
-        calls.append((rid, ids, params, hint))
-        return FakeStream(script(ids, params))
+    class Scripted:
+        def send(self, hint, ids, params, on_bound=None):
+            calls.append((hint.request_id, ids, params, hint))
+            return FakeStream(script(ids, params))
 
-    s.submit = submit
+    s.sender.client = Scripted()
     return s, calls, metrics
 
 

@@ -9,19 +9,21 @@ import random
 
 import jsonschema
 import pytest
+from tool_models import PLAIN_CHATML, no_tool_template_checkpoint
 
 from kvray.app_config import TOOL_CALL_PARSERS, ConfigError, parse_args
 from kvray.frontend import tool_formats as F
+from kvray.frontend.body import parse_request
+from kvray.frontend.errors import APIError
+from kvray.frontend.prepare import ModelInfo, prepare
+from kvray.frontend.protocol import ChatCompletionRequest
 from kvray.frontend.tool_calls import NO_ARGUMENTS, tool_finish_reason
 from kvray.frontend.tool_grammar import MAX_CALLS, tool_constraint
-from kvray.frontend.prepare import ModelInfo, prepare
-from kvray.frontend.protocol import APIError, ChatCompletionRequest, parse_request
 from kvray.replica.models import bpe
 from kvray.replica.models.loader import load_tokenizer
 from kvray.replica.models.presets import ensure_preset
 from kvray.slo import SLOTarget
 from tests.frontend.grammar_shape import calls_of
-from tool_models import PLAIN_CHATML, no_tool_template_checkpoint
 
 # The templates as they were before tools: rendering without tools must not change by a byte.
 OLD_CHATML = PLAIN_CHATML
