@@ -43,7 +43,7 @@ def hf_loader():
 def _restore_kernel_backend():
     """An engine built with ``attention_backend=...`` sets the process-wide kernel backend: give
     every test the one it started with, so a test that forced Triton cannot leak it to the next."""
-    from kvray import kernels
-    before = kernels._override
+    from kvray.kernels import dispatch
+    before = dispatch.get_override()
     yield
-    kernels.set_attention_backend(before)
+    dispatch.set_attention_backend(before)

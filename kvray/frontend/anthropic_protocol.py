@@ -15,7 +15,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kvray.frontend.protocol import APIError, ChatCompletionRequest, parse_request
+from kvray.frontend.body import parse_request
+from kvray.frontend.errors import APIError
+from kvray.frontend.protocol import ChatCompletionRequest
 from kvray.replica.sampling_params import MAX_INT, MAX_STOP_STRINGS, SEED_MAX, SEED_MIN
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",

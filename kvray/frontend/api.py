@@ -14,8 +14,8 @@ from typing import Any, AsyncIterator
 from starlette.responses import JSONResponse, Response
 
 from kvray.frontend.choice import RequestState
+from kvray.frontend.errors import APIError
 from kvray.frontend.prepare import Prepared, Served
-from kvray.frontend.protocol import APIError
 from kvray.frontend.sse import DONE, sse
 
 # (choice index, (new text, OpenAI log-probs object or None, finished)), as the choices' batches come

@@ -4,9 +4,9 @@ from __future__ import annotations
 from starlette.responses import Response
 
 from kvray.frontend.api import API
+from kvray.frontend.errors import APIError
 from kvray.frontend.messages import MESSAGES
 from kvray.frontend.openai_api import CHAT, COMPLETIONS
-from kvray.frontend.protocol import APIError
 from kvray.frontend.responses import RESPONSES
 from kvray.frontend.tokenize import DETOKENIZE, TOKENIZE
 

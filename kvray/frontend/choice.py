@@ -1,38 +1,44 @@
 """One choice of a request: the replica's token batches of one sequence, turned into text and
-log-probs as they come (stop strings cut, TTFT and inter-token gaps measured); and the request
-as the serving loop holds it while its choices' tokens come back (``RequestState``). What a
-choice adds is API-neutral: text, OpenAI-shaped log-probs and tool-call deltas, which each
-API's module (``openai_api``, ``responses``, ``messages``) turns into its own shapes."""
+log-probs as they come (stop strings cut by ``kvray.replica.detokenizer.TextStream``, the
+engine's own path; TTFT and inter-token gaps measured); and the request as the serving loop
+holds it while its choices' tokens come back (``RequestState``). What a choice adds is
+API-neutral: text, OpenAI-shaped log-probs and tool-call deltas, which each API's module
+(``openai_api``, ``responses``, ``messages``) turns into its own shapes. A choice only turns
+batches into output: the serving loop reports its first token and its gaps (to the request's
+``RequestLife`` and the metrics)."""
 from __future__ import annotations
 
 import time
 
+from kvray.frontend.errors import APIError
+from kvray.frontend.logprobs import TokenStrings, chat_logprobs, completion_logprobs
 from kvray.frontend.prepare import Prepared
-from kvray.frontend.protocol import APIError, usage
-from kvray.frontend.text_stream import TextStream, chat_logprobs, completion_logprobs
+from kvray.frontend.protocol import usage
 from kvray.frontend.tool_calls import tool_finish_reason
-from kvray.frontend.tool_formats import parse_tool_calls, request_format
+from kvray.frontend.tool_formats import ToolFormat, parse_tool_calls, request_format
 from kvray.records import Refusal, TokenBatch
+from kvray.replica.detokenizer import TextStream
 
 
 class Choice:
     """The state of one sequence while its tokens come back. ``p`` is the request as prepared
-    for this choice (its own request id and seed when ``n > 1``)."""
+    for this choice (its own request id and seed when ``n > 1``); ``decoder`` detokenizes,
+    ``strings`` names tokens for log-probs, ``tool_format`` is the model's tool-call format."""
 
-    def __init__(self, index: int, p, serving):
+    def __init__(self, index: int, p: Prepared, decoder, strings: TokenStrings, tool_format: ToolFormat | None):
         self.index = index
         self.p = p
-        self.dispatcher = serving.dispatcher
-        self.metrics = serving.metrics
-        self.stream = None  # the replica's RequestStream, once dispatched
+        self.stream = None  # the replica's RequestStream, once dispatched (the serving loop's)
+        self.life = None    # its RequestLife in the replica book, once admitted (the serving loop's)
         # chat (and the APIs converted to chat) with tools: the output goes through the parser of its
         # tool-call format
         req = p.req
-        self.tool_format = request_format(serving.info.tool_format, req.tools, req.tool_choice) \
-            if p.kind != "completions" else None
+        self.tool_format = request_format(tool_format, req.tools, req.tool_choice) if p.kind != "completions" else None
         self.tools = self.tool_format.parser(req.tools) if self.tool_format is not None else None
-        self.text = TextStream(serving.decoder, p.prompt_ids, p.params.stop_strings)
-        self.strings = serving.strings
+        self.text = TextStream(decoder, p.prompt_ids, p.params.stop_strings)
+        self.strings = strings
+        self.gap: float | None = None  # seconds since the previous tokens, when the latest batch had some (not the first)
+        self.new_first = False  # the latest batch brought the first tokens
         self.num_generated = 0
         self.cached = 0
         self.finish_reason: str | None = None
@@ -48,17 +54,16 @@ class Choice:
         if isinstance(batch, Refusal):
             raise APIError(batch.status, batch.message)
         ids = batch.ids
-        now = time.monotonic()
         if batch.prompt_logprobs is not None:
             self.prompt_logprobs = batch.prompt_logprobs
+        self.gap, self.new_first = None, False
         if ids:
+            now = time.monotonic()
             self.num_generated += len(ids) if self.p.output else 0
             if self.t_first is None:
-                self.t_first = now
-                if self.dispatcher is not None:
-                    self.dispatcher.on_first_token(self.p.rid)
+                self.t_first, self.new_first = now, True
             else:
-                self.metrics.token_gap(now - self.t_last, len(ids), self.p.slo.name)
+                self.gap = now - self.t_last
             self.t_last = now
         self.cached = batch.cached_tokens or self.cached
         finish = batch.finish_reason

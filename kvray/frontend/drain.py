@@ -27,7 +27,7 @@ import logging
 import time
 from typing import Callable, Iterable
 
-from kvray.frontend.protocol import APIError
+from kvray.frontend.errors import APIError
 from kvray.router.book import ReplicaBook
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,8 @@ class Drain:
     """One Router's drain, and its deadlines for the replicas that Serve is stopping.
 
     Requests register while they run (``add`` / ``discard``: serving's request objects, whose
-    ``choices`` each carry the replica ``stream``, failed with ``stream.fail(error)``)."""
+    ``choices`` each carry the replica ``stream``, failed with ``stream.fail(error)``, and their
+    ``life``, which says where they are)."""
 
     def __init__(self, timeout_s: float, book: ReplicaBook | None = None,
                  close_channels: Callable[[Iterable[str]], None] | None = None):
@@ -151,7 +152,7 @@ class Drain:
         cut = 0
         for req in list(self._requests):
             for c in req.choices:
-                if c.stream is not None and self.book.replica_of(c.p.rid) == replica_id:
+                if c.stream is not None and c.life is not None and c.life.replica == replica_id:
                     c.stream.fail(err)
                     cut += 1
         if cut:

@@ -6,9 +6,10 @@ Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /v1/resp
 ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``, ``GET /metrics`` (the kvray series of every process on this node, from its Ray
 metrics agent: ``kvray.metrics``) and ``GET /v1/kvray/replicas`` (the router's
 view of each LLMReplica: latest stats and load estimate, for operators and tests). Here: the
-API key check, the body-size limit, and the wiring: the process's ``Dispatcher`` (routing
-policy and replica book, shared with the request-router plug-in of the LLMReplica handle) and
-the token streams from the replicas, and its drain when Serve stops it or a replica
+API key check, the body-size limit, and the wiring: the Router's ``Dispatcher`` (routing policy
+and replica book, which the request-router plug-in of the LLMReplica handle feeds with Serve's
+replica set: ``kvray.router.replica_set``), its ``ReplicaClient`` (the token streams from the
+replicas), and its drain when Serve stops it or a replica
 (``kvray.frontend.drain``; ``GET /health`` answers 503 while it drains). The tokenizer comes from
 a replica (``model_info``), so the Router never loads or downloads the model itself.
 """
@@ -16,8 +17,8 @@ a replica (``model_info``), so the Router never loads or downloads the model its
 import asyncio
 import dataclasses
 import hmac
-import json
 import ipaddress
+import json
 import logging
 import os
 import time
@@ -31,16 +32,19 @@ from starlette.responses import JSONResponse, Response
 
 from kvray.app_config import AppArgs, parse_args
 from kvray.frontend.apis import error_response
-from kvray.frontend.channels import ChannelRequestStream, DirectRequestStream, TokenChannels
 from kvray.frontend.drain import Drain, watch_replica_stop
+from kvray.frontend.errors import APIError, error_body
 from kvray.frontend.prepare import ModelInfo
-from kvray.frontend.protocol import APIError, error_body, models_list
+from kvray.frontend.protocol import models_list
+from kvray.frontend.replica_client import ReplicaClient
 from kvray.frontend.serving import OpenAIServing
 from kvray.frontend.tokenize import tokenizer_info
 from kvray.gil import shorten_switch_interval
 from kvray.metrics import RouterMetrics, scrape_node
-from kvray.records import RoutingHint
-from kvray.router.dispatch import get_dispatcher
+from kvray.router.book import ReplicaBook
+from kvray.router.dispatch import Dispatcher
+from kvray.router.policy import make_policy
+from kvray.router.replica_set import feed
 
 logger = logging.getLogger(__name__)
 
@@ -115,15 +119,15 @@ class Router:
         shorten_switch_interval()  # SSE for hundreds of streams on one event loop, beside Serve's own
         self.args: AppArgs = parse_args(args)
         self._llm = llm
-        self._stream = llm.options(stream=True)
-        app_name = serve.get_replica_context().app_name
-        self.dispatcher = get_dispatcher(app_name, llm.deployment_name, self.args.router.policy,
-                                         self.args.router.policy_options)
         ctx = serve.get_replica_context()
+        # the replica book: fed with Serve's replica set by the request-router plug-in (once serving)
+        self._replica_set = feed(ctx.app_name, llm.deployment_name)
+        router = self.args.router
+        self.dispatcher = Dispatcher(ReplicaBook(), make_policy(router.policy, **(router.policy_options or {})))
+        self.client = ReplicaClient(llm, router.token_channels)
         self.metrics = RouterMetrics(self.args.served_model_name, ctx.replica_id.unique_id)
         self.serving: OpenAIServing | None = None
-        self._channels: TokenChannels | None = None
-        self.drain = Drain(self.args.graceful_shutdown_timeout_s, self.dispatcher.book, self._close_channels)
+        self.drain = Drain(self.args.graceful_shutdown_timeout_s, self.dispatcher.book, self.client.close_unlisted)
         self._ready_lock: asyncio.Lock | None = None
         self._started = time.time()
         self._api_keys = [k.encode() for k in self.args.resolved_api_keys()]
@@ -159,6 +163,7 @@ class Router:
                 self._stop_watch = False
         if self._ready_lock is None:
             self._ready_lock = asyncio.Lock()
+            self._replica_set.subscribe(asyncio.get_running_loop(), self.dispatcher.book.sync)
         async with self._ready_lock:
             if self.serving is None:
                 call = self._llm.model_info.remote()
@@ -171,26 +176,9 @@ class Router:
                                    kv_cache_dtype=info.get("kv_cache_dtype", ""),
                                    kv_cache_tokens=info.get("kv_cache_tokens", 0)),
                     model_names=names, slo_classes=a.slo_targets(), default_slo_class=a.default_slo_class,
-                    decode_estimate_cap=a.router.decode_estimate_cap, submit=self._submit, metrics=self.metrics,
+                    decode_estimate_cap=a.router.decode_estimate_cap, client=self.client, metrics=self.metrics,
                     dispatcher=self.dispatcher, drain=self.drain)
         return self.serving
-
-    def _submit(self, request_id, prompt_token_ids, params, hint):
-        if not self.args.router.token_channels or (self._channels is not None and self._channels.disabled):
-            return DirectRequestStream(self._stream.generate.remote(request_id, prompt_token_ids, params, hint=hint))
-        if self._channels is None:
-            self._channels = TokenChannels(self._open_channel)
-        call = self._stream.generate.remote(request_id, prompt_token_ids, params, hint=hint,
-                                            channel=self._channels.channel_id)
-        return ChannelRequestStream(self._channels, request_id, call)
-
-    def _close_channels(self, listed) -> None:
-        if self._channels is not None:
-            self._channels.close_unlisted(listed)
-
-    def _open_channel(self, replica_id: str, channel_id: str):
-        pin = RoutingHint(request_id=channel_id, num_prompt_tokens=0, decode_estimate=0, pin_replica=replica_id)
-        return self._stream.channel.remote(channel_id, hint=pin)
 
     async def _serve(self, kind: str, request: Request) -> Response:
         denied = self._denied(request, kind)

@@ -19,9 +19,10 @@ from typing import AsyncIterator
 
 from kvray.frontend.anthropic_protocol import MessagesRequest, anthropic_error, to_chat
 from kvray.frontend.api import API, Outputs
+from kvray.frontend.body import parse_json, parse_request
 from kvray.frontend.choice import Choice, RequestState
+from kvray.frontend.errors import APIError
 from kvray.frontend.prepare import Prepared, Served, prepare_parsed
-from kvray.frontend.protocol import APIError, parse_json, parse_request
 from kvray.frontend.sse import named_sse
 
 

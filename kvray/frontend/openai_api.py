@@ -17,7 +17,7 @@ from kvray.frontend.api import API, Outputs
 from kvray.frontend.choice import Choice, RequestState
 from kvray.frontend.prepare import Prepared, Served, prepare
 from kvray.frontend.sse import DONE, sse
-from kvray.frontend.text_stream import prompt_completion_logprobs, vllm_prompt_logprobs
+from kvray.frontend.logprobs import prompt_completion_logprobs, vllm_prompt_logprobs
 
 
 def response_body(kind: str, rid: str, created: int, model: str, choices: list[dict], usage: dict) -> dict:

@@ -17,7 +17,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from kvray.frontend.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_json, parse_request
+from kvray.frontend.body import parse_json, parse_request
+from kvray.frontend.errors import APIError
+from kvray.frontend.protocol import ChatCompletionRequest, CompletionRequest
 from kvray.frontend.structured import structured_outputs
 from kvray.frontend.tool_calls import new_call_id, tool_dicts
 from kvray.frontend.tool_formats import ToolFormat, resolve_tool_format
@@ -98,14 +100,11 @@ class Prepared:
                                    params=dataclasses.replace(self.params, seed=seed))
 
     def hint(self, block_size: int, decode_estimate_cap: int) -> RoutingHint:
-        slo = self.slo
         # a request with prompt log-probs computes its whole prompt: no prefix-cache hit to route by
         hashes = prefix_block_hashes(self.prompt_ids, block_size) if self.params.prompt_logprobs is None else []
         return RoutingHint(request_id=self.rid, num_prompt_tokens=len(self.prompt_ids),
                            decode_estimate=min(self.params.max_tokens, decode_estimate_cap),
-                           block_hashes=hashes, block_size=block_size,
-                           slo_class=slo.name, ttft_ms=slo.ttft_ms, tpot_ms=slo.tpot_ms, priority=slo.priority,
-                           on_infeasible=slo.on_infeasible,
+                           block_hashes=hashes, block_size=block_size, slo=self.slo,
                            # when the HTTP handler got it (parsing and tokenizing count against the TTFT)
                            arrival_time=time.time() - (time.monotonic() - self.t0))
 
@@ -160,8 +159,7 @@ async def prepare_parsed(kind: str, req, body_len: int, headers, t0: float, serv
             top_p=1.0 if req.top_p is None else float(req.top_p), top_k=-1 if req.top_k is None else req.top_k,
             max_tokens=max(1, max_tokens), stop=req.stop, stop_token_ids=req.stop_token_ids,
             ignore_eos=bool(req.ignore_eos), seed=req.seed, logprobs=logprobs, min_tokens=req.min_tokens or 0,
-            slo_class=slo.name, ttft_ms=slo.ttft_ms, tpot_ms=slo.tpot_ms, priority=slo.priority,
-            structured_outputs=constraint, prompt_logprobs=prompt_logprobs)
+            slo=slo, structured_outputs=constraint, prompt_logprobs=prompt_logprobs)
     except ValueError as e:
         raise APIError(400, str(e)) from None
     rid = f"{'cmpl' if kind == 'completions' else 'chatcmpl'}-{uuid.uuid4().hex}"

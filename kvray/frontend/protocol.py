@@ -1,4 +1,5 @@
-"""The OpenAI HTTP API: request models, the error shape, and response/chunk builders.
+"""The OpenAI HTTP API's requests (pydantic models) and its small response shapes (usage, the
+model list); the error shape is ``kvray.frontend.errors``, reading a body ``kvray.frontend.body``.
 
 Requests are validated strictly (a wrong JSON type is a 400, never coerced); fields the API
 defines but kvray does not support are rejected with a 400 naming them, unknown fields are
@@ -11,63 +12,20 @@ import json
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from kvray.frontend.errors import APIError
 from kvray.replica.grammar import compile_error
-from kvray.replica.sampling_params import (MAX_INT, MAX_LOGPROBS, MAX_STOP_STRINGS, SEED_MAX, SEED_MIN,
-                                          StructuredOutputs)
+from kvray.replica.sampling_params import (
+    MAX_INT,
+    MAX_LOGPROBS,
+    MAX_STOP_STRINGS,
+    SEED_MAX,
+    SEED_MIN,
+    StructuredOutputs,
+)
 
 MAX_N = 16  # choices per request
-MAX_JSON_DEPTH = 32  # deeper bodies get a 400 before any model validation recurses into them
-
-
-# ---- errors -------------------------------------------------------------------------------------
-class APIError(Exception):
-    """An error returned to the client as ``{"error": {message, type, param, code}}``."""
-
-    def __init__(self, status: int, message: str, *, type: str | None = None, param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type or _DEFAULT_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-        self.param = param
-        self.code = code
-        self.headers = headers
-
-    def body(self) -> dict:
-        return error_body(self.message, self.type, self.param, self.code)
-
-
-_DEFAULT_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
-                  429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
-
-
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-_TYPE_TAGS = {"str", "int", "float", "bool", "none", "StreamOptions", "TextPart", "ChatMessage",
-              "ToolChoiceFunction"}
-
-
-def _is_union_tag(part: str) -> bool:
-    return part in _TYPE_TAGS or part.startswith(("list[", "dict[", "function-", "literal[", "tuple["))
-
-
-def validation_error(e: ValidationError) -> APIError:
-    errs = e.errors()
-    first = errs[0] if errs else {}
-    loc = [str(p) for p in first.get("loc", ())]
-    # pydantic names union members in the location (e.g. "prompt.str"); keep the request path
-    path = ".".join(p for p in loc if not _is_union_tag(p))
-    msg = first.get("msg", "invalid value")
-    more = f" (and {len(errs) - 1} more error(s))" if len(errs) > 1 else ""
-    if first.get("type") == "missing":
-        return APIError(400, f"missing required field '{path}'", param=path or None, code="missing_required_parameter")
-    return APIError(400, f"invalid value for '{path}': {msg}{more}", param=path.split(".")[0] if path else None,
-                    code="invalid_type" if first.get("type", "").endswith("_type") else "invalid_value")
 
 
 # ---- requests -----------------------------------------------------------------------------------
@@ -294,64 +252,6 @@ class ChatCompletionRequest(_SamplingRequest):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-
-
-def parse_json(body: bytes) -> Any:
-    """The request body as JSON, or an APIError 400: not JSON, not UTF-8, a lone surrogate
-    (text no tokenizer can encode), numbers out of range, nesting deeper than MAX_JSON_DEPTH."""
-    try:
-        obj = _loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
-    check_json_values(obj)
-    return obj
-
-
-def check_json_values(obj: Any) -> None:
-    """Walk a parsed body once (iteratively: no recursion): depth limit, and every string (keys
-    too) must be encodable as UTF-8 (the stdlib parser lets lone surrogates through)."""
-    stack = [(obj, 1, "")]
-    while stack:
-        x, depth, path = stack.pop()
-        if isinstance(x, str):
-            if not x.isascii():
-                try:
-                    x.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise APIError(400, f"invalid text at '{path or 'body'}': it is not valid Unicode (a lone "
-                                   "surrogate?)", param=path.split(".")[0] or None, code="invalid_value") from None
-            continue
-        if not isinstance(x, (dict, list)):
-            continue
-        if depth > MAX_JSON_DEPTH:
-            raise APIError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels",
-                           param=path.split(".")[0] or None, code="invalid_json")
-        items = x.items() if isinstance(x, dict) else enumerate(x)
-        for k, v in items:
-            if isinstance(k, str):
-                stack.append((k, depth, path))
-            stack.append((v, depth + 1, f"{path}.{k}" if path else str(k)))
-
-
-try:
-    import orjson
-
-    _loads = orjson.loads  # rejects lone surrogates, NaN and out-of-range numbers itself; no recursion limit
-except ImportError:  # pragma: no cover
-    import json
-
-    _loads = json.loads
-
-
-def parse_request(model_cls: type[BaseModel], obj: Any) -> BaseModel:
-    if not isinstance(obj, dict):
-        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-    try:
-        req = model_cls.model_validate(obj)
-    except ValidationError as e:
-        raise validation_error(e) from None
-    req.checks()
-    return req
 
 
 # ---- responses ----------------------------------------------------------------------------------

@@ -18,9 +18,10 @@ import uuid
 from typing import AsyncIterator
 
 from kvray.frontend.api import API, Outputs
+from kvray.frontend.body import parse_json, parse_request
 from kvray.frontend.choice import RequestState
+from kvray.frontend.errors import APIError
 from kvray.frontend.prepare import Prepared, Served, prepare_parsed
-from kvray.frontend.protocol import APIError, parse_json, parse_request
 from kvray.frontend.responses_protocol import ResponsesRequest, renamed, to_chat
 from kvray.frontend.sse import named_sse
 

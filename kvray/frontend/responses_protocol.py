@@ -19,7 +19,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kvray.frontend.protocol import APIError, ChatCompletionRequest, parse_request
+from kvray.frontend.body import parse_request
+from kvray.frontend.errors import APIError
+from kvray.frontend.protocol import ChatCompletionRequest
 from kvray.replica.sampling_params import MAX_INT, SEED_MAX, SEED_MIN
 
 _TEXT_PARTS = ("input_text", "output_text", "text")

@@ -16,8 +16,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvray.frontend.api import API
+from kvray.frontend.body import parse_json, parse_request
+from kvray.frontend.errors import APIError
 from kvray.frontend.prepare import ModelInfo, Served, chat_prompt, off_loop_if
-from kvray.frontend.protocol import APIError, ChatCompletionRequest, ChatMessage, Tool, parse_json, parse_request
+from kvray.frontend.protocol import ChatCompletionRequest, ChatMessage, Tool
 
 
 class _Request(BaseModel):

@@ -20,6 +20,9 @@ from kvray.replica.grammar import build_grammar, compile_error
 from kvray.replica.sampling_params import StructuredOutputs
 
 
+MAX_CALLS = 8  # calls in one response at most (parallel_tool_calls); documented in docs/tool-calls.md
+
+
 @functools.lru_cache(maxsize=256)
 def _compact_json_grammar(schema_json: str) -> str:
     """The EBNF of JSON that follows this schema, with no whitespace besides json.dumps's
@@ -41,7 +44,7 @@ def tool_constraint(tools: Any, tool_choice: Any, parallel_tool_calls: bool | No
                     fmt: ToolFormat | None) -> StructuredOutputs | None:
     """The constraint that enforces ``tool_choice`` on a model whose tool-call format is ``fmt``
     (None: none known): None for ``"none"``, ``"auto"`` and no tool_choice; for ``"required"``
-    one or more calls (exactly one when ``parallel_tool_calls`` is false) of any of ``tools``;
+    one to ``MAX_CALLS`` calls (exactly one when ``parallel_tool_calls`` is false) of any of ``tools``;
     for a named function exactly one call of it."""
     if not tools or tool_choice in (None, "none", "auto"):
         return None
@@ -58,8 +61,12 @@ def tool_constraint(tools: Any, tool_choice: Any, parallel_tool_calls: bool | No
     shape = enforced_format(fmt).shape
     tags = [{"type": "tag", "begin": shape.head + (json.dumps(fname) if shape.args == "json" else fname) + shape.mid,
              "content": _arguments(fname, schema, shape.args), "end": shape.end} for fname, schema in schemas.items()]
-    calls = {"type": "tags_with_separator", "tags": tags, "separator": shape.sep, "at_least_one": True,
-             "stop_after_first": single}
+    call = tags[0] if len(tags) == 1 else {"type": "or", "elements": tags}
+    # one call, then (unless single) up to MAX_CALLS - 1 more after separators: a model that keeps
+    # repeating calls (small real models do, even at low temperature) ends at the bound, not at max_tokens
+    calls = call if single else {"type": "sequence", "elements": [call, {
+        "type": "repeat", "min": 0, "max": MAX_CALLS - 1,
+        "content": {"type": "sequence", "elements": [{"type": "const_string", "value": shape.sep}, call]}}]}
     if shape.open:  # a list: its close is optional, as the end of the output closes it too (the parser
         # reads both): with EOS allowed after every call, as in the other formats, even a random-weight
         # model stops (one that must find the close bracket among all the continuations runs on)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from kvray import kernels as _kernels
+from kvray.kernels import dispatch
 from kvray.kernels import reference
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def moe_route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tup
     if router_logits.dim() != 2 or not 1 <= int(top_k) <= router_logits.shape[1]:
         raise ValueError(f"router_logits must be [T, E] with 1 <= top_k <= E, got {tuple(router_logits.shape)}, "
                          f"top_k={top_k}")
-    use_triton, interpret = _kernels._route(router_logits.device)
+    use_triton, interpret = dispatch.route(router_logits.device)
     if not use_triton:
         return reference.moe_route(router_logits, top_k, renormalize)
     T, E = router_logits.shape
@@ -125,7 +125,7 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, router_
     _check(hidden, w13, w2, router_logits, top_k, "router_logits")
     if router_logits.shape[1] != w13.shape[0]:
         raise ValueError(f"router_logits has {router_logits.shape[1]} experts, w13 has {w13.shape[0]}")
-    use_triton, interpret = _kernels._route(hidden.device)
+    use_triton, interpret = dispatch.route(hidden.device)
     if not use_triton:
         return reference.fused_moe(hidden, w13, w2, router_logits, top_k, renormalize)
     tile = _tile(hidden, w13, w2, int(top_k), interpret)
@@ -142,7 +142,7 @@ def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
     if topk_weights.shape != topk_ids.shape or topk_ids.dtype != torch.int32 or topk_weights.dtype != torch.float32:
         raise TypeError(f"topk_weights must be float32 and topk_ids int32, both [T, k]; got {topk_weights.dtype} "
                         f"{tuple(topk_weights.shape)} and {topk_ids.dtype} {tuple(topk_ids.shape)}")
-    use_triton, interpret = _kernels._route(hidden.device)
+    use_triton, interpret = dispatch.route(hidden.device)
     if not use_triton:
         return reference.fused_experts(hidden, w13, w2, topk_weights, topk_ids)
     tile = _tile(hidden, w13, w2, topk_ids.shape[1], interpret)
@@ -151,7 +151,7 @@ def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
 
 
 def _impl(interpret: bool):
-    return _kernels.triton_impl(interpret).moe
+    return dispatch.triton_impl(interpret).moe
 
 
 # ----------------------------------------------------------------------------- tile choice

@@ -6,7 +6,8 @@ deployment options, which the Serve config file overrides key by key (a key unde
 ``request_router_config`` are replaced as a whole):
 
 * LLMReplica: ``max_ongoing_requests`` above what the engine admits (its batch, ``max_num_seqs``,
-  plus its bounded queue, ``max_queued_requests``, plus room for the Routers' token channels),
+  plus its bounded queue, ``max_queued_requests``, plus ``CHANNEL_SLOTS`` for the token-stream
+  protocol's own calls: ``kvray.platform.token_streams``),
   so the engine's own limit answers first, at once, with a 429 the Router passes on, and no
   request waits unboundedly at a handle; the kvray request router with the args' policy, routing stats every ``router.stats_period_s``, a health
   check every 2 s (a replica whose engine died exits by itself; the check finds it gone), no
@@ -27,14 +28,12 @@ from ray.serve.config import RequestRouterConfig
 
 from kvray.app_config import AppArgs, parse_args
 from kvray.frontend.ingress import Router
-from kvray.platform.autoscaling import apply_autoscaling_defaults
+from kvray.platform.autoscaling.defaults import apply_autoscaling_defaults
 from kvray.platform.replica import LLMReplica
+from kvray.platform.token_streams import CHANNEL_SLOTS
 from kvray.router.serve_router import PLUGIN_PATH
 
 ROUTER_MAX_ONGOING = 4096
-
-
-CHANNEL_SLOTS = 32  # ongoing calls beyond the engine's limit: token channels, refusals on their way back
 SHUTDOWN_GRACE_S = 5.0
 SHUTDOWN_WAIT_LOOP_S = 0.5
 
@@ -57,7 +56,6 @@ def replica_options(a: AppArgs) -> dict:
         logging_config={"enable_access_log": False},
         request_router_config=RequestRouterConfig(
             request_router_class=PLUGIN_PATH,
-            request_router_kwargs={"policy": a.router.policy, "policy_options": a.router.policy_options},
             request_routing_stats_period_s=a.router.stats_period_s,
             request_routing_stats_timeout_s=max(5.0, 10 * a.router.stats_period_s),
         ),

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from kvray.app_config import ConfigError, parse_args
-from kvray.platform.autoscaling import REPLICA_DEPLOYMENT
+from kvray.platform.autoscaling.defaults import REPLICA_DEPLOYMENT
 
 KVRAY_BUILDERS = ("kvray.platform:build_app", "kvray.platform.app:build_app")
 

@@ -5,13 +5,12 @@ import itertools
 import logging
 import time
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, wait
 
 from kvray.records import EngineStats, RequestSnapshot
 from kvray.replica.block_manager import BlockManager
 from kvray.replica.config import EngineConfig
-from kvray.replica.detokenizer import IncrementalDetokenizer
-from kvray.replica.grammar import GrammarCache
+from kvray.replica.detokenizer import FastDecoder, TextStream
+from kvray.replica.grammar import Compiling, GrammarCache
 from kvray.replica.model_runner import ModelRunner, resolve_device
 from kvray.replica.models.loader import load_config, load_tokenizer, resolve_dtype, resolve_model
 from kvray.replica.outputs import RequestOutput
@@ -23,6 +22,7 @@ from kvray.replica import deadline_policy  # noqa: F401  (registers the "deadlin
 from kvray.replica.scheduling_policy import make_policy
 from kvray.replica.sequence import Sequence, SequenceStatus, validate_prompt
 from kvray.replica.step_record import Launched, StepRecord, can_look_ahead
+from kvray.replica.stopping import stop_reason
 from kvray.step_cost import StepTimeModel
 
 logger = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ class LLMEngine:
         self.runner = ModelRunner(config, path, dtype, self.device)
         self.hf_config = self.runner.hf_config
         self.tokenizer = load_tokenizer(path)
+        self.decoder = FastDecoder.wrap(self.tokenizer)  # what the requests with stop strings detokenize with
         self.model_path = path
         self.vocab_size = self.hf_config.vocab_size
         limit = getattr(self.hf_config, "max_position_embeddings", None) or 2048
@@ -94,7 +95,7 @@ class LLMEngine:
         self._last_step_end = 0.0
         self._step_failures = 0
         self.grammars: GrammarCache | None = None  # made when the first structured-outputs request comes
-        self._compiling: list[Sequence] = []  # requests whose grammar is being compiled (not scheduled yet)
+        self._compiling = Compiling()  # requests whose grammar is being compiled (not scheduled yet)
         self._prompt_lp: set[Sequence] = set()  # requests whose prompt log-probs are still to compute
         logger.info("engine ready in %.1f s: model=%s device=%s dtype=%s quantization=%s max_model_len=%d KV=%d tokens "
                     "(%s), step budget %d tokens", time.monotonic() - t_start, config.model, self.device, dtype,
@@ -123,7 +124,7 @@ class LLMEngine:
     def make_sequence(self, request_id: str | None, prompt_token_ids: list[int], params: SamplingParams,
                       arrival_time: float | None = None, prompt: str | None = None) -> Sequence:
         """Validate a request and build its Sequence; raises ValueError before touching shared state."""
-        params.validate()
+        params.check()  # validated once: at construction, or here if changed since
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
         if request_id in self._seqs:
@@ -131,7 +132,7 @@ class LLMEngine:
         validate_prompt(prompt_token_ids, self.max_model_len, self.vocab_size)
         seq = Sequence(request_id, prompt_token_ids, params, self.config.block_size, arrival_time, prompt)
         if params.stop_strings:
-            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids)
+            seq.detokenizer = TextStream(self.decoder, prompt_token_ids, params.stop_strings)
         if params.structured_outputs is not None:
             seq.grammar = self._grammar_cache().state(params.structured_outputs)
             if seq.grammar.ready():
@@ -143,7 +144,7 @@ class LLMEngine:
         if seq.needs_prompt_logprobs:
             self._prompt_lp.add(seq)
         if seq.grammar is not None and seq.grammar.matcher is None:
-            self._compiling.append(seq)  # scheduled once its grammar is compiled (off this thread)
+            self._compiling.add(seq)  # scheduled once its grammar is compiled (off this thread)
         else:
             self.scheduler.add(seq)
 
@@ -155,25 +156,13 @@ class LLMEngine:
 
     def _take_compiled(self) -> list[Sequence]:
         """Schedule the requests whose grammar is now compiled; fail those whose compile failed
-        (returned). With nothing else to run, wait a moment for a compile instead of spinning."""
-        if not self.scheduler.has_unfinished() and self._inflight is None:
-            wait([s.grammar.future for s in self._compiling], timeout=0.01, return_when=FIRST_COMPLETED)
-        failed, still = [], []
-        for seq in self._compiling:
-            if seq.is_finished:
-                continue  # aborted while compiling
-            if not seq.grammar.ready():
-                still.append(seq)
-                continue
-            try:
-                seq.grammar.start()
-            except Exception as e:  # noqa: BLE001 - the library could not compile this request's grammar
-                self._fail(seq, e)
-                failed.append(seq)
-                continue
+        (returned)."""
+        ready, failed = self._compiling.take(idle=not self.scheduler.has_unfinished() and self._inflight is None)
+        for seq in ready:
             self.scheduler.add(seq)
-        self._compiling = still
-        return failed
+        for seq, error in failed:
+            self._fail(seq, error)
+        return [seq for seq, _ in failed]
 
     def abort(self, request_id: str) -> Sequence | None:
         seq = self.scheduler.abort(request_id)
@@ -333,22 +322,7 @@ class LLMEngine:
             seq.logprobs.append(result.logprobs[row])
             if seq.top_logprobs is not None:
                 seq.top_logprobs.append(result.top_logprobs[row])
-        p = seq.params
-        reason = stop = None
-        n_out = seq.num_output_tokens
-        if seq.grammar is not None and seq.grammar.accept(token):
-            reason = "stop"  # the grammar is complete (its stop token came)
-        elif n_out >= p.min_tokens:
-            if not p.ignore_eos and token in self.eos_token_ids:
-                reason = "stop"
-            elif p.stop_token_ids and token in p.stop_token_ids:
-                reason, stop = "stop", token
-        if seq.detokenizer is not None:  # the new token's text; cut before a stop string
-            stop_str = seq.detokenizer.add_until_stop(seq.token_ids[-1:], p.stop_strings)
-            if stop_str is not None and reason is None:
-                reason, stop = "stop", stop_str
-        if reason is None and (n_out >= p.max_tokens or seq.num_tokens >= self.max_model_len):
-            reason = "length"
+        reason, stop = stop_reason(seq, token, self.eos_token_ids, self.max_model_len)
         if reason is not None:
             seq.stop_reason = stop
             seq.metrics.finished_time = now

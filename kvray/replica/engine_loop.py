@@ -120,7 +120,6 @@ class EngineLoop:
             finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
             new_logprobs=seq.logprobs[k0:n] if seq.logprobs is not None else None,
             new_top_logprobs=seq.top_logprobs[k0:n] if seq.top_logprobs is not None else None,
-            engine_text=seq.detokenizer.text if seq.detokenizer is not None else None,
             num_cached_tokens=seq.num_cached_tokens, first_token_time=seq.metrics.first_token_time,
             num_preemptions=seq.metrics.num_preemptions, queue_time_s=_queue_time(seq) if k0 == 0 else None,
             prompt_logprobs=seq.prompt_logprobs if k0 == 0 else None)))

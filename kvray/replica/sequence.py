@@ -56,7 +56,7 @@ class Sequence:
         self._block_hashes: list[int] = []
         self.block_size = block_size
         # Absolute TTFT deadline (monotonic seconds) for deadline-aware policies.
-        self.deadline = (self.metrics.arrival_time + params.ttft_ms / 1000.0) if params.ttft_ms else None
+        self.deadline = params.slo.deadline(self.metrics.arrival_time)
         self.prompt = prompt
         # A numpy mirror of block_table kept by the model runner (grown by appends; rebuilt when
         # block_table is replaced, which the block manager does on free).

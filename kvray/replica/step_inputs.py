@@ -148,19 +148,48 @@ class StepInputBuilder:
         self._turn ^= 1
         if st.event is not None:
             st.event.synchronize()  # its copies (two steps ago) are done; normally returns at once
-        bs = self.block_size
-        tables = st.n_tables
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        qsl = [0]
-        lens: list[int] = []
-        sample_rows: list[int] = []
-        sample_seqs: list[Sequence] = []
-        gather_dst: list[int] = []
-        gather_src: list[int] = []
-        max_blocks = max_q = 0
-        t = 0
+        f = _Flat(scheduled, st.n_tables, self.block_size, pending)
+        k = f.stage(st, pad)
+        t, b, s, g = f.num_tokens, len(scheduled), f.num_sampled, len(f.gather_dst)
+        if self.on_cpu and pad is None and not self.shared:  # no device copies: slices of the host buffers (cloned)
+            d_tok, d_seq, d_tables = st.tok[:, :t].clone(), st.seq.clone(), st.tables[:b, :f.max_blocks].clone()
+            d_idx = st.idx[:, :k].clone()
+        else:
+            d_tok, d_seq, d_tables, d_idx = self._copy(st, f, pad, k)
+        if g:
+            d_tok[0].index_copy_(0, d_idx[1, :g], prev_tokens.index_select(0, d_idx[2, :g]).to(torch.int64))
+        ctx = ForwardContext(slot_mapping=d_tok[2], block_tables=d_tables, query_start_loc=d_seq[0, :b + 1],
+                             seq_lens=d_seq[1, :b], max_query_len=f.max_q, max_seq_len=max(f.lens))
+        header = StepHeader(t, b, f.max_blocks, s, len(f.sample_seqs), f.max_q, max(f.lens),
+                            *((pad[0], pad[1], int(pad[2])) if pad is not None else ()))
+        return StepInputs(d_tok[0], d_tok[1], ctx, t, f.sample_seqs, d_idx[0, :s] if s else None, header)
+
+    def _copy(self, st: _Staging, f: "_Flat", pad: tuple[int, int, bool] | None, k: int):
+        """The staged host arrays to the device buffers (non-blocking), then the staging's event."""
+        t, b = f.num_tokens, len(f.lens)
+        nt, ns = (pad[0], pad[1]) if pad is not None else (t, b)
+        self.d_tok[:, :nt].copy_(st.tok[:, :nt], non_blocking=True)
+        self.d_seq[:, :ns + 1].copy_(st.seq[:, :ns + 1], non_blocking=True)
+        self.d_tables[:b, :f.max_blocks].copy_(st.tables[:b, :f.max_blocks], non_blocking=True)
+        if k:
+            self.d_idx[:, :k].copy_(st.idx[:, :k], non_blocking=True)
+        if st.event is not None:
+            st.event.record()
+        return self.d_tok[:, :t], self.d_seq, self.d_tables[:b, :f.max_blocks], self.d_idx
+
+
+class _Flat:
+    """A step's sequences flattened into token and sequence lists (block tables written into the
+    staging's table rows as it goes)."""
+
+    __slots__ = ("ids", "pos", "slots", "qsl", "lens", "sample_rows", "sample_seqs", "gather_dst", "gather_src",
+                 "max_blocks", "max_q", "num_tokens", "num_sampled")
+
+    def __init__(self, scheduled: list[tuple[Sequence, int]], tables: np.ndarray, bs: int,
+                 pending: dict[Sequence, int] | None):
+        ids, pos, slots, qsl, lens = [], [], [], [0], []
+        sample_rows, sample_seqs, gather_dst, gather_src = [], [], [], []
+        max_blocks = max_q = t = 0
         for i, (seq, n) in enumerate(scheduled):
             start = seq.num_computed_tokens
             end = start + n
@@ -191,46 +220,33 @@ class StepInputBuilder:
             if end == seq.num_tokens:
                 sample_rows.append(t - 1)
                 sample_seqs.append(seq)
-        b = len(scheduled)
-        s, g = (len(sample_rows) if len(sample_rows) != t else 0), len(gather_dst)
+        self.ids, self.pos, self.slots, self.qsl, self.lens = ids, pos, slots, qsl, lens
+        self.sample_rows, self.sample_seqs, self.gather_dst, self.gather_src = sample_rows, sample_seqs, gather_dst, gather_src
+        self.max_blocks, self.max_q, self.num_tokens = max_blocks, max_q, t
+        self.num_sampled = len(sample_rows) if len(sample_rows) != t else 0  # 0: every row is sampled
+
+    def stage(self, st: _Staging, pad: tuple[int, int, bool] | None) -> int:
+        """Write the host arrays (padded to the graph's bucket ``pad``, which is copied whole, as
+        the graph reads it); returns the index rows in use."""
+        t, b, s, g = self.num_tokens, len(self.lens), self.num_sampled, len(self.gather_dst)
         tok, seqa, idx = st.n_tok, st.n_seq, st.n_idx
-        tok[0, :t] = ids
-        tok[1, :t] = pos
-        tok[2, :t] = slots
-        seqa[0, :b + 1] = qsl
-        seqa[1, :b] = lens
-        nt, ns = t, b
-        if pad is not None:  # to the graph's bucket: copied whole, as the graph reads it
+        tok[0, :t] = self.ids
+        tok[1, :t] = self.pos
+        tok[2, :t] = self.slots
+        seqa[0, :b + 1] = self.qsl
+        seqa[1, :b] = self.lens
+        if pad is not None:
             nt, ns = pad[0], pad[1]
             tok[:2, t:nt] = 0
             tok[2, t:nt] = -1
             seqa[0, b + 1:ns + 1] = t
             seqa[1, b:ns] = 0
         if s:
-            idx[0, :s] = sample_rows
+            idx[0, :s] = self.sample_rows
         if g:
-            idx[1, :g] = gather_dst
-            idx[2, :g] = gather_src
-        k = max(s, g)
-        if self.on_cpu and pad is None and not self.shared:  # no device copies: slices of the host buffers (cloned)
-            d_tok, d_seq, d_tables = st.tok[:, :t].clone(), st.seq.clone(), st.tables[:b, :max_blocks].clone()
-            d_idx = st.idx[:, :k].clone()
-        else:
-            self.d_tok[:, :nt].copy_(st.tok[:, :nt], non_blocking=True)
-            self.d_seq[:, :ns + 1].copy_(st.seq[:, :ns + 1], non_blocking=True)
-            self.d_tables[:b, :max_blocks].copy_(st.tables[:b, :max_blocks], non_blocking=True)
-            if k:
-                self.d_idx[:, :k].copy_(st.idx[:, :k], non_blocking=True)
-            if st.event is not None:
-                st.event.record()
-            d_tok, d_seq, d_tables, d_idx = self.d_tok[:, :t], self.d_seq, self.d_tables[:b, :max_blocks], self.d_idx
-        if g:
-            d_tok[0].index_copy_(0, d_idx[1, :g], prev_tokens.index_select(0, d_idx[2, :g]).to(torch.int64))
-        ctx = ForwardContext(slot_mapping=d_tok[2], block_tables=d_tables, query_start_loc=d_seq[0, :b + 1],
-                             seq_lens=d_seq[1, :b], max_query_len=max_q, max_seq_len=max(lens))
-        header = StepHeader(t, b, max_blocks, s, len(sample_seqs), max_q, max(lens),
-                            *((pad[0], pad[1], int(pad[2])) if pad is not None else ()))
-        return StepInputs(d_tok[0], d_tok[1], ctx, t, sample_seqs, d_idx[0, :s] if s else None, header)
+            idx[1, :g] = self.gather_dst
+            idx[2, :g] = self.gather_src
+        return max(s, g)
 
 
 def _np_table(seq: Sequence) -> np.ndarray:

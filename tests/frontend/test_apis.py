@@ -1,16 +1,15 @@
 """The Router's other APIs without Ray, on scripted replica streams: batched completion prompts,
 echo with prompt log-probs, the Responses API, Anthropic Messages, tokenize/detokenize; their
 shapes, their 400s in each API's error shape, and admission for every prompt of a request."""
-import dataclasses
 import json
 
 import pytest
 
 from kvray.frontend.prepare import ModelInfo
 from kvray.records import TokenBatch
-from kvray.router.policy import DISPATCH, REJECT, Decision, RoutingPolicy
-
 from kvray.replica.models.loader import load_tokenizer, resolve_model
+from kvray.router.policy import DISPATCH, REJECT, Decision, RoutingPolicy
+from tests.frontend.grammar_shape import calls_of
 from tests.frontend.test_serving import FakeStream, body_of, run, serving
 
 TOOL_TEXT = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>'
@@ -26,15 +25,14 @@ def tok():
 def scripted(tok, script):
     """A serving loop whose replica answers each request with ``script(prompt_ids, params)``'s
     batches; ``calls`` records (request id, prompt ids, params, hint)."""
-    s, calls, metrics = serving(tok, lambda: None)
-    s.info = ModelInfo(tok, 4096, 16, len(tok))  # room for a chat template with tools
-    s.served = dataclasses.replace(s.served, info=s.info)
+    s, calls, metrics = serving(tok, lambda: None, info=ModelInfo(tok, 4096, 16, len(tok)))  # room for tools
 
-    def submit(rid, ids, params, hint):
-        calls.append((rid, ids, params, hint))
-        return FakeStream(script(ids, params))
+    class Scripted:
+        def send(self, hint, ids, params, on_bound=None):
+            calls.append((hint.request_id, ids, params, hint))
+            return FakeStream(script(ids, params))
 
-    s.submit = submit
+    s.sender.client = Scripted()
     return s, calls, metrics
 
 
@@ -180,8 +178,9 @@ def test_responses_function_calls_and_length(tok):
                 **({"parallel_tool_calls": parallel} if parallel is not None else {})}
         assert post(s, "responses", body)[0] == 200
         fmt = json.loads(calls[-1][2].structured_outputs.structural_tag)["format"]
-        assert {t["begin"].split('"name": "')[1].split('"')[0] for t in fmt["tags"]} == names
-        assert fmt["stop_after_first"] is single
+        tags, most = calls_of(fmt)
+        assert {t["begin"].split('"name": "')[1].split('"')[0] for t in tags} == names
+        assert (most == 1) is single
     assert post(s, "responses", {"input": "?", "tools": tools, "tool_choice": "none"})[0] == 200
     assert calls[-1][2].structured_outputs is None
     status, raw = post(s, "responses", {"input": "weather?", "tools": tools, "stream": True})
@@ -254,7 +253,7 @@ def test_messages_tool_use(tok):
     for choice, single in [({"type": "tool", "name": "get_weather"}, True),
                            ({"type": "any", "disable_parallel_tool_use": True}, True), ({"type": "any"}, False)]:
         assert post(s, "messages", {**body, "tool_choice": choice})[0] == 200
-        assert json.loads(calls[-1][2].structured_outputs.structural_tag)["format"]["stop_after_first"] is single
+        assert (calls_of(json.loads(calls[-1][2].structured_outputs.structural_tag)["format"])[1] == 1) is single
     for choice in ({"type": "none"}, {"type": "auto"}):
         assert post(s, "messages", {**body, "tool_choice": choice})[0] == 200
         assert calls[-1][2].structured_outputs is None

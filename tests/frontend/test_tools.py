@@ -9,18 +9,21 @@ import random
 
 import jsonschema
 import pytest
+from tool_models import PLAIN_CHATML, no_tool_template_checkpoint
 
 from kvray.app_config import TOOL_CALL_PARSERS, ConfigError, parse_args
 from kvray.frontend import tool_formats as F
-from kvray.frontend.tool_calls import NO_ARGUMENTS, tool_finish_reason
-from kvray.frontend.tool_grammar import tool_constraint
+from kvray.frontend.body import parse_request
+from kvray.frontend.errors import APIError
 from kvray.frontend.prepare import ModelInfo, prepare
-from kvray.frontend.protocol import APIError, ChatCompletionRequest, parse_request
+from kvray.frontend.protocol import ChatCompletionRequest
+from kvray.frontend.tool_calls import NO_ARGUMENTS, tool_finish_reason
+from kvray.frontend.tool_grammar import MAX_CALLS, tool_constraint
 from kvray.replica.models import bpe
 from kvray.replica.models.loader import load_tokenizer
 from kvray.replica.models.presets import ensure_preset
 from kvray.slo import SLOTarget
-from tool_models import PLAIN_CHATML, no_tool_template_checkpoint
+from tests.frontend.grammar_shape import calls_of
 
 # The templates as they were before tools: rendering without tools must not change by a byte.
 OLD_CHATML = PLAIN_CHATML
@@ -225,11 +228,10 @@ def test_prepare_renders_tools_and_sets_the_constraint(which, request):
     if which == "plain":  # no known format: a JSON array of calls, never a 400
         assert calls["type"] == "sequence" and calls["elements"][0] == {"type": "const_string", "value": "["}
         assert calls["elements"][2] == {"type": "optional", "content": {"type": "const_string", "value": "]"}}
-        calls = calls["elements"][1]
-    assert calls["stop_after_first"] is True
+    assert calls_of(calls)[1] == 1
     shape = F.enforced_format(F.detect_format(tok)).shape
     named = _prepare(tok, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "ping"}})
-    tags = (_structural(named)["elements"][1] if which == "plain" else _structural(named))["tags"]
+    tags = calls_of(_structural(named))[0]
     assert [t["begin"] for t in tags] == [shape.head + '"ping"' + shape.mid]
     with pytest.raises(APIError) as e:
         _prepare(tok, tools=TOOLS, tool_choice="required", response_format={"type": "json_object"})
@@ -388,6 +390,7 @@ def test_constraint_cases():
     a = tool_constraint(TOOLS, "required", True, F.HERMES)
     assert a == tool_constraint(TOOLS, "required", True, F.HERMES)  # same text: the engine's cache hits
     fmt = json.loads(a.structural_tag)["format"]
-    assert fmt["at_least_one"] is True and fmt["stop_after_first"] is False and len(fmt["tags"]) == 3
+    tags, most = calls_of(fmt)
+    assert most == MAX_CALLS and len(tags) == 3
     # no known format, or one without a grammar of its own: the same JSON array of calls
     assert tool_constraint(TOOLS, "required", True, None) == tool_constraint(TOOLS, "required", True, F.PYTHONIC)

@@ -6,7 +6,9 @@ import pytest
 import yaml
 
 from kvray.app_config import AppArgs, ConfigError, EngineArgs, parse_args
-from kvray.frontend.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
+from kvray.frontend.body import parse_request
+from kvray.frontend.errors import APIError
+from kvray.frontend.protocol import ChatCompletionRequest, CompletionRequest
 from kvray.replica.config import EngineConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,7 +90,7 @@ def test_build_app_sets_overridable_defaults():
         "max_ongoing_requests"] == 32 + 8 + 32
     rc = opts["request_router_config"]
     assert rc.get_request_router_class().__name__ == KVRayRequestRouter.__name__
-    assert rc.request_router_kwargs == {"policy": "least_load", "policy_options": {}}
+    assert not rc.request_router_kwargs  # the Router decides every route: the plug-in takes no policy
     assert rc.request_routing_stats_period_s == 2
     assert build_app({"model": "m"}) is not None
     with pytest.raises(ConfigError, match="args.nope"):

@@ -1,11 +1,18 @@
-"""Token channels on the Router side, with fake Serve calls (no Ray)."""
+"""The Router's replica client and its token channels, with fake Serve calls (no Ray)."""
 import asyncio
 
 import pytest
 
-from kvray.frontend import channels as ch
-from kvray.frontend.channels import ChannelRequestStream, DirectRequestStream, ReplicaLost, TokenChannels
-from kvray.records import Bound, Refusal, TokenBatch
+from kvray import SamplingParams
+from kvray.frontend import replica_client as ch
+from kvray.frontend.replica_client import (
+    ChannelRequestStream,
+    DirectRequestStream,
+    ReplicaClient,
+    ReplicaLost,
+    TokenChannels,
+)
+from kvray.records import Bound, Refusal, RoutingHint, TokenBatch
 
 
 class FakeCall:
@@ -120,12 +127,66 @@ def test_idle_channel_reopens_for_waiting_requests_and_ended_calls_time_out(monk
 
 def test_direct_stream():
     async def main():
-        call = FakeCall([b([1]), b([2], "stop")])
-        s = DirectRequestStream(call)
+        bound = []
+        call = FakeCall([Bound("r2"), b([1]), b([2], "stop")])
+        s = DirectRequestStream(call, bound.append)
         assert [(await s.__anext__()).ids, (await s.__anext__()).ids] == [[1], [2]]
+        assert bound == ["r2"]  # the replica that took it, told once, before its first batch
         s.close(abort=True)
         assert call.cancelled
 
+    asyncio.run(main())
+
+
+class FakeMethod:
+    def __init__(self, name, calls, replies):
+        self.name, self.calls, self.replies = name, calls, replies
+
+    def remote(self, *args, **kwargs):
+        self.calls.append((self.name, args, kwargs))
+        return self.replies(self.name, args, kwargs)
+
+
+class FakeHandle:
+    """A deployment handle: ``options(stream=True).generate/channel.remote(...)`` record their
+    calls; ``replies(name, args, kwargs)`` makes each call's stream."""
+
+    def __init__(self, replies):
+        self.calls, self._replies, self.stream = [], replies, None
+
+    def options(self, stream=False):
+        self.stream = stream
+        return self
+
+    def __getattr__(self, name):
+        return FakeMethod(name, self.__dict__["calls"], self.__dict__["_replies"])
+
+
+def test_the_client_sends_through_a_channel_pinned_to_the_replica_that_took_the_request():
+    def replies(name, args, kwargs):
+        if name == "channel":
+            call = FakeCall([Bound(kwargs["hint"].pin_replica)])
+            channels.append(call)
+            return call
+        return FakeCall([Bound("r2")])  # Serve sent it to the route's second replica
+
+    async def main():
+        handle = FakeHandle(replies)
+        client = ReplicaClient(handle)
+        hint, bound = RoutingHint("req", 3, 4, route=("r1", "r2")), []
+        s = client.send(hint, [1, 2, 3], SamplingParams(max_tokens=4), bound.append)
+        await asyncio.sleep(0.01)
+        assert handle.stream is True and bound == ["r2"]
+        (name, args, kw), (cname, cargs, ckw) = handle.calls
+        assert name == "generate" and args == ("req", [1, 2, 3], args[2]) and kw["hint"] is hint
+        assert cname == "channel" and cargs == (kw["channel"],) and ckw["hint"].pin_replica == "r2"
+        channels[0].q.put_nowait([("req", b([5], "length"))])
+        assert (await s.__anext__()).ids == [5]
+        direct = ReplicaClient(FakeHandle(lambda *a: FakeCall([Bound("r1"), b([6], "stop")])), token_channels=False)
+        d = direct.send(RoutingHint("d", 1, 1), [1], SamplingParams(), None)
+        assert (await d.__anext__()).ids == [6]
+
+    channels = []
     asyncio.run(main())
 
 
