@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import multiprocessing as mp
 import os
@@ -169,6 +170,7 @@ def engine_steps(args) -> dict:
                 eng.step()
         eng.runner.close()
         del llm, eng
+        gc.collect()
         torch.cuda.empty_cache()
         return res
 
