@@ -1,6 +1,6 @@
 """Offline throughput of one kvray replica against transformers, and the hardware floor.
 
-Workloads (../shared/design.md):
+Workloads (docs/benchmarks.md):
   A: 256 requests, prompt and output lengths each uniform in [100, 1024], random ids, ignore_eos, random.Random(0)
   B: 256 requests x (512 prompt, 256 output)
 Baselines in the same run on the same random weights: transformers `generate` with static
@@ -8,7 +8,9 @@ batches (left padding; batch 64 for A, 256 for B; only the requested output toke
 transformers continuous batching `generate_batch`.
 Floor: max(bytes / copy bandwidth, FLOPs / matmul rate), bytes = weights once per decode step
 (steps = the longest output) + every K/V byte read by every generated token; both ceilings are
-measured in this run.
+measured in this run. MoE models (docs/moe.md): a decode step reads the dense weights and the
+experts its batch routes to (expected distinct experts for B tokens, k of E each), and FLOPs count
+the active parameters (k experts a token), see decode_weights.
 
   python benchmarks/offline_throughput.py [--presets qwen3-0.6b:AB,llama-3.2-1b:B] [--hf-subset 64] [--sync-scheduling]
 kvray runs with async (one-step-lookahead) scheduling, the engine default; --sync-scheduling turns it off.
@@ -17,6 +19,7 @@ Appends a markdown table to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import bisect
 import datetime
 import gc
 import json
@@ -37,6 +40,7 @@ sys.path[:] = [str(_ROOT)] + [p for p in sys.path if os.path.abspath(p or ".") !
 
 from kvray import LLM, SamplingParams  # noqa: E402
 from kvray.replica.models.loader import resolve_model  # noqa: E402
+from kvray.replica.models.moe import moe_spec  # noqa: E402
 
 
 def workload(name: str, vocab: int):
@@ -68,23 +72,45 @@ def measure_ceilings() -> tuple[float, float]:
     a = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
     b = torch.empty_like(a)
     copy_bw = 2 * n / cuda_time(lambda: b.copy_(a), reps=10)
-    del a, b
+    a = b = None  # free them (a del here reads as undefined names in the lambda to linters)
     m = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     mm_rate = 2 * 8192 ** 3 / cuda_time(lambda: m @ m, reps=10)
-    del m
+    m = None
     torch.cuda.empty_cache()
     return copy_bw, mm_rate
 
 
-def floor_tok_s(cfg, prompts, outs, copy_bw, mm_rate, weight_bytes) -> dict:
+def decode_weights(cfg, outs, weight_bytes, num_params=None) -> tuple[float, float]:
+    """(weight bytes read by all decode steps, parameters each token computes with). Every request
+    decodes from the first step, so step s has batch B_s = #{o > s}. A dense model reads all its
+    weights each step; an MoE model reads its dense part and, per sparse layer, the experts the
+    batch routes to: E * (1 - (1 - k/E)^B_s) in expectation for uniform routing (random weights
+    route about uniformly), and a token computes with its k experts only (bf16: 2 bytes a parameter).
+    ``num_params``: a dense model's parameter count where its bytes are not 2 a parameter (FP8)."""
+    steps = max(outs)
+    spec = moe_spec(cfg)
+    if spec is None:
+        return weight_bytes * steps, (num_params if num_params is not None else weight_bytes / 2)
+    expert_bytes = 2 * spec.params_per_expert(cfg.hidden_size)
+    sparse = len(spec.sparse_layers)
+    dense_bytes = weight_bytes - sparse * spec.num_experts * expert_bytes
+    done = sorted(outs)
+    total = sum(dense_bytes + sparse * expert_bytes * spec.expected_active_experts(len(done) - bisect.bisect_right(done, s))
+                for s in range(steps))
+    return total, (dense_bytes + sparse * spec.top_k * expert_bytes) / 2
+
+
+def floor_tok_s(cfg, prompts, outs, copy_bw, mm_rate, weight_bytes, num_params=None, kv_elem_bytes=2) -> dict:
+    """The floor of the run's own storage (weight bytes as loaded, K/V bytes of its cache dtype); the
+    FLOP ceiling is the measured bf16 matmul rate whatever the weights (so an FP8 run's floor is
+    that of its bytes at bf16 compute)."""
     layers, kvh = cfg.num_hidden_layers, cfg.num_key_value_heads
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     heads = cfg.num_attention_heads
-    kv_per_token = 2 * layers * kvh * hd * 2  # bf16 K and V
+    kv_per_token = 2 * layers * kvh * hd * kv_elem_bytes
     kv_reads = sum(o * len(p) + o * (o + 1) // 2 for p, o in zip(prompts, outs))  # context tokens read per decode
-    steps = max(outs)
-    bytes_total = weight_bytes * steps + kv_reads * kv_per_token
-    params = weight_bytes / 2
+    weight_reads, params = decode_weights(cfg, outs, weight_bytes, num_params)
+    bytes_total = weight_reads + kv_reads * kv_per_token
     tokens = sum(len(p) + o for p, o in zip(prompts, outs))
     attn_flops = 4 * layers * heads * hd * (kv_reads + sum(len(p) ** 2 // 2 for p in prompts))
     flops = 2 * params * tokens + attn_flops
@@ -202,7 +228,10 @@ def main() -> None:
                     "(after the warm-up): reports their min and median")
     ap.add_argument("--out", default=None, help="also write JSON here")
     ap.add_argument("--hf-cb-only", action="store_true", help="only the transformers generate_batch baseline")
+    ap.add_argument("--engine-args", default="{}", help="JSON of extra LLM options for every preset, e.g. "
+                    "'{\"quantization\": \"fp8\", \"kv_cache_dtype\": \"fp8\"}'")
     args = ap.parse_args()
+    engine_args = json.loads(args.engine_args)
     if args.repeat < 1:
         ap.error("--repeat must be >= 1")
     dev = torch.cuda.get_device_name()
@@ -214,13 +243,15 @@ def main() -> None:
     for spec in args.presets.split(","):
         preset, wls = spec.split(":")
         llm = LLM(f"kvray:{preset}", gpu_memory_utilization=0.9, enforce_eager=args.enforce_eager,
-                  async_scheduling=not args.sync_scheduling)
+                  async_scheduling=not args.sync_scheduling, **engine_args)
         eng = llm.engine
         cfg = eng.hf_config
         weight_bytes = sum(p.numel() * p.element_size() for p in eng.runner.model.parameters())
+        num_params = sum(p.numel() for n, p in eng.runner.model.named_parameters() if "scale" not in n)
         kv_alloc = eng.runner.kv_cache.numel() * eng.runner.kv_cache.element_size()
         free, total = torch.cuda.mem_get_info()
-        info = {"kv_tokens": eng.block_manager.num_total_blocks * eng.config.block_size,
+        info = {"kv_tokens": eng.block_manager.num_total_blocks * eng.config.block_size, "engine_args": engine_args,
+                "kv_cache_dtype": eng.runner.kv_cache_dtype_name, "quantization": eng.runner.quantization_name,
                 "kv_gib": kv_alloc / 2**30, "gpu_used_frac": (total - free) / total}
         print(f"{preset}: KV capacity {info['kv_tokens']} tokens ({info['kv_gib']:.1f} GiB), "
               f"GPU memory in use {info['gpu_used_frac']:.3f} of total", flush=True)
@@ -231,7 +262,8 @@ def main() -> None:
         for wl in wls:
             prompts, outs = workload(wl, min(eng.vocab_size, len(eng.tokenizer)))
             workloads[wl] = (prompts, outs)
-            floor = floor_tok_s(cfg, prompts, outs, copy_bw, mm_rate, weight_bytes)
+            floor = floor_tok_s(cfg, prompts, outs, copy_bw, mm_rate, weight_bytes, num_params,
+                                eng.runner.kv_cache.element_size())
             runs, extra = run_kvray(llm, prompts, outs, args.repeat)
             stats = repeat_stats(runs, floor["floor_tok_s"])
             preset_rows.append({"preset": preset, "workload": wl, **stats, **floor, **extra, **info})
@@ -309,7 +341,8 @@ def write_results(dev, copy_bw, mm_rate, rows, args) -> str:
              f"Command: `python benchmarks/offline_throughput.py --presets {args.presets} --hf-subset {args.hf_subset}"
              f"{' --enforce-eager' if args.enforce_eager else ''}"
              f"{' --sync-scheduling' if args.sync_scheduling else ''}"
-             f"{f' --repeat {args.repeat}' if args.repeat > 1 else ''}`  ",
+             f"{f' --repeat {args.repeat}' if args.repeat > 1 else ''}"
+             f"{f' --engine-args {chr(39)}{args.engine_args}{chr(39)}' if args.engine_args != '{}' else ''}`  ",
              f"Measured copy bandwidth {copy_bw / 1e12:.2f} TB/s, bf16 matmul {mm_rate / 1e12:.0f} TFLOP/s.\n",
              f"kvray: median of {args.repeat} run(s) in the same engine after a warm-up; every run's tok/s in the last column.\n",
              "| model | workload | kvray tok/s (median) | floor tok/s | % of floor (min) | % of floor (median) | HF static tok/s | x static "
@@ -321,7 +354,7 @@ def write_results(dev, copy_bw, mm_rate, rows, args) -> str:
         hs_txt = f"{hs:,.0f} | {k / hs:.1f}" if hs else "- | -"
         hc_txt = f"{hc:,.0f} | {k / hc:.1f}" if hc else f"{r.get('hf_cb_error', '-')} | -"
         per_run = ", ".join(f"{x:,.0f}" for x in r["kvray_tok_s_repeats"])
-        lines.append(f"| {r['preset']} | {r['workload']} | {k:,.0f} | {r['floor_tok_s']:,.0f} | {r['of_floor_min']:.1%} | "
+        lines.append(f"| {r['preset']}{' ' + json.dumps(r['engine_args']) if r['engine_args'] else ''} | {r['workload']} | {k:,.0f} | {r['floor_tok_s']:,.0f} | {r['of_floor_min']:.1%} | "
                      f"{r['of_floor_median']:.1%} | {hs_txt} | {hc_txt} | {r['kv_tokens']:,} | {r['peak_block_usage']:.1%} "
                      f"| {per_run} |")
     for r in rows:

@@ -315,7 +315,9 @@ async def run_pass(a, name: str, t: dict, reqs: list[serving.Req], slo: tuple[fl
 
 def floor_setup(model: str, ceilings: tuple[float, float] | None = None) -> dict | None:
     """The all-at-once floor as offline_throughput.py computes it: the model's config and bf16 weight
-    bytes, and the copy bandwidth and matmul rate (``ceilings``; default: measured, CUDA only)."""
+    bytes, and the copy bandwidth and matmul rate (``ceilings``; default: measured, CUDA only). For
+    an MoE model the config makes it count the experts each decode step touches and the active
+    parameters (offline_throughput.decode_weights)."""
     import torch
     if ceilings is None and not torch.cuda.is_available():
         print("no CUDA device: no hardware floor for the all-at-once set", flush=True)

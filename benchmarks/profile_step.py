@@ -1,7 +1,7 @@
 """Where a decode step's time goes: torch profiler over steady-state decode steps.
 
   python benchmarks/profile_step.py [--preset qwen3-0.6b] [--batch 256] [--context 1024] [--enforce-eager]
-                                   [--sync-scheduling] [--chunks 256,512,1024,2048,4096]
+                                   [--sync-scheduling] [--chunks 256,512,1024,2048,4096] [--engine-args JSON]
 Prints the top CUDA kernels by total time and the step's wall time vs its GPU time. With async
 scheduling (the default) the host work of a step overlaps the GPU, so wall ~ GPU time when the
 host keeps up; --sync-scheduling shows the synchronous engine. ``--chunks`` also times mixed
@@ -12,6 +12,7 @@ keeps the decodes well within their TPOT.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import sys
@@ -38,10 +39,11 @@ def main() -> None:
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--sync-scheduling", action="store_true", help="async_scheduling=False")
     ap.add_argument("--chunks", default="", help="also time steps with a prefill chunk of each size (comma list)")
+    ap.add_argument("--engine-args", default="{}", help="JSON of extra LLM options, e.g. '{\"quantization\": \"fp8\"}'")
     args = ap.parse_args()
     chunks = [int(c) for c in args.chunks.split(",") if c]
     llm = LLM(f"kvray:{args.preset}", gpu_memory_utilization=0.9, enforce_eager=args.enforce_eager,
-              async_scheduling=not args.sync_scheduling,
+              async_scheduling=not args.sync_scheduling, **json.loads(args.engine_args),
               **({"max_num_batched_tokens": max(chunks) + args.batch, "max_num_seqs": args.batch + 8} if chunks else {}))
     eng = llm.engine
     rng = random.Random(0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, create_model, model_validator
 
@@ -78,6 +78,10 @@ class RouterArgs(BaseModel):
         return self
 
 
+# The values of args.tool_call_parser: a format name (kvray.frontend.tool_formats reads each), "auto"
+# (detected from the chat template) or "none" (tool_choice=auto returns text).
+TOOL_CALL_PARSERS = ("auto", "none", "hermes", "llama3_json", "qwen3_coder", "pythonic")
+
 API_KEY_ENV = "KVRAY_API_KEY"
 _DEFAULT_SLO = {"interactive": {"ttft_ms": 500.0, "tpot_ms": 50.0}, "batch": {"ttft_ms": 10000.0, "tpot_ms": 200.0}}
 
@@ -87,7 +91,7 @@ class AppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(min_length=1, description="checkpoint directory, hub id, or kvray:<preset>")
+    model: str = Field(min_length=1, description="checkpoint directory, GGUF file, hub id, or kvray:<preset>")
     served_model_name: str | None = Field(None, description="the model name clients send; default: `model`")
     engine: EngineArgs = Field(default_factory=EngineArgs, description="kvray.replica.config.EngineConfig options")
     slo_classes: dict[str, SLOClassArgs] = Field(
@@ -95,10 +99,16 @@ class AppArgs(BaseModel):
     default_slo_class: str | None = Field(None, description="class of requests that name none; must be a key of "
                                           "slo_classes (default: the first class)")
     router: RouterArgs = Field(default_factory=RouterArgs)
+    tool_call_parser: Literal[TOOL_CALL_PARSERS] = Field(
+        "auto", description="how tool calls are read from the model's output with tool_choice auto: auto (the "
+        "format the chat template writes; plain text when it has none), none (never), or a format name. "
+        "tool_choice required and named functions work with any value (docs/tool-calls.md)")
     stream_interval_ms: float = Field(0.0, ge=0.0, description="replicas merge token batches of a stream until "
                                       "this long since the last send (0: send every engine step)")
-    graceful_shutdown_timeout_s: PositiveFloat = Field(30.0, description="on replica shutdown, how long in-flight "
-                                                       "requests may keep running before they are aborted")
+    graceful_shutdown_timeout_s: PositiveFloat = Field(30.0, description="when Serve stops a Router or an LLMReplica "
+                                                       "(scale-down, update, shutdown), how long its running requests "
+                                                       "may go on; then each ends with a server_shutdown error "
+                                                       "(docs/shutdown.md)")
     max_request_body_bytes: int = Field(16 * 2**20, ge=1024, description="larger request bodies get a 413 before "
                                         "they are parsed")
     api_keys: list[str] = Field(default_factory=list, description="accepted `Authorization: Bearer` keys; with "

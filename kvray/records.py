@@ -1,5 +1,5 @@
-"""The typed records that cross kvray's process and deployment seams (a leaf module: no Ray, no
-torch). Each has one producer:
+"""The typed records that cross kvray's process and deployment seams (a leaf module above
+``kvray.slo`` only: no Ray, no torch). Each has one producer:
 
 * ``EngineStats``: the engine's step loop (``LLMEngine.stats``), read by the serving replica, the
   router, the autoscaler and the metrics. It carries the engine's fitted step-cost coefficients,
@@ -8,8 +8,11 @@ torch). Each has one producer:
 * ``RequestSnapshot``: the engine's in-flight requests, for the autoscaler's attainment prediction
   (it travels beside ``EngineStats``, never inside it).
 * ``Delta``: what one engine step added to a request (engine process -> replica process).
-* ``TokenBatch``, ``Refusal``, ``Bound``: what a replica streams to the Router for a request.
-* ``RoutingHint``: what the Router tells the request router and the replica about a request.
+* ``TokenBatch``, ``Refusal``, ``Bound``: what a replica streams to the Router for a request (the
+  token-stream protocol: ``kvray.platform.token_streams`` and ``kvray.frontend.replica_client``).
+* ``RoutingHint``: what the Router tells the request router and the replica about a request,
+  with its ``kvray.slo.SLOTarget`` (the one record of a request's latency targets, which its
+  ``SamplingParams`` carry on to the engine).
 * ``Command`` and ``Event``: the messages between a replica and its engine process.
 """
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from typing import Any
+
+from kvray.slo import NO_SLO, SLOTarget
 
 
 @dataclass(frozen=True)
@@ -36,7 +41,7 @@ class EngineStats:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     scheduling_policy: str = "fcfs"
-    min_tpot_ms: float | None = None   # the tightest TPOT target among the requests there
+    min_tpot_s: float | None = None    # the tightest TPOT target among the requests there
     step_coeffs: tuple[float, float, float, float] | None = None  # a, b, c, d of kvray.step_cost, fitted
     num_steps: int = 0
     num_added_total: int = 0           # requests the step loop has taken in (admitted or refused)
@@ -99,11 +104,11 @@ class Delta:
     stop_reason: str | int | None = None
     new_logprobs: list[float] | None = None
     new_top_logprobs: list[dict[int, float] | None] | None = None
-    engine_text: str | None = None  # the engine's own text, for requests with stop strings
     num_cached_tokens: int = 0
     first_token_time: float | None = None
     num_preemptions: int = 0
     queue_time_s: float | None = None  # on the first batch: from the engine's receipt to the first step
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # on the first batch, when asked for
 
 
 @dataclass
@@ -116,11 +121,14 @@ class TokenBatch:
     finish_reason: str | None = None   # set on the last batch
     stop_reason: str | int | None = None
     cached_tokens: int = 0
+    # per prompt token, {token id: log-prob} of it and its top alternatives (None for the first):
+    # on the first batch of a request with SamplingParams.prompt_logprobs
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     @classmethod
     def of(cls, d: Delta) -> "TokenBatch":
         return cls(d.new_token_ids, d.new_logprobs, d.new_top_logprobs, d.finish_reason if d.finished else None,
-                   d.stop_reason if d.finished else None, d.num_cached_tokens)
+                   d.stop_reason if d.finished else None, d.num_cached_tokens, d.prompt_logprobs)
 
     def merge(self, later: "TokenBatch") -> "TokenBatch":
         """This batch followed by ``later``: the tokens and log-probs of both, the rest of ``later``."""
@@ -129,7 +137,7 @@ class TokenBatch:
 
         return TokenBatch(self.ids + later.ids, cat(self.logprobs, later.logprobs),
                           cat(self.top_logprobs, later.top_logprobs), later.finish_reason, later.stop_reason,
-                          later.cached_tokens)
+                          later.cached_tokens, self.prompt_logprobs or later.prompt_logprobs)
 
 
 @dataclass(frozen=True)
@@ -145,7 +153,8 @@ class Refusal:
 
 @dataclass(frozen=True)
 class Bound:
-    """The replica took the request; its batches come through the caller's token channel."""
+    """The replica took the request (its batches follow, in the request's own stream or through
+    the caller's token channel); or, first on a token channel, the replica the channel reached."""
 
     replica_id: str
 
@@ -162,16 +171,11 @@ class RoutingHint:
     # Chained hashes of the prompt's full KV blocks (kvray.replica.block_hash).
     block_hashes: list[int] = field(default_factory=list)
     block_size: int = 16
-    slo_class: str | None = None
-    ttft_ms: float | None = None
-    tpot_ms: float | None = None
-    priority: float = 1.0
-    on_infeasible: str = "queue"
+    slo: SLOTarget = NO_SLO  # the request's targets (the same record its SamplingParams carries)
     arrival_time: float = 0.0  # wall clock (time.time()) when the router received the request
     # The replicas to try, best first, as the routing policy decided (the request router follows it).
     route: tuple[str, ...] = ()
-    # Route to exactly this replica and leave it out of the load accounting (the Router's token
-    # channels). None: the route, or the policy, decides.
+    # Route to exactly this replica or nowhere (the Router's token channels). None: the route decides.
     pin_replica: str | None = None
     # Replicas not to route to: they refused this request or failed it before its first token.
     avoid: tuple[str, ...] = ()

@@ -2,7 +2,8 @@
 a request met it, and what the router does when no replica can (pure Python, a leaf module)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 CUSTOM_CLASS = "custom"
 ON_INFEASIBLE = ("queue", "reject", "best_effort")
@@ -10,35 +11,50 @@ ON_INFEASIBLE = ("queue", "reject", "best_effort")
 
 @dataclass(frozen=True)
 class SLOTarget:
-    """One class: TTFT and TPOT targets (ms), its weight for deadline scheduling, and what the
-    SLO-aware router does with a request no replica can serve in time: hold it until it can
-    (``queue``; refused once it no longer could), refuse it at once with a 429 (``reject``), or
-    send it to the best replica anyway (``best_effort``)."""
+    """A request's latency targets: the one record of them, carried from the Router's ``prepare``
+    through the ``RoutingHint`` (the router's policies and book) and ``SamplingParams`` (the
+    engine's deadline scheduler and its stats) to the scheduler.
+
+    One class: TTFT and TPOT targets (ms, as configured and as the headers give them; ``ttft_s``
+    and ``tpot_s`` are the same in seconds, the unit every consumer computes in; None: no
+    target), its weight for deadline scheduling, and what the SLO-aware router does with a
+    request no replica can serve in time: hold it until it can (``queue``; refused once it no
+    longer could), refuse it at once with a 429 (``reject``), or send it to the best replica
+    anyway (``best_effort``). ``NO_SLO`` is a request without targets."""
 
     name: str
-    ttft_ms: float
+    ttft_ms: float | None = None
     tpot_ms: float | None = None
     priority: float = 1.0
     on_infeasible: str = "queue"
+    ttft_s: float | None = field(init=False, repr=False, compare=False)
+    tpot_s: float | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.on_infeasible not in ON_INFEASIBLE:
             raise ValueError(f"SLO class {self.name!r}: on_infeasible must be one of {', '.join(ON_INFEASIBLE)}")
+        for name in ("ttft_ms", "tpot_ms", "priority"):
+            v = getattr(self, name)
+            if v is None and name != "priority":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"invalid SLO target {name}={v!r}: must be a finite number > 0")
+        object.__setattr__(self, "ttft_s", self.ttft_ms / 1000.0 if self.ttft_ms else None)
+        object.__setattr__(self, "tpot_s", self.tpot_ms / 1000.0 if self.tpot_ms else None)
 
-    @property
-    def ttft_s(self) -> float:
-        return self.ttft_ms / 1000.0
-
-    @property
-    def tpot_s(self) -> float | None:
-        return self.tpot_ms / 1000.0 if self.tpot_ms else None
+    def deadline(self, arrival: float) -> float | None:
+        """The absolute TTFT deadline of a request that arrived at ``arrival`` (None: no target)."""
+        return arrival + self.ttft_s if self.ttft_s else None
 
     def attained(self, ttft_s: float | None, tpot_s: float | None) -> bool:
         """Both targets met (a request with no second token has no TPOT to miss; one that never
         produced a token missed)."""
-        if ttft_s is None or ttft_s * 1000.0 > self.ttft_ms:
+        if ttft_s is None or (self.ttft_ms is not None and ttft_s * 1000.0 > self.ttft_ms):
             return False
         return tpot_s is None or not self.tpot_ms or tpot_s * 1000.0 <= self.tpot_ms
+
+
+NO_SLO = SLOTarget("none")
 
 
 def urgency(deadline: float | None, priority: float, now: float) -> float:

@@ -37,3 +37,13 @@ def hf_loader():
         return cache[preset]
 
     return load
+
+
+@pytest.fixture(autouse=True)
+def _restore_kernel_backend():
+    """An engine built with ``attention_backend=...`` sets the process-wide kernel backend: give
+    every test the one it started with, so a test that forced Triton cannot leak it to the next."""
+    from kvray.kernels import dispatch
+    before = dispatch.get_override()
+    yield
+    dispatch.set_attention_backend(before)

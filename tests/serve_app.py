@@ -5,6 +5,7 @@ import random
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -69,18 +70,23 @@ def running_app(args: dict, num_replicas: int = 2, fast_metrics: bool = False, e
                 os.environ[k] = v
 
 
+KVRAY_SERVE = [sys.executable, "-m", "kvray.cli", "serve"]  # `kvray serve`, from this checkout
+
+
 class ServeRun:
     """``serve run CONFIG`` as a user runs it, in a subprocess (its own local Ray, on a free port);
-    ``env`` adds environment variables (an ingress choice, say)."""
+    ``env`` adds environment variables (an ingress choice, say); ``command`` replaces ``serve run``
+    (``KVRAY_SERVE``)."""
 
-    def __init__(self, cfg: dict, tmp_path: Path, env: dict | None = None, fast_metrics: bool = False):
+    def __init__(self, cfg: dict, tmp_path: Path, env: dict | None = None, fast_metrics: bool = False,
+                 command: list[str] | None = None):
         self.port = free_port()
         cfg["http_options"]["port"] = self.port
-        path = tmp_path / "config.yaml"
+        self.config_path = path = tmp_path / "config.yaml"
         path.write_text(yaml.safe_dump(cfg))
         env = {**os.environ, "RAY_ADDRESS": "local", "RAY_DEDUP_LOGS": "0", **(METRICS_ENV if fast_metrics else {}),
                **(env or {})}
-        self.proc = subprocess.Popen(["serve", "run", str(path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen([*(command or ["serve", "run"]), str(path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -143,7 +149,7 @@ def wait_until(cond, timeout_s: float, what: str):
         time.sleep(0.5)
 
 
-# The ingress that gpu.yaml, the RayServices and the launcher config start (README, "Which ingress").
+# The ingress that gpu.yaml, the RayServices and the launcher config start (docs/deploy.md, "Which ingress").
 HAPROXY = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 # Ray's metrics agent gets new values from each process this often (default 10 s): the apps of the
@@ -184,9 +190,22 @@ def wait_metric(url: str, name: str, value: float, timeout_s: float = 30.0, **la
                f"{name}{labels} never reached {value} (last {metric(url, name, **labels)})")
 
 
-def local_config() -> dict:
-    """cluster-configs/local.yaml, parsed (tests change the port and what they need)."""
-    return yaml.safe_load((ROOT / "cluster-configs" / "local.yaml").read_text())
+TINY_MODEL = {"model": "kvray:tiny-qwen3", "served_model_name": "tiny-qwen3"}
+
+
+def local_config(real_model: bool = False) -> dict:
+    """cluster-configs/local.yaml, parsed (tests change the port and what they need). It serves
+    the real SmolLM2 preset; unless ``real_model``, the model is swapped for the random-weight
+    ``kvray:tiny-qwen3`` (served as ``tiny-qwen3``): the tests of serving mechanics (metrics,
+    overload, ingress, the API's features) need its speed on 2 cores, not its answers."""
+    cfg = yaml.safe_load((ROOT / "cluster-configs" / "local.yaml").read_text())
+    if not real_model:
+        cfg["applications"][0]["args"].update(TINY_MODEL)
+    return cfg
+
+
+def served_name(cfg: dict) -> str:
+    return cfg["applications"][0]["args"]["served_model_name"]
 
 
 def burst_of_streams(url: str, n: int, headers: dict | None = None, max_tokens: int = 48,

@@ -13,6 +13,7 @@ from kvray.replica.engine import LLMEngine
 from kvray.replica.sampling_params import SamplingParams
 from kvray.router.book import ReplicaBook
 from kvray.router.slo_aware import SLOAwarePolicy
+from kvray.slo import NO_SLO, SLOTarget
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def engine():
 def add(engine, n: int, tpot_ms: float | None, start: int = 0) -> None:
     for i in range(start, start + n):
         engine.add_sequence(engine.make_sequence(f"q{i}", [5 + i % 50] * 12, SamplingParams(
-            max_tokens=40, ignore_eos=True, ttft_ms=60_000 if tpot_ms else None, tpot_ms=tpot_ms)))
+            max_tokens=40, ignore_eos=True, slo=SLOTarget("t", 60_000, tpot_ms) if tpot_ms else NO_SLO)))
 
 
 def replica_stats(engine) -> ReplicaStats:
@@ -38,7 +39,7 @@ def test_the_router_reads_the_tpot_target_and_step_fit_the_engine_produces(engin
     for _ in range(12):
         engine.step()
     s = engine.stats()
-    assert s.min_tpot_ms == 30.0
+    assert s.min_tpot_s == 0.030
     assert s.num_steps >= 12 and s.step_coeffs == engine.step_cost.coeffs.as_tuple()
 
     book = ReplicaBook()
@@ -53,12 +54,12 @@ def test_the_router_reads_the_tpot_target_and_step_fit_the_engine_produces(engin
     slow = dataclasses.replace(s, step_coeffs=(0.05, 0.0, 0.0, 0.0))  # 50 ms steps: the 30 ms target breaks
     book.update_stats("r0", ReplicaStats(engine=slow, time=time.time() + 1, replica_id="r0"))
     assert not SLOAwarePolicy().estimate(new, v, time.time()).tpot_ok
-    untargeted = dataclasses.replace(slow, min_tpot_ms=None)
+    untargeted = dataclasses.replace(slow, min_tpot_s=None)
     book.update_stats("r0", ReplicaStats(engine=untargeted, time=time.time() + 2, replica_id="r0"))
     assert SLOAwarePolicy().estimate(new, v, time.time()).tpot_ok
     for r in list(engine.scheduler.running) + list(engine.scheduler.waiting):
         engine.abort(r.request_id)
-    assert engine.stats().min_tpot_ms is None
+    assert engine.stats().min_tpot_s is None
 
 
 def test_the_routing_broadcast_has_no_per_request_list(engine):

@@ -36,3 +36,14 @@ def test_a_class_without_a_tpot_target_and_the_urgency_order():
             urgency(None, 1.0, now)]
     assert keys[0] < keys[1] < keys[2] < keys[3]  # weighted slack, then late ones, then no target
     assert urgency(now - 5.0, 1.0, now) < urgency(now - 1.0, 9.0, now)  # late ones by deadline
+
+
+def test_one_target_record_in_ms_and_seconds():
+    t = SLOTarget("i", 500, 50, 2.0)
+    assert (t.ttft_s, t.tpot_s) == (0.5, 0.05) and t.deadline(10.0) == 10.5
+    none = SLOTarget("none")
+    assert none.ttft_s is None and none.tpot_s is None and none.deadline(10.0) is None
+    assert t == SLOTarget("i", 500, 50, 2.0) and hash(t) == hash(SLOTarget("i", 500, 50, 2.0))
+    for bad in (dict(ttft_ms=0), dict(tpot_ms=-1), dict(priority=0), dict(ttft_ms=float("inf"))):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SLOTarget("x", **bad)

@@ -131,15 +131,12 @@ class Cluster:
 
     def _arrive(self, i: int) -> None:
         req = self.requests[i]
-        params = SamplingParams(max_tokens=req.max_tokens, ignore_eos=True, slo_class=req.slo.name,
-                                ttft_ms=req.slo.ttft_ms, tpot_ms=req.slo.tpot_ms, priority=req.slo.priority)
+        params = SamplingParams(max_tokens=req.max_tokens, ignore_eos=True, slo=req.slo)
         seq = Sequence(str(req.rid), prompt_token_ids(req), params, self.cfg.replica.block_size, req.arrival)
         self.seqs[i] = seq
         hashes = seq.block_hashes() if self.cfg.replica.enable_prefix_caching else ()
-        slo = req.slo
         self.hints[i] = RoutingHint(seq.request_id, req.prompt_len, min(req.max_tokens, self.cfg.decode_estimate_cap),
-                                    list(hashes), self.cfg.replica.block_size, slo.name, slo.ttft_ms, slo.tpot_ms,
-                                    slo.priority, slo.on_infeasible, req.arrival)
+                                    list(hashes), self.cfg.replica.block_size, req.slo, req.arrival)
         self._route(i)
 
     def _route(self, i: int) -> bool:
@@ -213,7 +210,7 @@ class Cluster:
     def _recheck(self) -> None:
         def key(i):
             h = self.hints[i]
-            return urgency(h.arrival_time + h.ttft_ms / 1000.0 if h.ttft_ms else None, h.priority, self.now)
+            return urgency(h.slo.deadline(h.arrival_time), h.slo.priority, self.now)
 
         order = sorted(self.queued, key=key)
         for i in order[:self.cfg.recheck_per_event]:

@@ -1,56 +1,78 @@
 """One choice of a request: the replica's token batches of one sequence, turned into text and
-log-probs as they come (stop strings cut, TTFT and inter-token gaps measured)."""
+log-probs as they come (stop strings cut by ``kvray.replica.detokenizer.TextStream``, the
+engine's own path; TTFT and inter-token gaps measured); and the request as the serving loop
+holds it while its choices' tokens come back (``RequestState``). What a choice adds is
+API-neutral: text, OpenAI-shaped log-probs and tool-call deltas, which each API's module
+(``openai_api``, ``responses``, ``messages``) turns into its own shapes. A choice only turns
+batches into output: the serving loop reports its first token and its gaps (to the request's
+``RequestLife`` and the metrics)."""
 from __future__ import annotations
 
 import time
 
-from kvray.frontend.protocol import APIError
-from kvray.frontend.text_stream import TextStream, chat_logprobs, completion_logprobs
-from kvray.frontend.tools import ToolCallStream, parse_tool_calls, response_parser, tool_finish_reason
+from kvray.frontend.errors import APIError
+from kvray.frontend.logprobs import TokenStrings, chat_logprobs, completion_logprobs
+from kvray.frontend.prepare import Prepared
+from kvray.frontend.protocol import usage
+from kvray.frontend.tool_calls import tool_finish_reason
+from kvray.frontend.tool_formats import ToolFormat, parse_tool_calls, request_format
 from kvray.records import Refusal, TokenBatch
+from kvray.replica.detokenizer import TextStream
 
 
 class Choice:
     """The state of one sequence while its tokens come back. ``p`` is the request as prepared
-    for this choice (its own request id and seed when ``n > 1``)."""
+    for this choice (its own request id and seed when ``n > 1``); ``decoder`` detokenizes,
+    ``strings`` names tokens for log-probs, ``tool_format`` is the model's tool-call format."""
 
-    def __init__(self, index: int, p, serving):
+    def __init__(self, index: int, p: Prepared, decoder, strings: TokenStrings, tool_format: ToolFormat | None):
         self.index = index
         self.p = p
-        self.dispatcher = serving.dispatcher
-        self.metrics = serving.metrics
-        self.stream = None  # the replica's RequestStream, once dispatched
-        # chat with tools: the output goes through the template family's tool-call parser
-        self.tools: ToolCallStream | None = response_parser(p.req, serving.info.tokenizer) if p.kind == "chat" else None
-        self.text = TextStream(serving.decoder, p.prompt_ids, p.params.stop_strings)
-        self.strings = serving.strings
+        self.stream = None  # the replica's RequestStream, once dispatched (the serving loop's)
+        self.life = None    # its RequestLife in the replica book, once admitted (the serving loop's)
+        # chat (and the APIs converted to chat) with tools: the output goes through the parser of its
+        # tool-call format
+        req = p.req
+        self.tool_format = request_format(tool_format, req.tools, req.tool_choice) if p.kind != "completions" else None
+        self.tools = self.tool_format.parser(req.tools) if self.tool_format is not None else None
+        self.text = TextStream(decoder, p.prompt_ids, p.params.stop_strings)
+        self.strings = strings
+        self.gap: float | None = None  # seconds since the previous tokens, when the latest batch had some (not the first)
+        self.new_first = False  # the latest batch brought the first tokens
         self.num_generated = 0
         self.cached = 0
         self.finish_reason: str | None = None
         self.t_first: float | None = None
         self.t_last: float | None = None
-        self.text_offset = 0
+        self.text_offset = len(p.echo[0]) if p.echo else 0  # generated tokens' offsets follow the echo
         self.engine_finished = False
+        self.stop_reason: str | int | None = None  # the stop string or token the engine stopped at
+        self.prompt_logprobs: list[dict[int, float] | None] | None = None  # from the first batch, when asked
 
     def add(self, batch: TokenBatch | Refusal) -> tuple[str, dict | None, bool]:
         """One replica batch -> (new text, logprobs object or None, finished)."""
         if isinstance(batch, Refusal):
             raise APIError(batch.status, batch.message)
         ids = batch.ids
-        now = time.monotonic()
+        if batch.prompt_logprobs is not None:
+            self.prompt_logprobs = batch.prompt_logprobs
+        self.gap, self.new_first = None, False
         if ids:
-            self.num_generated += len(ids)
+            now = time.monotonic()
+            self.num_generated += len(ids) if self.p.output else 0
             if self.t_first is None:
-                self.t_first = now
-                if self.dispatcher is not None:
-                    self.dispatcher.on_first_token(self.p.rid)
+                self.t_first, self.new_first = now, True
             else:
-                self.metrics.token_gap(now - self.t_last, len(ids), self.p.slo.name)
+                self.gap = now - self.t_last
             self.t_last = now
         self.cached = batch.cached_tokens or self.cached
         finish = batch.finish_reason
         if finish is not None:
             self.engine_finished = True
+            self.stop_reason = batch.stop_reason
+        if not self.p.output:  # echo with max_tokens 0: the prompt is all there is
+            self.finish_reason = finish and "length"
+            return "", None, finish is not None
         text = self.text.add(ids, finish is not None)
         if self.text.stop_string is not None:
             finish = "stop"
@@ -80,17 +102,19 @@ class Choice:
             return finish_reason
         return tool_finish_reason(finish_reason, self.tools.has_tool_calls)
 
-    def final(self, kind: str, text: str, lps: list[dict]) -> dict:
-        """This choice in a whole (not streamed) response."""
-        logprobs = merge_logprobs(kind, lps) if self.p.params.logprobs is not None else None
-        if kind == "completions":
-            return {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": self.finish_reason}
-        message, reason = {"role": "assistant", "content": text}, self.finish_reason
-        if self.tools is not None:  # the stream's parser, over the whole text: the same calls either way
-            content, calls = parse_tool_calls(text, self.tools.family, self.p.req.tools)
-            message = {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
-            reason = tool_finish_reason(reason, bool(calls))
-        return {"index": self.index, "message": message, "logprobs": logprobs, "finish_reason": reason}
+    def message(self, text: str) -> tuple[str | None, list[dict], str | None]:
+        """The whole output as ``(content, OpenAI tool_calls, finish_reason)``: with tools, the
+        stream's parser over the whole text (the same calls either way)."""
+        if self.tools is None:
+            return text, [], self.finish_reason
+        content, calls = parse_tool_calls(text, self.tool_format, self.p.req.tools)
+        return content, calls, tool_finish_reason(self.finish_reason, bool(calls))
+
+    @property
+    def stop_string(self) -> str | None:
+        """The stop string that ended the output, if one did."""
+        s = self.text.stop_string or self.stop_reason
+        return s if isinstance(s, str) else None
 
     def tpot(self) -> float | None:
         if self.num_generated > 1 and self.t_first is not None and self.t_last is not None:
@@ -98,22 +122,32 @@ class Choice:
         return None
 
 
-def response_body(kind: str, rid: str, created: int, model: str, choices: list[dict], usage: dict) -> dict:
-    return {"id": rid, "object": "text_completion" if kind == "completions" else "chat.completion",
-            "created": created, "model": model, "choices": choices, "usage": usage}
+class RequestState:
+    """One request while its choices' tokens come back (counted once, whichever path ends it)."""
 
+    def __init__(self, p: Prepared, choices: list[Choice], predicted_ttft_s: float | None):
+        self.p = p
+        self.choices = choices
+        self.predicted_ttft_s = predicted_ttft_s
+        self.closed = False
+        self.num_events = 0  # events streamed so far (for the APIs that number them)
 
-def merge_logprobs(kind: str, parts: list[dict]) -> dict | None:
-    if kind == "chat":
-        return {"content": [c for part in parts for c in part["content"]]}
-    merged = {"tokens": [], "token_logprobs": [], "top_logprobs": None, "text_offset": []}
-    tops = []
-    for part in parts:
-        merged["tokens"] += part["tokens"]
-        merged["token_logprobs"] += part["token_logprobs"]
-        merged["text_offset"] += part["text_offset"]
-        if part["top_logprobs"] is not None:
-            tops += part["top_logprobs"]
-    if tops:
-        merged["top_logprobs"] = tops
-    return merged
+    @property
+    def num_prompt_tokens(self) -> int:  # each prompt once, whatever n is
+        return sum(len(ids) for ids in self.p.prompts)
+
+    @property
+    def num_generated(self) -> int:
+        return sum(c.num_generated for c in self.choices)
+
+    @property
+    def num_cached(self) -> int:  # the first choice of each prompt
+        return sum(c.cached for c in self.choices[::self.p.n])
+
+    def usage(self) -> dict:
+        return usage(self.num_prompt_tokens, self.num_generated, self.num_cached)
+
+    def close_streams(self) -> None:
+        for c in self.choices:
+            if c.stream is not None:  # not finished there: the client is gone, an error, or a stop string seen here
+                c.stream.close(abort=not c.engine_finished)

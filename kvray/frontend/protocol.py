@@ -1,4 +1,5 @@
-"""The OpenAI HTTP API: request models, the error shape, and response/chunk builders.
+"""The OpenAI HTTP API's requests (pydantic models) and its small response shapes (usage, the
+model list); the error shape is ``kvray.frontend.errors``, reading a body ``kvray.frontend.body``.
 
 Requests are validated strictly (a wrong JSON type is a 400, never coerced); fields the API
 defines but kvray does not support are rejected with a 400 naming them, unknown fields are
@@ -11,63 +12,20 @@ import json
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from kvray.frontend.errors import APIError
 from kvray.replica.grammar import compile_error
-from kvray.replica.sampling_params import (MAX_INT, MAX_LOGPROBS, MAX_STOP_STRINGS, SEED_MAX, SEED_MIN,
-                                          StructuredOutputs)
+from kvray.replica.sampling_params import (
+    MAX_INT,
+    MAX_LOGPROBS,
+    MAX_STOP_STRINGS,
+    SEED_MAX,
+    SEED_MIN,
+    StructuredOutputs,
+)
 
 MAX_N = 16  # choices per request
-MAX_JSON_DEPTH = 32  # deeper bodies get a 400 before any model validation recurses into them
-
-
-# ---- errors -------------------------------------------------------------------------------------
-class APIError(Exception):
-    """An error returned to the client as ``{"error": {message, type, param, code}}``."""
-
-    def __init__(self, status: int, message: str, *, type: str | None = None, param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type or _DEFAULT_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
-        self.param = param
-        self.code = code
-        self.headers = headers
-
-    def body(self) -> dict:
-        return error_body(self.message, self.type, self.param, self.code)
-
-
-_DEFAULT_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
-                  429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
-
-
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-_TYPE_TAGS = {"str", "int", "float", "bool", "none", "StreamOptions", "TextPart", "ChatMessage",
-              "ToolChoiceFunction"}
-
-
-def _is_union_tag(part: str) -> bool:
-    return part in _TYPE_TAGS or part.startswith(("list[", "dict[", "function-", "literal[", "tuple["))
-
-
-def validation_error(e: ValidationError) -> APIError:
-    errs = e.errors()
-    first = errs[0] if errs else {}
-    loc = [str(p) for p in first.get("loc", ())]
-    # pydantic names union members in the location (e.g. "prompt.str"); keep the request path
-    path = ".".join(p for p in loc if not _is_union_tag(p))
-    msg = first.get("msg", "invalid value")
-    more = f" (and {len(errs) - 1} more error(s))" if len(errs) > 1 else ""
-    if first.get("type") == "missing":
-        return APIError(400, f"missing required field '{path}'", param=path or None, code="missing_required_parameter")
-    return APIError(400, f"invalid value for '{path}': {msg}{more}", param=path.split(".")[0] if path else None,
-                    code="invalid_type" if first.get("type", "").endswith("_type") else "invalid_value")
 
 
 # ---- requests -----------------------------------------------------------------------------------
@@ -97,6 +55,7 @@ class _SamplingRequest(BaseModel):
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = Field(None, max_length=1024)
     slo_class: str | None = None
+    prompt_logprobs: int | None = Field(None, ge=-MAX_INT, le=MAX_INT)  # vLLM's: per prompt token, with top-k
     # structured outputs (read by kvray.frontend.structured): OpenAI's response_format, and
     # vLLM's structured_outputs object and its older guided_* fields
     response_format: dict[str, Any] | None = None
@@ -128,6 +87,9 @@ class _SamplingRequest(BaseModel):
             raise APIError(400, f"min_tokens={self.min_tokens} must be >= 0", param="min_tokens")
         if self.stop_token_ids and any(not 0 <= t <= MAX_INT for t in self.stop_token_ids):
             raise APIError(400, f"stop_token_ids must be in [0, {MAX_INT}]", param="stop_token_ids")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise APIError(400, f"prompt_logprobs={self.prompt_logprobs} must be in [0, {MAX_LOGPROBS}]",
+                           param="prompt_logprobs")
 
     @property
     def include_usage(self) -> bool:
@@ -144,12 +106,10 @@ class CompletionRequest(_SamplingRequest):
 
     def checks(self) -> None:
         self.common_checks()
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise APIError(400, f"max_tokens={self.max_tokens} must be >= 1", param="max_tokens")
+        if self.max_tokens is not None and self.max_tokens < (0 if self.echo else 1):
+            raise APIError(400, f"max_tokens={self.max_tokens} must be >= 1 (0 only with echo)", param="max_tokens")
         if self.logprobs is not None and not (0 <= self.logprobs <= MAX_LOGPROBS):
             raise APIError(400, f"logprobs={self.logprobs} must be in [0, {MAX_LOGPROBS}]", param="logprobs")
-        if self.echo:
-            raise APIError(400, "echo is not supported", param="echo")
         if self.best_of not in (None, 1):
             raise APIError(400, f"best_of={self.best_of} is not supported (only 1)", param="best_of")
         if self.suffix:
@@ -252,6 +212,8 @@ class ChatCompletionRequest(_SamplingRequest):
                                param="top_logprobs")
             if not self.logprobs:
                 raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
+        if self.prompt_logprobs is not None and self.stream:
+            raise APIError(400, "prompt_logprobs is not supported with stream=true", param="prompt_logprobs")
         self.tool_checks()
 
     def tool_checks(self) -> None:
@@ -292,97 +254,11 @@ class ChatCompletionRequest(_SamplingRequest):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-def parse_json(body: bytes) -> Any:
-    """The request body as JSON, or an APIError 400: not JSON, not UTF-8, a lone surrogate
-    (text no tokenizer can encode), numbers out of range, nesting deeper than MAX_JSON_DEPTH."""
-    try:
-        obj = _loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
-    check_json_values(obj)
-    return obj
-
-
-def check_json_values(obj: Any) -> None:
-    """Walk a parsed body once (iteratively: no recursion): depth limit, and every string (keys
-    too) must be encodable as UTF-8 (the stdlib parser lets lone surrogates through)."""
-    stack = [(obj, 1, "")]
-    while stack:
-        x, depth, path = stack.pop()
-        if isinstance(x, str):
-            if not x.isascii():
-                try:
-                    x.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise APIError(400, f"invalid text at '{path or 'body'}': it is not valid Unicode (a lone "
-                                   "surrogate?)", param=path.split(".")[0] or None, code="invalid_value") from None
-            continue
-        if not isinstance(x, (dict, list)):
-            continue
-        if depth > MAX_JSON_DEPTH:
-            raise APIError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels",
-                           param=path.split(".")[0] or None, code="invalid_json")
-        items = x.items() if isinstance(x, dict) else enumerate(x)
-        for k, v in items:
-            if isinstance(k, str):
-                stack.append((k, depth, path))
-            stack.append((v, depth + 1, f"{path}.{k}" if path else str(k)))
-
-
-try:
-    import orjson
-
-    _loads = orjson.loads  # rejects lone surrogates, NaN and out-of-range numbers itself; no recursion limit
-except ImportError:  # pragma: no cover
-    import json
-
-    _loads = json.loads
-
-
-def parse_request(model_cls: type[BaseModel], obj: Any) -> BaseModel:
-    if not isinstance(obj, dict):
-        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-    try:
-        req = model_cls.model_validate(obj)
-    except ValidationError as e:
-        raise validation_error(e) from None
-    req.checks()
-    return req
-
-
 # ---- responses ----------------------------------------------------------------------------------
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
-
-
-
-
-def completion_chunk(rid: str, created: int, model: str, text: str, finish_reason: str | None,
-                     logprobs: dict | None, with_usage_field: bool) -> dict:
-    d = {"id": rid, "object": "text_completion", "created": created, "model": model,
-         "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
-    if with_usage_field:
-        d["usage"] = None
-    return d
-
-
-
-
-
-
-def chat_chunk(rid: str, created: int, model: str, delta: dict, finish_reason: str | None,
-               logprobs: dict | None, with_usage_field: bool) -> dict:
-    d = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-         "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
-    if with_usage_field:
-        d["usage"] = None
-    return d
-
-
-def usage_chunk(rid: str, created: int, model: str, obj: str, usage_: dict) -> dict:
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage_}
 
 
 def models_list(names: list[str], created: int | None = None) -> dict:

@@ -1,258 +1,181 @@
-"""OpenAI completions and chat completions on top of a replica token stream.
+"""The Router's serving loop: every generation API on top of a replica token stream.
 
 One ``OpenAIServing`` per Router replica. For each request it sheds load when every replica's
-queue is full, prepares the request (``kvray.frontend.prepare``), has the routing policy admit
-it (``kvray.router.dispatch``: dispatch, hold, or a 429), submits it (the Serve handle call that
-kvray's request router carries to the chosen replica), retries elsewhere a replica that refused
-it or failed before its first token, then detokenizes the returned ``TokenBatch``es into a JSON
-response or an SSE stream. Errors use the OpenAI error shape; a client that goes away cancels
-the replica call, which aborts the request in the engine.
+queue is full, has the request's API prepare it (``kvray.frontend.api``: OpenAI completions and
+chat, Responses, Anthropic Messages), has its ``Sender`` (``kvray.frontend.sending``) admit each
+prompt through the routing policy, send it to a replica and read its batches back, and hands
+the choices' outputs to the API for a JSON response or an SSE stream. Errors use the API's error
+shape; a client that goes away cancels the replica call, which aborts the request in the
+engine. Each request ends once (``_done``): its lives leave the replica book, its metrics are
+recorded.
 """
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import math
 import time
-from typing import Any, AsyncIterator, Callable
+from typing import AsyncIterator
 
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response
 
 from kvray import tracing
-from kvray.frontend.choice import Choice, response_body
-from kvray.frontend.prepare import ModelInfo, Prepared, prepare
-from kvray.frontend.protocol import APIError, chat_chunk, completion_chunk, usage, usage_chunk
-from kvray.frontend.text_stream import FastDecoder, TokenStrings
+from kvray.frontend.api import API
+from kvray.frontend.apis import API_BY_KIND
+from kvray.frontend.choice import Choice, RequestState
+from kvray.frontend.drain import Drain
+from kvray.frontend.errors import APIError
+from kvray.frontend.logprobs import TokenStrings
+from kvray.frontend.prepare import ModelInfo, Served
+from kvray.frontend.replica_client import ReplicaClient
+from kvray.frontend.sending import Sender, replica_failed
+from kvray.frontend.sse import EventStream, dumps
 from kvray.metrics import RouterMetrics
-from kvray.records import Refusal, RoutingHint, TokenBatch
-from kvray.replica.sampling_params import SamplingParams
+from kvray.replica.detokenizer import FastDecoder
 from kvray.router.dispatch import Dispatcher
-from kvray.router.policy import DISPATCH
 from kvray.slo import SLOTarget
 
 logger = logging.getLogger(__name__)
 
-try:
-    import orjson
-
-    def _dumps(obj: Any) -> bytes:
-        return orjson.dumps(obj)
-except ImportError:  # pragma: no cover
-    def _dumps(obj: Any) -> bytes:
-        return json.dumps(obj, separators=(",", ":")).encode()
-
-_DONE = b"data: [DONE]\n\n"
 QUEUE_FULL_RETRY_AFTER_S = 1
-MAX_ATTEMPTS = 3  # dispatches of one request: a replica that is full or gone before its first token is skipped
-
-
-def _sse(obj: Any) -> bytes:
-    return b"data: " + _dumps(obj) + b"\n\n"
-
-
-class _Request:
-    """One request while its choices' tokens come back (counted once, whichever path ends it)."""
-
-    def __init__(self, p: Prepared, choices: list[Choice], predicted_ttft_s: float | None):
-        self.p = p
-        self.choices = choices
-        self.predicted_ttft_s = predicted_ttft_s
-        self.closed = False
-
-    def usage(self) -> dict:  # the prompt once, every choice's tokens
-        first = self.choices[0]
-        return usage(len(self.p.prompt_ids), sum(c.num_generated for c in self.choices), first.cached)
-
-    def close_streams(self) -> None:
-        for c in self.choices:
-            if c.stream is not None:  # not finished there: the client is gone, an error, or a stop string seen here
-                c.stream.close(abort=not c.engine_finished)
 
 
 class OpenAIServing:
     def __init__(self, *, info: ModelInfo, model_names: list[str], slo_classes: dict[str, SLOTarget],
-                 default_slo_class: str, decode_estimate_cap: int,
-                 submit: Callable[[str, list[int], SamplingParams, RoutingHint], Any],  # -> a RequestStream
-                 metrics: RouterMetrics, dispatcher: Dispatcher | None = None):
-        """``dispatcher`` routes and admits every request (without one, each goes straight to
-        ``submit``, unrouted: tests). A Router that alone holds as many requests as the replicas
-        admit (``dispatcher.book.capacity()``) refuses new ones with a 429 before parsing them;
-        the replicas' own queue limits catch what several Routers send together."""
+                 default_slo_class: str, decode_estimate_cap: int, client: ReplicaClient, metrics: RouterMetrics,
+                 dispatcher: Dispatcher, drain: Drain | None = None):
+        """``client`` sends a request to a replica and returns its token stream; ``dispatcher``
+        routes and admits every request. A Router that alone holds as many requests as the
+        replicas admit (``dispatcher.book.capacity()``) refuses new ones with a 429 before parsing
+        them; the replicas' own queue limits catch what several Routers send together. ``drain``
+        (``kvray.frontend.drain``) ends the requests still running when the Router, or the replica
+        they are on, has been stopping for ``graceful_shutdown_timeout_s``."""
         self.info = info
-        self.model_names = model_names
-        self.slo_classes = slo_classes
-        self.default_slo_class = default_slo_class
-        self.decode_cap = decode_estimate_cap
-        self.submit = submit
         self.metrics = metrics
         self.dispatcher = dispatcher
+        self.drain = drain if drain is not None else Drain(30.0)
+        self.sender = Sender(client, dispatcher, self.drain, metrics, info.block_size, decode_estimate_cap)
         self.decoder = FastDecoder.wrap(info.tokenizer)
         self.strings = TokenStrings(self.decoder)
+        self.served = Served(info, model_names, slo_classes, default_slo_class)
         self.num_in_flight = 0  # requests of this Router dispatched (or being dispatched), not yet done
 
     # ---- entry point -------------------------------------------------------------------------
     async def handle(self, kind: str, body: bytes, headers) -> Response:
-        t0 = time.monotonic()
-        slo_label = "none"
+        """One request of the API ``kind`` (``kvray.frontend.apis.API_BY_KIND``)."""
+        api = API_BY_KIND[kind]
+        if api.local:
+            return await self._answer(api, body)
         try:
-            self._shed_if_full()
-            p = await prepare(kind, body, headers, t0, info=self.info, model_names=self.model_names,
-                              slo_classes=self.slo_classes, default_slo_class=self.default_slo_class)
-            if tracing.ENABLED:
-                tracing.trace(p.rid, "router_in", t0)
-            slo_label = p.slo.name
-            hint, predicted = await self._admit(p)
+            req = await self._admit(api, body, headers)
         except APIError as e:
-            self.metrics.request_done(endpoint=kind, status=e.status, slo_class=slo_label)
-            return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-        except asyncio.CancelledError:  # the client left while the request waited for admission
-            self.metrics.request_done(endpoint=kind, status=499, slo_class=slo_label)
-            raise
-        except Exception:  # a bug: the 500 handler answers, and the request still counts
-            self.metrics.request_done(endpoint=kind, status=500, slo_class=slo_label)
-            raise
-        choices = [Choice(i, p if i == 0 else p.child(i), self) for i in range(p.n)]
-        req = _Request(p, choices, predicted)
+            return api.error_response(e)
         self.num_in_flight += 1
+        self.drain.add(req)
         try:  # the first batches decide between an error status and a 200
-            firsts = await self._dispatch_choices(req, hint)
+            firsts = await self.sender.send_all(req)
             if tracing.ENABLED:
-                tracing.trace(p.rid, "router_first_out")
+                tracing.trace(req.p.rid, "router_first_out")
         except asyncio.CancelledError:
             self._end(req, 499)
             raise
         except APIError as err:
             self._end(req, err.status)
-            return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-        if p.req.stream:
+            return api.error_response(err)
+        if api.streams(req.p):
             def abandoned() -> None:  # the response ended: a no-op unless the stream never ran to its end
                 if not req.closed:
-                    for c in choices:
-                        c.stream.close(abort=True)
+                    for c in req.choices:
+                        if c.stream is not None:
+                            c.stream.close(abort=True)
                     self._done(req, 499)
 
-            return _EventStream(self._sse(req, firsts), abandoned, media_type="text/event-stream",
-                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await self._collect(req, firsts)
+            return EventStream(self._sse(api, req, firsts), abandoned)
+        return await self._collect(api, req, firsts)
+
+    async def _admit(self, api: API, body: bytes, headers) -> RequestState:
+        """The request prepared by its API, with each prompt admitted by the routing policy. A
+        request that goes no further is counted here (its status), and leaves the book."""
+        t0 = time.monotonic()
+        slo_label, status, choices = "none", 500, []
+        try:
+            self.drain.check()
+            self._shed_if_full()
+            p = await api.prepare(body, headers, t0, self.served)
+            if tracing.ENABLED:
+                tracing.trace(p.rid, "router_in", t0)
+            slo_label = p.slo.name
+            choices = [Choice(k, p.choice(k), self.decoder, self.strings, self.info.tool_format)
+                       for k in range(p.num_choices)]
+            predicted = [await self.sender.admit(c) for c in choices[::p.n]]  # each prompt is routed on its own
+            status = 0
+            return RequestState(p, choices, predicted[0])
+        except APIError as e:
+            status = e.status
+            raise
+        except asyncio.CancelledError:  # the client left while the request waited for admission
+            status = 499
+            raise
+        finally:  # a bug (500: the handler answers) or a refusal still counts; admitted prompts leave the book
+            if status:
+                self.metrics.request_done(endpoint=api.kind, status=status, slo_class=slo_label)
+                for c in choices:
+                    if c.life is not None:
+                        c.life.finish()
+
+    async def _answer(self, api: API, body: bytes) -> Response:
+        """A request the Router answers itself (tokenize)."""
+        try:
+            out, status = await api.answer(body, self.served), 200
+        except APIError as e:
+            out, status = e, e.status
+        self.metrics.request_done(endpoint=api.kind, status=status, slo_class="none")
+        if isinstance(out, APIError):
+            return api.error_response(out)
+        return Response(dumps(out), media_type="application/json")
 
     def _shed_if_full(self) -> None:
-        limit = self.dispatcher.book.capacity() if self.dispatcher is not None else None
+        limit = self.dispatcher.book.capacity()
         if limit is not None and self.num_in_flight >= limit:
             raise APIError(429, f"the model is at capacity ({self.num_in_flight} requests in flight, every replica's "
                            "queue is full); retry later", code="queue_full",
                            headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)})
 
-    async def _admit(self, p: Prepared) -> tuple[RoutingHint, float | None]:
-        """The request's hint, routed, and the policy's predicted TTFT (if it predicts one)."""
-        hint = p.hint(self.info.block_size, self.decode_cap)
-        if self.dispatcher is None:
-            return hint, None
-        d = await self.dispatcher.admit(hint)
-        if d.action != DISPATCH:
-            raise APIError(429, f"no replica can meet the {p.slo.name!r} SLO now; retry later", code="slo_unattainable",
-                           headers={"Retry-After": str(max(1, int(round(d.retry_after_s or 1))))})
-        return hint, d.predicted_ttft_s
-
-    async def _dispatch_choices(self, req: _Request, hint: RoutingHint) -> list[tuple]:
-        """Dispatch every choice and return each one's first output. The first choice goes where
-        the policy sends it. The others (``n > 1``) follow it to that replica once its first
-        token shows that the prompt is computed there: they find it in the prefix cache, so the
-        prompt is prefilled once."""
-        first = req.choices[0]
-        first.stream, batch = await self._dispatch(first.p, hint)
-        outs = [first.add(batch)]
-        if len(req.choices) == 1:
-            return outs
-        where = self.dispatcher.book.replica_of(first.p.rid) if self.dispatcher is not None else None
-
-        async def one(c: Choice) -> tuple:
-            h = c.p.hint(self.info.block_size, self.decode_cap)
-            if self.dispatcher is not None:
-                self.dispatcher.follow(h, where)
-            c.stream, b = await self._dispatch(c.p, h)
-            return c.add(b)
-
-        # One after another: dispatched together, a choice's call was at times never delivered
-        # (Ray Serve 2.60 routed only some of a burst of calls made from one HTTP request).
-        for c in req.choices[1:]:
-            outs.append(await one(c))
-        return outs
-
-    async def _dispatch(self, p: Prepared, hint: RoutingHint) -> tuple[Any, TokenBatch]:
-        """Send the request to a replica and wait for its first batch. A replica that answers
-        before any token that it is full (429) or cannot serve (503: its engine died), or that
-        is gone (the call fails), is left out and the request goes to another one, up to
-        ``MAX_ATTEMPTS`` dispatches; a full queue everywhere is a 429 with Retry-After at once."""
-        for attempt in range(MAX_ATTEMPTS):
-            if tracing.ENABLED:
-                tracing.trace(p.rid, "router_submitted")
-            stream = self.submit(p.rid, p.prompt_ids, p.params, hint)
-            try:
-                item = await stream.__anext__()
-            except asyncio.CancelledError:
-                stream.close(abort=True)
-                raise
-            except StopAsyncIteration:
-                stream.close(abort=True)
-                raise APIError(500, "the replica ended the stream without output") from None
-            except Exception as e:  # noqa: BLE001 - the replica died, a lost channel...
-                stream.close(abort=True)
-                replica = self.dispatcher.book.replica_of(p.rid) if self.dispatcher is not None else None
-                logger.warning("request %s: replica %s failed before its first token (%s: %s)", p.rid, replica,
-                               type(e).__name__, e)
-                err, status = replica_failed(e), 503
-            else:
-                if not isinstance(item, Refusal):
-                    return stream, item
-                stream.close(abort=True)
-                status, replica = item.status, item.replica_id
-                headers = {"Retry-After": str(max(1, math.ceil(item.retry_after_s or 1)))} if status == 429 else None
-                err = APIError(status, item.message, code="queue_full" if status == 429 else None, headers=headers)
-            if status not in (429, 503) or attempt + 1 >= MAX_ATTEMPTS:
-                raise err
-            hint.avoid += (replica,) if replica else ()
-            if self.dispatcher is not None:  # decided again, without the replicas that failed it
-                if status == 429 and not set(self.dispatcher.book.replica_ids()) - set(hint.avoid):
-                    raise err  # every replica is full: answer now, the client retries later
-                if self.dispatcher.decide(hint).action != DISPATCH:
-                    raise err
-        raise AssertionError("unreachable")
-
     # ---- responses ---------------------------------------------------------------------------
-    def _end(self, req: _Request, status: int) -> None:
+    def _end(self, req: RequestState, status: int) -> None:
         req.close_streams()
         self._done(req, status)
 
-    def _done(self, req: _Request, status: int) -> None:
+    def _done(self, req: RequestState, status: int) -> None:
         if req.closed:
             return
         req.closed = True
         self.num_in_flight -= 1
+        self.drain.discard(req)
         p, first = req.p, req.choices[0]
-        if self.dispatcher is not None:
-            for c in req.choices:
-                self.dispatcher.on_finish(c.p.rid, c.num_generated)
+        for c in req.choices:
+            if c.life is not None:
+                c.life.finish(c.num_generated)
         e2e = time.monotonic() - p.t0
         ttft = None if first.t_first is None else first.t_first - p.t0
         tpot = first.tpot()
         attained = p.slo.attained(ttft, tpot) if status == 200 else None
         self.metrics.request_done(endpoint=p.kind, status=status, slo_class=p.slo.name,
-                                  prompt_tokens=len(p.prompt_ids) if first.t_first is not None else 0,
-                                  completion_tokens=sum(c.num_generated for c in req.choices),
+                                  prompt_tokens=req.num_prompt_tokens if first.t_first is not None else 0,
+                                  completion_tokens=req.num_generated,
                                   ttft_s=ttft, tpot_s=tpot, e2e_s=e2e if status == 200 else None, attained=attained,
                                   predicted_ttft_s=req.predicted_ttft_s)
 
-    async def _outputs(self, req: _Request, firsts: list[tuple]) -> AsyncIterator[tuple[int, tuple]]:
+    async def _outputs(self, req: RequestState, firsts: list[tuple]) -> AsyncIterator[tuple[int, tuple]]:
         """``(choice index, (text, logprobs, finished))`` as the choices' batches come, starting
         with ``firsts``, until every choice has finished. Raises what a batch raised."""
+        next_output = self.sender.next_output
         if len(req.choices) == 1:  # the common case, without a task per choice
             c, out = req.choices[0], firsts[0]
             while True:
                 yield 0, out
                 if out[2]:
                     return
-                out = await _next_output(c)
+                out = await next_output(c)
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(c: Choice, out: tuple) -> None:
@@ -261,7 +184,7 @@ class OpenAIServing:
                     queue.put_nowait((c.index, out))
                     if out[2]:
                         return
-                    out = await _next_output(c)
+                    out = await next_output(c)
             except Exception as e:  # noqa: BLE001 - handed to the consumer
                 queue.put_nowait((c.index, e))
 
@@ -278,8 +201,7 @@ class OpenAIServing:
             for t in tasks:
                 t.cancel()
 
-    async def _collect(self, req: _Request, firsts: list[tuple]) -> Response:
-        p = req.p
+    async def _collect(self, api: API, req: RequestState, firsts: list[tuple]) -> Response:
         texts: list[list[str]] = [[] for _ in req.choices]
         lps: list[list[dict]] = [[] for _ in req.choices]
         try:
@@ -292,110 +214,31 @@ class OpenAIServing:
             raise
         except APIError as e:
             self._end(req, e.status)
-            return JSONResponse(e.body(), status_code=e.status)
+            return api.error_response(e)
         except Exception as e:
             req.close_streams()
-            logger.exception("request %s failed", p.rid)
+            logger.exception("request %s failed", req.p.rid)
             self._done(req, 503)
-            err = replica_failed(e)
-            return JSONResponse(err.body(), status_code=503)
+            return api.error_response(replica_failed(e))
         req.close_streams()
-        name = p.req.model or self.model_names[0]
-        out = [c.final(p.kind, "".join(texts[c.index]), lps[c.index]) for c in req.choices]
-        body = response_body(p.kind, p.rid, int(time.time()), name, out, req.usage())
+        body = api.body(req, ["".join(t) for t in texts], lps)
         self._done(req, 200)
-        return Response(_dumps(body), media_type="application/json")
+        return Response(dumps(body), media_type="application/json")
 
-    async def _sse(self, req: _Request, firsts: list[tuple]) -> AsyncIterator[bytes]:
-        p = req.p
-        created = int(time.time())
-        name = p.req.model or self.model_names[0]
-        with_usage = p.req.include_usage
-        chat = p.kind == "chat"
+    async def _sse(self, api: API, req: RequestState, firsts: list[tuple]) -> AsyncIterator[bytes]:
         status = 499  # unless the stream gets to its end
         try:
-            if chat:
-                for c in req.choices:
-                    yield _sse(_at(chat_chunk(p.rid, created, name, {"role": "assistant", "content": ""}, None, None,
-                                              with_usage), c.index))
-            async for i, (text, lp, finished) in self._outputs(req, firsts):
-                c = req.choices[i]
-                if text or lp is not None or finished:
-                    reason = c.finish_reason if finished else None
-                    if chat:  # one chunk per batch, unless a tool call's deltas split it
-                        deltas = c.deltas(text, finished) or [{}]
-                        for k, delta in enumerate(deltas):
-                            last = k == len(deltas) - 1
-                            yield _sse(_at(chat_chunk(p.rid, created, name, delta, c.reason(reason) if last else None,
-                                                      lp if k == 0 else None, with_usage), i))
-                    else:
-                        yield _sse(_at(completion_chunk(p.rid, created, name, text, reason, lp, with_usage), i))
-            if with_usage:
-                yield _sse(usage_chunk(p.rid, created, name, "chat.completion.chunk" if chat else "text_completion",
-                                       req.usage()))
-            yield _DONE
+            async for event in api.events(req, self._outputs(req, firsts)):
+                yield event
             status = 200
         except APIError as e:
             status = e.status
-            yield _sse(e.body())
-            yield _DONE
+            yield api.stream_error(e, req)
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as e:
-            logger.exception("stream %s failed", p.rid)
+            logger.exception("stream %s failed", req.p.rid)
             status = 503
-            yield _sse(replica_failed(e).body())
-            yield _DONE
+            yield api.stream_error(replica_failed(e), req)
         finally:
             self._end(req, status)
-
-
-def replica_failed(e: BaseException) -> APIError:
-    """The 503 for a replica that failed mid-request, saying why: a Ray call error carries the
-    replica's own exception as ``cause`` ("the engine process died (killed by SIGKILL)"), not a
-    bare ``RayTaskError(RuntimeError)``."""
-    cause = getattr(e, "cause", None) or e
-    return APIError(503, f"the model replica failed: {str(cause).strip() or type(cause).__name__}")
-
-
-async def _next_output(c: Choice) -> tuple:
-    try:
-        return c.add(await c.stream.__anext__())
-    except StopAsyncIteration:  # the replica ended the stream without a last batch
-        c.finish_reason = c.finish_reason or "abort"
-        return "", None, True
-
-
-def _at(chunk: dict, index: int) -> dict:
-    """A chunk of choice ``index`` (the builders make choice 0's)."""
-    if index:
-        chunk["choices"][0]["index"] = index
-    return chunk
-
-
-class _EventStream(StreamingResponse):
-    """An SSE response whose client may leave at any time. Under Ray Serve, waiting for the
-    disconnect raises (the proxy's receive call is cancelled) instead of returning a disconnect
-    message; that ends the wait the same way here, so the stream is cancelled and cleaned up as
-    on any disconnect and no exception escapes into Serve's request task (whose future nobody
-    retrieves: "Future exception was never retrieved" in the replica log).
-
-    A client that leaves before the body's first chunk is asked for leaves the generator
-    unstarted, and closing an unstarted generator runs none of its code: ``abandoned`` then
-    does its cleanup (abort the replica call, count the request)."""
-
-    def __init__(self, content, abandoned: Callable[[], None], **kw):
-        super().__init__(content, **kw)
-        self._abandoned = abandoned
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._abandoned()
-
-    async def listen_for_disconnect(self, receive) -> None:
-        try:
-            await super().listen_for_disconnect(receive)
-        except Exception:  # noqa: BLE001 - the client is gone
-            pass

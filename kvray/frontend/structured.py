@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from kvray.frontend.protocol import APIError
+from kvray.frontend.errors import APIError
 from kvray.replica.grammar import compile_error
 from kvray.replica.sampling_params import StructuredOutputs
 

@@ -6,6 +6,7 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SLOT_DTYPES = (torch.int32, torch.int64)
+FP8 = torch.float8_e4m3fn
 
 
 def _tensors(**named) -> None:
@@ -75,7 +76,8 @@ def check_paged_attention(q, k_cache, v_cache, block_tables, query_start_loc, se
         ok = (q.dim() == 3 and k_cache.dim() == 4 and v_cache.shape == ks
               and k_cache.device == dev and v_cache.device == dev and block_tables.device == dev
               and query_start_loc.device == dev and seq_lens.device == dev
-              and q.dtype == k_cache.dtype and v_cache.dtype == k_cache.dtype and q.is_floating_point()
+              and (q.dtype == k_cache.dtype or k_cache.dtype == FP8) and v_cache.dtype == k_cache.dtype
+              and q.is_floating_point()
               and ks[1] > 0 and ks[2] > 0 and qs[1] % ks[2] == 0 and qs[2] == ks[3]
               and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
               and block_tables.dtype == i32 and query_start_loc.dtype == i32 and seq_lens.dtype == i32
@@ -118,7 +120,7 @@ def _check_paged_attention_detailed(q, k_cache, v_cache, block_tables, query_sta
         raise ValueError(f"q head_dim {head_dim} != cache head_dim {k_cache.shape[3]}")
     if not q.is_floating_point():
         raise TypeError(f"q must be floating point, got {q.dtype}")
-    if k_cache.dtype != q.dtype:
+    if k_cache.dtype != q.dtype and k_cache.dtype != FP8:
         raise TypeError(f"q dtype {q.dtype} != cache dtype {k_cache.dtype}")
     for name in ("block_tables", "query_start_loc", "seq_lens"):
         if named[name].dtype != torch.int32:
@@ -141,3 +143,40 @@ def _check_paged_attention_detailed(q, k_cache, v_cache, block_tables, query_sta
             raise TypeError(f"out dtype {out.dtype} != q dtype {q.dtype}")
         if out.stride(-1) != 1:
             raise ValueError("out's head_dim axis must be contiguous (stride 1)")
+
+
+def check_kv_scales(k_cache: torch.Tensor, k_scale, v_scale) -> None:
+    """An FP8 (e4m3) cache needs ``k_scale`` and ``v_scale``: float32 [num_kv_heads] on its device;
+    other caches take none."""
+    if k_cache.dtype != FP8:
+        if k_scale is not None or v_scale is not None:
+            raise ValueError(f"k_scale/v_scale are for float8_e4m3fn caches; this cache is {k_cache.dtype}")
+        return
+    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if not isinstance(s, torch.Tensor):
+            raise TypeError(f"a float8_e4m3fn KV cache needs {name}: a float32 tensor [num_kv_heads]")
+        if s.dtype != torch.float32 or tuple(s.shape) != (k_cache.shape[2],) or s.device != k_cache.device:
+            raise ValueError(f"{name} must be float32 of shape [{k_cache.shape[2]}] on {k_cache.device}, "
+                             f"got {s.dtype} {tuple(s.shape)} on {s.device}")
+        if s.shape[0] > 1 and s.stride(0) != 1:
+            raise ValueError(f"{name} must be contiguous (stride 1)")
+
+
+def check_fp8_gemm(a, a_scale, b, b_scale, a_groups: int, b_scale_shape: tuple[int, int]) -> None:
+    """a [M, K] and b [N, K] e4m3, row-major; a_scale float32 [M, a_groups], b_scale float32 of
+    ``b_scale_shape``; all on one device."""
+    _tensors(a=a, a_scale=a_scale, b=b, b_scale=b_scale)
+    _one_device(a=a, a_scale=a_scale, b=b, b_scale=b_scale)
+    _rank("a", a, 2, "[M, K]")
+    _rank("b", b, 2, "[N, K]")
+    if a.dtype != FP8 or b.dtype != FP8:
+        raise TypeError(f"a and b must be float8_e4m3fn, got {a.dtype} and {b.dtype}")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"a has K={a.shape[1]} but b has K={b.shape[1]}")
+    if a.stride(1) != 1 or b.stride(1) != 1:
+        raise ValueError("a and b must be row-major (K contiguous)")
+    for name, s, shape in (("a_scale", a_scale, (a.shape[0], a_groups)), ("b_scale", b_scale, b_scale_shape)):
+        if s.dtype != torch.float32 or tuple(s.shape) != tuple(shape):
+            raise ValueError(f"{name} must be float32 of shape {list(shape)}, got {s.dtype} {list(s.shape)}")
+        if s.shape[1] > 1 and s.stride(1) != 1:
+            raise ValueError(f"{name} must be row-major (stride 1 along K groups)")

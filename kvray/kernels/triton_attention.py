@@ -54,7 +54,7 @@ if _max_combine is None or _sum_combine is None:  # pragma: no cover - other tri
 @triton.jit(do_not_specialize=["num_seqs"])
 def _paged_attn_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
-    bt_ptr, qsl_ptr, sl_ptr,
+    bt_ptr, qsl_ptr, sl_ptr, ks_ptr, vs_ptr,
     qk_scale, num_seqs, num_kv_heads,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -65,7 +65,7 @@ def _paged_attn_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = pid % num_kv_heads
@@ -112,6 +112,10 @@ def _paged_attn_kernel(
     q_rows = (q_start + tok).to(tl.int64) * stride_qt + head.to(tl.int64) * stride_qh
     q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
+    if KV_FP8:  # K/V are stored divided by their KV head's scale: fold it into the logits / output
+        qk_scale = qk_scale * tl.load(ks_ptr + kvh)
+        v_scale = tl.load(vs_ptr + kvh)
+
     # -- key range of this program
     min_pos = ctx + tok0
     max_pos = ctx + tl.minimum(tok0 + BLOCK_Q, q_len) - 1
@@ -148,6 +152,9 @@ def _paged_attn_kernel(
         else:
             k = tl.load(k_ptr + k_rows[:, None] + offs_d[None, :], mask=d_ok[None, :], other=0.0)
             v = tl.load(v_ptr + v_rows[:, None] + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        if KV_FP8:  # through float32: exact, and the interpreter's direct float8 -> bfloat16 cast is wrong
+            k = k.to(tl.float32).to(q.dtype)
+            v = v.to(tl.float32).to(q.dtype)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -174,6 +181,9 @@ def _paged_attn_kernel(
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        if KV_FP8:  # through float32: exact, and the interpreter's direct float8 -> bfloat16 cast is wrong
+            k = k.to(tl.float32).to(q.dtype)
+            v = v.to(tl.float32).to(q.dtype)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -194,6 +204,8 @@ def _paged_attn_kernel(
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
     o = acc / l_safe[:, None]
+    if KV_FP8:
+        o = o * v_scale
     o_rows = (q_start + tok).to(tl.int64) * stride_ot + head.to(tl.int64) * stride_oh
     o_mask = row_ok[:, None] & d_ok[None, :]
     if SPLIT:
@@ -304,9 +316,10 @@ def pick_config(num_tokens: int, num_seqs: int, num_kv_heads: int, group: int, h
 
 
 def paged_attention_triton(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, softmax_scale,
-                           out, *, max_seq_len=None, max_query_len=None, config=None):
+                           out, *, max_seq_len=None, max_query_len=None, config=None, k_scale=None, v_scale=None):
     """Launch the kernels. Inputs are validated by the caller (kvray.kernels). ``config`` overrides
-    any of pick_config's keys (tests and the benchmark sweep use it)."""
+    any of pick_config's keys (tests and the benchmark sweep use it). An FP8 cache comes with its
+    per-KV-head scales ``k_scale`` / ``v_scale``."""
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = block_tables.shape[0]
     page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -330,10 +343,11 @@ def paged_attention_triton(q, k_cache, v_cache, block_tables, query_start_loc, s
     splits = int(cfg["num_splits"])
     ieee = q.dtype == torch.float32
     common = dict(GROUP=group, GROUP_PAD=gp, HEAD_DIM=head_dim, D_PAD=d_pad, PAGE=page,
-                  BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=cfg["block_n"], IEEE=ieee,
+                  BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=cfg["block_n"], IEEE=ieee, KV_FP8=k_scale is not None,
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     qk_scale = float(softmax_scale) * LOG2E
-    args = (block_tables, query_start_loc, seq_lens, qk_scale, num_seqs, num_kv_heads,
+    scales = (k_scale, v_scale) if k_scale is not None else (seq_lens, seq_lens)  # unread without FP8
+    args = (block_tables, query_start_loc, seq_lens, *scales, qk_scale, num_seqs, num_kv_heads,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2))
     if splits <= 1:

@@ -27,10 +27,10 @@ from kvray import tracing
 from kvray.gil import shorten_switch_interval
 from kvray.records import Command, Delta, EngineStats, Event, Op, RequestSnapshot
 from kvray.replica.config import EngineConfig
-from kvray.replica.detokenizer import IncrementalDetokenizer
+from kvray.replica.detokenizer import FastDecoder
 from kvray.replica.engine_loop import EngineLoop, engine_info
 from kvray.replica.engine_process import EngineProcess, EngineProcessError
-from kvray.replica.outputs import RequestMetrics, RequestOutput
+from kvray.replica.outputs import OutputBuilder, RequestMetrics
 from kvray.replica.sampling_params import SamplingParams
 from kvray.replica.sequence import validate_prompt
 
@@ -85,8 +85,10 @@ class AsyncLLMEngine:
             self._send = self._loop.put
             self._thread = threading.Thread(target=self._run_thread, name="kvray-engine", daemon=True)
         self.tokenizer, self.max_model_len = info["tokenizer"], info["max_model_len"]
+        self.decoder = FastDecoder.wrap(self.tokenizer)
         self.vocab_size, self.max_num_batched_tokens = info["vocab_size"], info["max_num_batched_tokens"]
         self._stats: EngineStats = info["stats"]
+        self.quantization, self.kv_cache_dtype = info["quantization"], info["kv_cache_dtype"]
         self.max_num_seqs = config.max_num_seqs
         self.max_queued_requests = config.max_queued_requests or config.max_num_seqs
         self.max_queued_prompt_tokens = config.max_queued_prompt_tokens or 16 * self.max_num_batched_tokens
@@ -102,72 +104,21 @@ class AsyncLLMEngine:
 
         With ``delta=True`` each output's ``token_ids`` / ``logprobs`` / ``top_logprobs`` hold only
         what it adds (as ``new_token_ids`` does), and text is not decoded here, except for requests
-        with stop strings, whose ``new_text`` is the engine's own (cut at the stop string). For
-        callers that detokenize downstream, such as the serving router: no per-step copies."""
+        with stop strings (cut at the stop string as the engine cuts it). For callers that
+        detokenize downstream: no per-step copies."""
         queue: asyncio.Queue = asyncio.Queue()
         metrics = self.submit(request_id, prompt_token_ids, params, queue.put_nowait, prompt, arrival_time)
-        prompt_token_ids = list(prompt_token_ids)
-        detok = None if params.stop_strings or delta else IncrementalDetokenizer(self.tokenizer, prompt_token_ids)
-        stop_hold = max((len(s) for s in params.stop_strings), default=1) - 1
-        tokens: list[int] = []
-        logprobs = [] if params.logprobs is not None else None
-        tops = [] if params.logprobs else None
-        text_sent = ""
+        out = OutputBuilder(request_id, list(prompt_token_ids), params, self.decoder, metrics, prompt, delta)
         finished = False
         try:
             while not finished:
                 deltas = [await queue.get()]
                 while not queue.empty():
                     deltas.append(queue.get_nowait())
-                new_ids: list[int] = []
-                new_lps = [] if logprobs is not None else None
-                new_tops = [] if tops is not None else None
-                for d in deltas:
-                    if isinstance(d, BaseException):
-                        raise d
-                    new_ids.extend(d.new_token_ids)
-                    if new_lps is not None and d.new_logprobs:
-                        new_lps.extend(d.new_logprobs)
-                        if new_tops is not None:
-                            new_tops.extend(d.new_top_logprobs)
-                last = deltas[-1]
-                finished = last.finished
-                metrics.first_token_time = last.first_token_time
-                metrics.num_preemptions = last.num_preemptions
-                if finished:
-                    metrics.finished_time = time.monotonic()
-                if detok is not None:
-                    detok.add(new_ids)
-                    if finished:
-                        detok.flush()
-                    text = detok.text
-                elif last.engine_text is not None:  # stop strings: held back by the longest one until the end
-                    text = last.engine_text
-                    if not finished and stop_hold:
-                        text = text[:max(len(text_sent), len(text) - stop_hold)]
-                else:
-                    text = ""
-                new_text = text[len(text_sent):]
-                text_sent = text
-                if not new_ids and not new_text and not finished:
-                    continue
-                if delta:
-                    out_ids, out_lps, out_tops, out_text = new_ids, new_lps, new_tops, new_text
-                else:
-                    tokens.extend(new_ids)
-                    if new_lps is not None:
-                        logprobs.extend(new_lps)
-                    if new_tops is not None:
-                        tops.extend(new_tops)
-                    out_ids, out_text = list(tokens), text
-                    out_lps = list(logprobs) if logprobs is not None else None
-                    out_tops = list(tops) if tops is not None else None
-                yield RequestOutput(
-                    request_id=request_id, prompt_token_ids=prompt_token_ids, token_ids=out_ids,
-                    text=out_text, finished=finished, finish_reason=last.finish_reason if finished else None,
-                    stop_reason=last.stop_reason if finished else None, logprobs=out_lps, top_logprobs=out_tops,
-                    num_cached_tokens=last.num_cached_tokens, metrics=metrics,
-                    new_token_ids=new_ids, new_text=new_text, prompt=prompt)
+                o = out.add(deltas)
+                if o is not None:
+                    finished = o.finished
+                    yield o
         finally:
             if not finished:
                 self.abort(request_id)
@@ -185,7 +136,7 @@ class AsyncLLMEngine:
             raise RuntimeError("the engine is shutting down and accepts no new requests")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        params.validate()
+        params.check()  # validated once: at construction, or here if changed since
         prompt_token_ids = list(prompt_token_ids)
         validate_prompt(prompt_token_ids, self.max_model_len, self.vocab_size)
         self._check_queue(len(prompt_token_ids))

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 _POLICIES = ("fcfs", "deadline")
+MAX_TENSOR_PARALLEL = 64
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 
 @dataclass
@@ -23,7 +25,16 @@ class EngineConfig:
     seed: int = 0
     scheduling_policy: str = "fcfs"
     attention_backend: str | None = None  # None: automatic; "reference" forces plain torch
-    cpu_kv_cache_gib: float = 1.0  # KV budget when running on the CPU
+    cpu_kv_cache_gib: float = 1.0  # KV budget when running on the CPU (per rank)
+    # "fp8": quantize an unquantized checkpoint's linear layers to FP8 on load (per-channel weight
+    # scales, dynamic per-token activations). FP8 checkpoints load as FP8 whatever this says.
+    quantization: str | None = None
+    # "fp8" (= "fp8_e4m3"): the KV cache in e4m3, half the bytes of bf16, so twice the tokens.
+    kv_cache_dtype: str = "auto"
+    # Tensor parallelism: the model's layers split over this many ranks (GPUs of one node, or CPU
+    # processes with gloo), each holding 1/N of the weights and of the KV heads. Rank 0 is the
+    # engine's own process; it starts the others (kvray.replica.parallel). docs/parallel.md.
+    tensor_parallel_size: int = 1
     # One-step lookahead: schedule and launch step N+1 while the GPU runs step N (its decode input
     # ids gathered on the device from step N's sampled tokens), then read back and apply step N.
     # Hides the host's scheduling, input building and stop checks behind the GPU; output is
@@ -65,3 +76,14 @@ class EngineConfig:
             raise bad("attention_backend", "must be null, 'reference' or 'triton'")
         if self.cpu_kv_cache_gib <= 0:
             raise bad("cpu_kv_cache_gib", "must be > 0")
+        tp = self.tensor_parallel_size
+        if not isinstance(tp, int) or isinstance(tp, bool) or not 1 <= tp <= MAX_TENSOR_PARALLEL:
+            raise bad("tensor_parallel_size", f"must be an integer from 1 to {MAX_TENSOR_PARALLEL}")
+        if self.quantization not in (None, "fp8"):
+            raise bad("quantization", "must be null or 'fp8'")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise bad("kv_cache_dtype", f"must be one of {', '.join(KV_CACHE_DTYPES)}")
+
+    @property
+    def fp8_kv_cache(self) -> bool:
+        return self.kv_cache_dtype.startswith("fp8")

@@ -18,6 +18,10 @@ query tokens (their attention tiles exit at once), and no padding row is ever sa
 launch grids and tile configurations depend only on the bucket (the forward context carries the
 bucket's worst-case hints, never a step's host values), so every kernel variant is compiled when
 the graphs are captured, at startup, and none while serving.
+
+Under tensor parallelism every rank captures the same graphs in the same order, and a graph
+records the whole step on its rank: the broadcast of rank 0's step inputs (of the bucket's
+size), the forward and its all-reduces. A step's header tells the other ranks which to replay.
 """
 from __future__ import annotations
 
@@ -83,7 +87,10 @@ class StepGraphs:
         return None
 
     def replay(self, bucket: Bucket, num_tokens: int) -> torch.Tensor:
-        """Run the graph of ``bucket`` on the padded inputs; hidden states of the real tokens [t, H]."""
+        """Run the graph of ``bucket`` on the padded inputs; hidden states of the real tokens [t, H].
+        Without captured graphs (``capture=False``), what the replay computes, run eagerly."""
+        if bucket not in self.graphs:
+            return self.forward(bucket)[:num_tokens]
         graph, out = self.graphs[bucket]
         graph.replay()
         return out[:num_tokens]
@@ -92,6 +99,7 @@ class StepGraphs:
         """The model forward of ``bucket`` on the step-input buffers, as its graph records it."""
         tokens, seqs, decode = bucket
         inp = self.inputs
+        inp.share(seqs)  # tensor parallelism: rank 0's inputs to every rank (a no-op otherwise)
         # The worst case as the kernels' hints: the same launch must be valid for any step of the bucket.
         ctx = ForwardContext(inp.d_tok[2, :tokens], inp.d_tables[:seqs], inp.d_seq[0, :seqs + 1],
                              inp.d_seq[1, :seqs], max_query_len=1 if decode else tokens,

@@ -7,7 +7,7 @@ questions of ``kvray.replica.scheduling_policy``:
   0. sequences that already produced tokens (preempted, recomputing): highest class first,
      then arrival — their TPOT clock is running;
   1. sequences whose TTFT deadline is still ahead: by slack / priority (``deadline - now``
-     divided by ``params.priority``): earliest deadline first, weighted by class;
+     divided by ``params.slo.priority``): earliest deadline first, weighted by class;
   2. sequences without a TTFT target: by ``arrival + default_ttft_s``, in with tier 1's
      deadlines;
   3. sequences already past their TTFT deadline: by deadline (they have missed; serving them
@@ -62,8 +62,7 @@ class DeadlinePolicy(SchedulingPolicy):
 
     # ---- admission order -------------------------------------------------------------------
     def _key(self, seq: Sequence, now: float) -> tuple[int, float]:
-        p = seq.params
-        prio = p.priority if p.priority and p.priority > 0 else 1.0
+        prio = seq.params.slo.priority
         if seq.num_output_tokens > 0:
             return (0, -prio * 1e12 + seq.metrics.arrival_time)
         if seq.deadline is None:  # no target: a deadline default_ttft_s after arrival, at weight 1
@@ -101,7 +100,7 @@ class DeadlinePolicy(SchedulingPolicy):
     # ---- preemption ------------------------------------------------------------------------
     def pick_victim(self, candidates: list[Sequence]) -> Sequence:
         def rank(s: Sequence):
-            p = s.params.priority if s.params.priority and s.params.priority > 0 else 1.0
+            p = s.params.slo.priority
             deadline = s.deadline if s.deadline is not None else s.metrics.arrival_time + self.default_ttft_s
             return (p, -deadline, -s.metrics.arrival_time)
 
@@ -121,11 +120,10 @@ class DeadlinePolicy(SchedulingPolicy):
             num_decodes += 1
             context += n_tok
             p = s.params
-            tpot_ms = p.tpot_ms
+            target = p.slo.tpot_s
             t1 = s.metrics.first_token_time
-            if not tpot_ms or t1 is None:
+            if not target or t1 is None:
                 continue
-            target = tpot_ms / 1000.0
             left = max(1, min(horizon, p.max_tokens - n_out))
             bank = target * (n_out - 1) - (now - t1)
             allowed = target + bank / left

@@ -5,25 +5,24 @@ import itertools
 import logging
 import time
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, wait
-from dataclasses import dataclass
-
-import torch
 
 from kvray.records import EngineStats, RequestSnapshot
 from kvray.replica.block_manager import BlockManager
 from kvray.replica.config import EngineConfig
-from kvray.replica.detokenizer import IncrementalDetokenizer
-from kvray.replica.grammar import GrammarCache
+from kvray.replica.detokenizer import FastDecoder, TextStream
+from kvray.replica.grammar import Compiling, GrammarCache
 from kvray.replica.model_runner import ModelRunner, resolve_device
 from kvray.replica.models.loader import load_config, load_tokenizer, resolve_dtype, resolve_model
 from kvray.replica.outputs import RequestOutput
+from kvray.replica.parallel.lifecycle import RankFailure
 from kvray.replica.sampling_params import SamplingParams
 from kvray.replica.sampler import SampleResult
 from kvray.replica.scheduler import Scheduler, SchedulerOutput
 from kvray.replica import deadline_policy  # noqa: F401  (registers the "deadline" policy)
 from kvray.replica.scheduling_policy import make_policy
 from kvray.replica.sequence import Sequence, SequenceStatus, validate_prompt
+from kvray.replica.step_record import Launched, StepRecord, can_look_ahead
+from kvray.replica.stopping import stop_reason
 from kvray.step_cost import StepTimeModel, prior_for_shape, shape_of
 
 logger = logging.getLogger(__name__)
@@ -39,34 +38,6 @@ MAX_STEP_FAILURES = 3
 # there. Larger chunks barely raise prefill throughput (the GEMMs are already compute bound at 2k
 # tokens) but every decode in such a step waits for the whole chunk, so TPOT grows with it.
 DEFAULT_STEP_TOKENS = 2048
-
-
-@dataclass
-class StepRecord:
-    """One engine step, as the step-cost model learns from it. ``duration_s`` runs from its
-    launch, or from the previous step's end if that is later (async steps overlap), to its end."""
-
-    t_end: float
-    duration_s: float
-    num_batched_tokens: int
-    num_context_tokens: int
-    num_seqs: int
-
-
-@dataclass
-class _Launched:
-    """A step whose device work is queued."""
-
-    out: SchedulerOutput
-    sample_seqs: list[Sequence]      # the sequences it samples, one row of ``result`` each
-    result: SampleResult | None      # None when it samples nothing (only prompt chunks)
-    t_launch: float
-
-
-def _can_look_ahead(step: _Launched) -> bool:
-    """The next step can be launched before this one's tokens are read: they are a tensor to
-    gather from (a sampler that hands back host lists, like a test's stand-in, runs synchronously)."""
-    return step.result is None or isinstance(step.result.token_ids, torch.Tensor)
 
 
 class LLMEngine:
@@ -86,6 +57,7 @@ class LLMEngine:
         self.runner = ModelRunner(config, path, dtype, self.device)
         self.hf_config = self.runner.hf_config
         self.tokenizer = load_tokenizer(path)
+        self.decoder = FastDecoder.wrap(self.tokenizer)  # what the requests with stop strings detokenize with
         self.model_path = path
         self.vocab_size = self.hf_config.vocab_size
         limit = getattr(self.hf_config, "max_position_embeddings", None) or 2048
@@ -120,14 +92,16 @@ class LLMEngine:
         self.step_history: deque[StepRecord] = deque(maxlen=STEP_HISTORY)
         self._seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
-        self._inflight: _Launched | None = None  # the step launched, not yet completed (async scheduling)
+        self._inflight: Launched | None = None  # the step launched, not yet completed (async scheduling)
         self._last_step_end = 0.0
         self._step_failures = 0
         self.grammars: GrammarCache | None = None  # made when the first structured-outputs request comes
-        self._compiling: list[Sequence] = []  # requests whose grammar is being compiled (not scheduled yet)
-        logger.info("engine ready in %.1f s: model=%s device=%s dtype=%s max_model_len=%d KV=%d tokens, step budget "
-                    "%d tokens", time.monotonic() - t_start, config.model, self.device, dtype, self.max_model_len,
-                    num_blocks * config.block_size, self.max_num_batched_tokens)
+        self._compiling = Compiling()  # requests whose grammar is being compiled (not scheduled yet)
+        self._prompt_lp: set[Sequence] = set()  # requests whose prompt log-probs are still to compute
+        logger.info("engine ready in %.1f s: model=%s device=%s dtype=%s quantization=%s max_model_len=%d KV=%d tokens "
+                    "(%s), step budget %d tokens", time.monotonic() - t_start, config.model, self.device, dtype,
+                    self.runner.quantization_name, self.max_model_len, num_blocks * config.block_size,
+                    self.runner.kv_cache_dtype_name, self.max_num_batched_tokens)
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -151,7 +125,7 @@ class LLMEngine:
     def make_sequence(self, request_id: str | None, prompt_token_ids: list[int], params: SamplingParams,
                       arrival_time: float | None = None, prompt: str | None = None) -> Sequence:
         """Validate a request and build its Sequence; raises ValueError before touching shared state."""
-        params.validate()
+        params.check()  # validated once: at construction, or here if changed since
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
         if request_id in self._seqs:
@@ -159,7 +133,7 @@ class LLMEngine:
         validate_prompt(prompt_token_ids, self.max_model_len, self.vocab_size)
         seq = Sequence(request_id, prompt_token_ids, params, self.config.block_size, arrival_time, prompt)
         if params.stop_strings:
-            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids)
+            seq.detokenizer = TextStream(self.decoder, prompt_token_ids, params.stop_strings)
         if params.structured_outputs is not None:
             seq.grammar = self._grammar_cache().state(params.structured_outputs)
             if seq.grammar.ready():
@@ -168,8 +142,10 @@ class LLMEngine:
 
     def add_sequence(self, seq: Sequence) -> None:
         self._seqs[seq.request_id] = seq
+        if seq.needs_prompt_logprobs:
+            self._prompt_lp.add(seq)
         if seq.grammar is not None and seq.grammar.matcher is None:
-            self._compiling.append(seq)  # scheduled once its grammar is compiled (off this thread)
+            self._compiling.add(seq)  # scheduled once its grammar is compiled (off this thread)
         else:
             self.scheduler.add(seq)
 
@@ -181,25 +157,13 @@ class LLMEngine:
 
     def _take_compiled(self) -> list[Sequence]:
         """Schedule the requests whose grammar is now compiled; fail those whose compile failed
-        (returned). With nothing else to run, wait a moment for a compile instead of spinning."""
-        if not self.scheduler.has_unfinished() and self._inflight is None:
-            wait([s.grammar.future for s in self._compiling], timeout=0.01, return_when=FIRST_COMPLETED)
-        failed, still = [], []
-        for seq in self._compiling:
-            if seq.is_finished:
-                continue  # aborted while compiling
-            if not seq.grammar.ready():
-                still.append(seq)
-                continue
-            try:
-                seq.grammar.start()
-            except Exception as e:  # noqa: BLE001 - the library could not compile this request's grammar
-                self._fail(seq, e)
-                failed.append(seq)
-                continue
+        (returned)."""
+        ready, failed = self._compiling.take(idle=not self.scheduler.has_unfinished() and self._inflight is None)
+        for seq in ready:
             self.scheduler.add(seq)
-        self._compiling = still
-        return failed
+        for seq, error in failed:
+            self._fail(seq, error)
+        return [seq for seq, _ in failed]
 
     def abort(self, request_id: str) -> Sequence | None:
         seq = self.scheduler.abort(request_id)
@@ -225,11 +189,13 @@ class LLMEngine:
         stop checks, its detokenizer) fails that sequence alone, and a step that raises as a
         whole fails the sequences it was running (``seq.error`` says why; they end as
         ``"abort"``) while waiting requests carry on. Only ``MAX_STEP_FAILURES`` failed steps in
-        a row raise from here.
+        a row raise from here, and a lost tensor-parallel rank (``RankFailure``) at once.
         """
         failed = self._take_compiled() if self._compiling else []
         try:
             done = failed + self._step()
+        except RankFailure:
+            raise
         except Exception as e:  # noqa: BLE001 - any failure of the step: fail its requests, not the engine
             self._step_failures += 1
             if self._step_failures >= MAX_STEP_FAILURES:
@@ -277,7 +243,7 @@ class LLMEngine:
             self.scheduler.update_after_step(prev.out)  # overlaps the GPU
         pending: dict[Sequence, int] = {}
         nxt = None
-        if self.config.async_scheduling and _can_look_ahead(prev):
+        if self.config.async_scheduling and can_look_ahead(prev):
             pending = self._reserve_next_tokens(prev)
             nxt = self._launch(self.scheduler.schedule(), prev.result, pending)
         done = self._complete(prev, pending)
@@ -287,14 +253,18 @@ class LLMEngine:
         return done
 
     def _launch(self, out: SchedulerOutput, prev: SampleResult | None = None,
-                pending: dict[Sequence, int] | None = None) -> _Launched | None:
+                pending: dict[Sequence, int] | None = None) -> Launched | None:
         if not out.scheduled:
             return None
         t0 = time.monotonic()
-        sample_seqs, result = self.runner.execute(out.scheduled, pending, prev.token_ids if pending else None)
-        return _Launched(out, sample_seqs, result, t0)
+        wanted = self._prompt_lp
+        if wanted:  # forget those done, finished or aborted
+            wanted = self._prompt_lp = {s for s in wanted if s.needs_prompt_logprobs and not s.is_finished}
+        sample_seqs, result, plp = self.runner.execute(out.scheduled, pending, prev.token_ids if pending else None,
+                                                       wanted)
+        return Launched(out, sample_seqs, result, t0, plp)
 
-    def _reserve_next_tokens(self, prev: _Launched) -> dict[Sequence, int]:
+    def _reserve_next_tokens(self, prev: Launched) -> dict[Sequence, int]:
         """Give each sequence sampled in ``prev`` that cannot finish on that token a placeholder
         for it (so the scheduler grants it its next decode); map it to its row of the samples."""
         pending: dict[Sequence, int] = {}
@@ -315,11 +285,13 @@ class LLMEngine:
             pending[seq] = row
         return pending
 
-    def _complete(self, step: _Launched, pending: dict[Sequence, int]) -> list[Sequence]:
+    def _complete(self, step: Launched, pending: dict[Sequence, int]) -> list[Sequence]:
         """Wait for the step's tokens (the one sync), append them and apply the stop checks."""
         result = step.result
         if result is not None:
             result.resolve()
+        if step.prompt_lp is not None:  # before the first token: its output carries them
+            step.prompt_lp.apply()
         now = time.monotonic()
         done = []
         for i, seq in enumerate(step.sample_seqs):
@@ -351,22 +323,7 @@ class LLMEngine:
             seq.logprobs.append(result.logprobs[row])
             if seq.top_logprobs is not None:
                 seq.top_logprobs.append(result.top_logprobs[row])
-        p = seq.params
-        reason = stop = None
-        n_out = seq.num_output_tokens
-        if seq.grammar is not None and seq.grammar.accept(token):
-            reason = "stop"  # the grammar is complete (its stop token came)
-        elif n_out >= p.min_tokens:
-            if not p.ignore_eos and token in self.eos_token_ids:
-                reason = "stop"
-            elif p.stop_token_ids and token in p.stop_token_ids:
-                reason, stop = "stop", token
-        if seq.detokenizer is not None:  # the new token's text; cut before a stop string
-            stop_str = seq.detokenizer.add_until_stop(seq.token_ids[-1:], p.stop_strings)
-            if stop_str is not None and reason is None:
-                reason, stop = "stop", stop_str
-        if reason is None and (n_out >= p.max_tokens or seq.num_tokens >= self.max_model_len):
-            reason = "length"
+        reason, stop = stop_reason(seq, token, self.eos_token_ids, self.max_model_len)
         if reason is not None:
             seq.stop_reason = stop
             seq.metrics.finished_time = now
@@ -386,7 +343,8 @@ class LLMEngine:
             text=self.output_text(seq), finished=seq.is_finished, finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason, logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
             top_logprobs=list(seq.top_logprobs) if seq.top_logprobs is not None else None,
-            num_cached_tokens=seq.num_cached_tokens, metrics=seq.metrics, prompt=seq.prompt)
+            num_cached_tokens=seq.num_cached_tokens, metrics=seq.metrics, prompt=seq.prompt,
+            prompt_logprobs=list(seq.prompt_logprobs) if seq.prompt_logprobs is not None else None)
 
     def stats(self) -> EngineStats:
         return self.scheduler.stats(self.step_cost)

@@ -27,7 +27,8 @@ REQUEST_SNAPSHOT_S = 0.1
 def engine_info(engine: LLMEngine) -> dict:
     """What the serving side needs of a loaded engine: its tokenizer, limits and first stats."""
     return {"tokenizer": engine.tokenizer, "max_model_len": engine.max_model_len, "vocab_size": engine.vocab_size,
-            "max_num_batched_tokens": engine.max_num_batched_tokens, "stats": engine.stats()}
+            "max_num_batched_tokens": engine.max_num_batched_tokens, "stats": engine.stats(),
+            "quantization": engine.runner.quantization_name, "kv_cache_dtype": engine.runner.kv_cache_dtype_name}
 
 
 class EngineLoop:
@@ -119,9 +120,9 @@ class EngineLoop:
             finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
             new_logprobs=seq.logprobs[k0:n] if seq.logprobs is not None else None,
             new_top_logprobs=seq.top_logprobs[k0:n] if seq.top_logprobs is not None else None,
-            engine_text=seq.detokenizer.text if seq.detokenizer is not None else None,
             num_cached_tokens=seq.num_cached_tokens, first_token_time=seq.metrics.first_token_time,
-            num_preemptions=seq.metrics.num_preemptions, queue_time_s=_queue_time(seq) if k0 == 0 else None)))
+            num_preemptions=seq.metrics.num_preemptions, queue_time_s=_queue_time(seq) if k0 == 0 else None,
+            prompt_logprobs=seq.prompt_logprobs if k0 == 0 else None)))
 
 
 def _queue_time(seq) -> float | None:

@@ -10,13 +10,17 @@ sends the ``EngineConfig``, and gets back an ``Event`` of kind ``READY`` (with t
 once the model is loaded, or ``ERROR``. From then on it sends ``kvray.records.Command``s; the
 child sends an ``OUT`` event per step and ``ERROR`` if its loop dies. When the parent goes
 away, the child sees the socket close and exits.
+
+With tensor parallelism the child is rank 0 and starts the other ranks itself
+(``kvray.replica.parallel``): they die with it. If one of them dies, the child sends ``ERROR``
+naming the rank and how it died, and exits at once (its requests cannot finish: the model is
+incomplete), so the replica fails them and exits, and Serve replaces it.
 """
 from __future__ import annotations
 
 import gc
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +28,7 @@ import threading
 from multiprocessing.connection import Connection
 
 from kvray.records import Command, Event, EventKind, Op
+from kvray.replica.parallel.lifecycle import exit_status, on_rank_death, spawn
 
 logger = logging.getLogger(__name__)
 
@@ -35,29 +40,12 @@ class EngineProcessError(RuntimeError):
     pass
 
 
-def exit_status(code: int) -> str:
-    """``with exit code 1``, or ``(killed by SIGKILL)`` for a negative code (the signal's number)."""
-    if code < 0:
-        try:
-            return f"(killed by {signal.Signals(-code).name})"
-        except ValueError:
-            return f"(killed by signal {-code})"
-    return f"with exit code {code}"
-
-
 class EngineProcess:
     """The parent's handle: ``send`` commands; a reader thread calls ``on_output(event)`` for each
     step and ``on_exit(error)`` once, when the child dies or its loop fails."""
 
     def __init__(self, config, on_output, on_exit):
-        ours, theirs = socket.socketpair()
-        src_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # above kvray/
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (src_root, env.get("PYTHONPATH")) if p)
-        self.proc = subprocess.Popen([sys.executable, "-m", "kvray.replica.engine_process", str(theirs.fileno())],
-                                     pass_fds=(theirs.fileno(),), env=env)
-        theirs.close()
-        self._conn = Connection(ours.detach())
+        self.proc, self._conn = spawn("kvray.replica.engine_process")
         self._send_lock = threading.Lock()
         self._stopping = False
         self.send(config)
@@ -115,6 +103,55 @@ class EngineProcess:
         self._on_exit(error)
 
 
+def _sender(conn: Connection):
+    """``send(event)`` for the threads that all send (the step loop, the inbox, a tensor-parallel
+    rank's watcher); a rank's death is reported with it and ends this process at once: nothing
+    here can finish on half a model."""
+    lock = threading.Lock()
+
+    def send(event: Event) -> None:
+        with lock:
+            conn.send(event)
+
+    def rank_died(message: str) -> None:
+        logger.error("%s: the engine exits", message)
+        try:
+            send(Event(EventKind.ERROR, text=message))
+        finally:
+            os._exit(1)
+
+    on_rank_death(rank_died)
+    return send
+
+
+def _yield_the_cpu(engine) -> None:
+    """On a CPU-only machine the model's matmuls would otherwise take the cores from the
+    processes that accept requests and stream tokens (HTTP, Serve): those are latency bound, the
+    step loop is throughput bound, so it yields to them, and so do its other tensor-parallel
+    ranks. (With a GPU the step loop's host work is the GPU's critical path: it keeps its
+    priority.)"""
+    if engine.device.type != "cpu":
+        return
+    os.nice(CPU_ENGINE_NICENESS)
+    for pid in engine.runner.ranks.pids if engine.runner.ranks is not None else ():
+        os.setpriority(os.PRIO_PROCESS, pid, os.getpriority(os.PRIO_PROCESS, 0))
+
+
+def _exit_with_parent(fd: int) -> None:
+    """While the engine loads, the parent sends nothing: the socket turning readable means it is
+    gone (a replica killed while loading). Exit then, at once, taking the tensor-parallel ranks
+    along (they die with this process), instead of loading for nobody. After READY the inbox
+    thread sees the end of the socket."""
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        if sock.recv(1, socket.MSG_PEEK) == b"":
+            os._exit(0)
+    except OSError:
+        os._exit(0)
+    finally:
+        sock.close()
+
+
 def _child_main(fd: int) -> int:
     from kvray.gil import shorten_switch_interval
     from kvray.replica.engine import LLMEngine
@@ -124,25 +161,22 @@ def _child_main(fd: int) -> int:
     # can wait out CPython's 5 ms switch interval before the request reaches the loop.
     shorten_switch_interval()
     conn = Connection(fd)
+    send = _sender(conn)
     config = conn.recv()
+    threading.Thread(target=_exit_with_parent, args=(fd,), name="kvray-engine-parent", daemon=True).start()
     try:
         engine = LLMEngine(config)
     except BaseException as e:
         logger.exception("the engine failed to load")
-        conn.send(Event(EventKind.ERROR, text=f"{type(e).__name__}: {e}"))
+        send(Event(EventKind.ERROR, text=f"{type(e).__name__}: {e}"))
         return 1
-    if engine.device.type == "cpu":
-        # On a CPU-only machine the model's matmuls would otherwise take the cores from the
-        # processes that accept requests and stream tokens (HTTP, Serve): those are latency
-        # bound, the step loop is throughput bound, so it yields to them. (With a GPU the step
-        # loop's host work is the GPU's critical path: it keeps its priority.)
-        os.nice(CPU_ENGINE_NICENESS)
+    _yield_the_cpu(engine)  # after loading, which runs at full speed
     # What loading made (modules, weights' Python objects, CUDA graphs) lives as long as the
     # process: out of the collector's sight, so full collections in the step loop stay short.
     gc.collect()
     gc.freeze()
-    conn.send(Event(EventKind.READY, info=engine_info(engine)))
-    loop = EngineLoop(engine, conn.send)
+    send(Event(EventKind.READY, info=engine_info(engine)))
+    loop = EngineLoop(engine, send)
 
     def receive():
         try:
@@ -156,8 +190,9 @@ def _child_main(fd: int) -> int:
         loop.run()
     except BaseException as e:
         logger.exception("engine loop died")
-        conn.send(Event(EventKind.ERROR, text=f"{type(e).__name__}: {e}"))
+        send(Event(EventKind.ERROR, text=f"{type(e).__name__}: {e}"))
         return 1
+    engine.runner.close()  # the other tensor-parallel ranks, if any
     return 0
 
 

@@ -7,13 +7,16 @@ step loop and cached, and the per-request matcher whose token mask the sampler a
 * ``GrammarCache`` (one per engine) compiles grammars against the engine's vocabulary in a
   background thread, one ``Future`` per distinct constraint (LRU-bounded), so a schema sent by
   many requests compiles once and the step loop never waits for a compile: a request whose
-  grammar is not ready yet waits outside the scheduler (``LLMEngine``).
+  grammar is not ready yet waits outside the scheduler (``Compiling``).
 * ``GrammarState`` (one per request) holds the matcher; ``fill_masks`` fills the token bitmasks
   of the structured rows of a batch at once (xgrammar's batch matcher, in parallel threads) and
   ``apply_masks`` applies them on the logits' device to just those rows.
 
-JSON is generated compact (no free whitespace): a model, even a random-weight one, then cannot
-wander off into endless whitespace, and the output is complete as soon as the value is.
+JSON is generated on one line with fixed separators (``{"name": "John Smith", "age": 42}``: no
+whitespace but the ``", "`` and ``": "`` separators), so a model cannot wander off into endless
+whitespace, and the request ends as soon as the value is complete. A grammar cannot make a model
+finish a value, though: an unbounded integer, string or array can run until ``max_tokens``
+(``finish_reason: "length"``, not valid JSON), as random-weight models often do.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import logging
 import re
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING
 
 from kvray.replica.sampling_params import StructuredOutputs
@@ -187,3 +190,39 @@ class GrammarState:
         if not self.matcher.accept_token(token):
             raise ValueError(f"token {token} is not allowed by the request's grammar")
         return self.matcher.is_terminated()
+
+
+class Compiling:
+    """The requests whose grammar is still compiling: they wait here, outside the scheduler, so
+    the step loop never waits for a compile."""
+
+    def __init__(self):
+        self._seqs: list = []
+
+    def __len__(self) -> int:
+        return len(self._seqs)
+
+    def add(self, seq) -> None:
+        self._seqs.append(seq)
+
+    def take(self, idle: bool) -> tuple[list, list[tuple]]:
+        """``(ready, failed)``: the requests whose grammar is compiled now (their matcher started),
+        and ``(request, error)`` of those whose compile failed; aborted ones are dropped. With
+        ``idle`` (nothing else to run) it waits a moment for a compile instead of spinning."""
+        if idle:
+            wait([s.grammar.future for s in self._seqs], timeout=0.01, return_when=FIRST_COMPLETED)
+        ready, failed, still = [], [], []
+        for seq in self._seqs:
+            if seq.is_finished:
+                continue  # aborted while compiling
+            if not seq.grammar.ready():
+                still.append(seq)
+                continue
+            try:
+                seq.grammar.start()
+            except Exception as e:  # noqa: BLE001 - the library could not compile this request's grammar
+                failed.append((seq, e))
+                continue
+            ready.append(seq)
+        self._seqs = still
+        return ready, failed

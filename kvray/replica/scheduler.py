@@ -131,13 +131,24 @@ class Scheduler:
     # ---- the step ----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         now = self.clock()
-        bm = self.block_manager
         out = SchedulerOutput()
-        scheduled = out.scheduled
         budget = self.max_num_batched_tokens
         prefill_left, grants = self._prefill_budget(budget, now)
+        budget, prefill_left = self._schedule_running(out, budget, prefill_left, grants)  # 1. running sequences
+        if not out.preempted:  # 2. admissions
+            if not self._running and prefill_left <= 0:
+                prefill_left = budget  # nothing runs: a policy may not starve the engine
+            self._admit(out, budget, prefill_left, now)
+        out.num_decode_tokens = out.num_batched_tokens - out.num_prefill_tokens
+        return out
 
-        # 1. running sequences
+    def _schedule_running(self, out: SchedulerOutput, budget: int, prefill_left: int,
+                          grants: dict[int, int]) -> tuple[int, int]:
+        """Grant the running sequences their tokens, in running order (a chunked prefill at most its
+        ``grants`` share), preempting where KV blocks run out; returns what is left of the token and
+        prefill budgets."""
+        bm = self.block_manager
+        scheduled = out.scheduled
         order = list(self._running)
         kept: dict[Sequence, None] = {}
         gone: set[int] = set()  # id() of sequences preempted this step
@@ -179,15 +190,7 @@ class Scheduler:
         out.num_batched_tokens = self.max_num_batched_tokens - budget
         out.num_context_tokens = context
         out.num_prefill_tokens = prefill
-
-        # 2. admissions
-        if not out.preempted:
-            if not kept and prefill_left <= 0:
-                prefill_left = budget  # nothing runs: a policy may not starve the engine
-            self._admit(out, budget, prefill_left, now)
-
-        out.num_decode_tokens = out.num_batched_tokens - out.num_prefill_tokens
-        return out
+        return budget, prefill_left
 
     def _prefill_budget(self, budget: int, now: float) -> tuple[int, dict[int, int]]:
         """The step's prompt-token budget, and each running chunked prefill's share of it (by
@@ -214,6 +217,11 @@ class Scheduler:
             if seq.status is not SequenceStatus.WAITING:
                 continue  # a policy listed a sequence twice or one that is not waiting
             computed, num_cached = bm.get_computed_blocks(seq)
+            if computed and seq.needs_prompt_logprobs:
+                # cached blocks hold K/V but not the hidden states that prompt log-probs come from:
+                # use them only for the prefix whose log-probs are known (kvray.replica.prompt_logprobs)
+                computed = computed[:(len(seq.prompt_logprobs) - 1) // bm.block_size]
+                num_cached = len(computed) * bm.block_size
             remaining = seq.num_tokens - num_cached
             limit = min(budget, prefill_left) if remaining > 1 else budget
             if self.enable_chunked_prefill:
@@ -267,8 +275,7 @@ class Scheduler:
         (a ``kvray.step_cost.StepTimeModel``) of the steps run so far."""
         running, waiting, bm = self.running, self._waiting, self.block_manager
         bm_stats = bm.stats()
-        tpots = [s.params.tpot_ms for s in running if s.params.tpot_ms] + \
-                [s.params.tpot_ms for s in waiting if s.params.tpot_ms]
+        tpots = [t for s in running if (t := s.params.slo.tpot_s)] + [t for s in waiting if (t := s.params.slo.tpot_s)]
         return EngineStats(
             num_running=len(running), num_waiting=len(waiting), num_free_blocks=bm.num_free_blocks,
             num_total_blocks=bm.num_total_blocks,
@@ -278,7 +285,7 @@ class Scheduler:
             prefix_hit_rate=bm_stats["prefix_hit_rate"], prefix_hit_tokens=bm_stats["prefix_hit_tokens"],
             prefix_queried_tokens=bm_stats["prefix_queried_tokens"], block_size=bm.block_size,
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-            scheduling_policy=self.policy.name, min_tpot_ms=min(tpots) if tpots else None,
+            scheduling_policy=self.policy.name, min_tpot_s=min(tpots) if tpots else None,
             step_coeffs=step_cost.coeffs.as_tuple(), num_steps=step_cost.num_samples)
 
     def request_snapshots(self) -> list[RequestSnapshot]:
@@ -288,8 +295,7 @@ class Scheduler:
             p, m = s.params, s.metrics
             left = max(0, s.num_tokens - s.num_computed_tokens) if m.first_token_time is None else 0
             out.append(RequestSnapshot(m.arrival_time, m.first_token_time, left, s.num_output_tokens, p.max_tokens,
-                                       p.ttft_ms / 1000.0 if p.ttft_ms else None,
-                                       p.tpot_ms / 1000.0 if p.tpot_ms else None, s.deadline))
+                                       p.slo.ttft_s, p.slo.tpot_s, s.deadline))
         return out
 
 

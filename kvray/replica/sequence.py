@@ -28,7 +28,7 @@ class Sequence:
         "request_id", "token_ids", "num_prompt_tokens", "params", "status", "num_computed_tokens",
         "block_table", "num_cached_tokens", "finish_reason", "stop_reason", "metrics", "logprobs",
         "top_logprobs", "generator", "detokenizer", "_block_hashes", "block_size", "deadline",
-        "prompt", "np_table", "np_src", "error", "grammar",
+        "prompt", "np_table", "np_src", "error", "grammar", "prompt_logprobs",
     )
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -46,13 +46,17 @@ class Sequence:
         self.metrics = RequestMetrics(arrival_time=time.monotonic() if arrival_time is None else arrival_time)
         self.logprobs: list[float] | None = [] if params.logprobs is not None else None
         self.top_logprobs: list[dict[int, float]] | None = [] if params.logprobs else None
+        # Per prompt position: {prompt token: log-prob, and the top alternatives}; None for the
+        # first token (nothing predicts it). Filled in order while the prompt is prefilled.
+        self.prompt_logprobs: list[dict[int, float] | None] | None = (
+            [None] if params.prompt_logprobs is not None else None)
         self.generator = None  # torch.Generator for seeded sampling, made by the sampler
         self.detokenizer = None  # set by the engine when the request has stop strings
         self.grammar = None  # kvray.replica.grammar.GrammarState, for structured outputs
         self._block_hashes: list[int] = []
         self.block_size = block_size
         # Absolute TTFT deadline (monotonic seconds) for deadline-aware policies.
-        self.deadline = (self.metrics.arrival_time + params.ttft_ms / 1000.0) if params.ttft_ms else None
+        self.deadline = params.slo.deadline(self.metrics.arrival_time)
         self.prompt = prompt
         # A numpy mirror of block_table kept by the model runner (grown by appends; rebuilt when
         # block_table is replaced, which the block manager does on free).
@@ -85,6 +89,12 @@ class Sequence:
     def is_prefill(self) -> bool:
         """True while more than one token is left to compute (prompt or recompute)."""
         return self.num_tokens - self.num_computed_tokens > 1
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """The request asked for prompt log-probs and some are still to compute."""
+        lps = self.prompt_logprobs
+        return lps is not None and len(lps) < self.num_prompt_tokens
 
     # ---- prefix hashing --------------------------------------------------------------------
     def block_hashes(self) -> list[int]:

@@ -1,292 +1,36 @@
 """The replica book: the router's one picture of each replica (pure Python, no Ray).
 
-One ``ReplicaState`` per replica holds the replica's latest ``ReplicaStats`` snapshot (polled by
-Serve's controller every ``request_routing_stats_period_s`` and broadcast to the routers), the
-requests this router has in flight there, and one LRU of the prefix blocks it sent there (which
-predicts prefix-cache hits). Every lifecycle event of a request enters the book once:
-``on_dispatch`` when it is sent to a replica (again, if it moves), ``on_first_token``, and
-``on_finish`` (any end). Routing policies only read the book (``kvray.router.policy``).
+One ``ReplicaState`` (``kvray.router.replica_state``) per replica in Serve's replica set. Every
+lifecycle event of a request enters the book once, from one writer, the request's
+``RequestLife`` (``kvray.router.dispatch``): ``on_dispatch`` when it is sent to a replica (again,
+if it moves), ``on_first_token``, and ``on_finish`` (any end). Routing policies only read the
+book (``kvray.router.policy``).
 
-The estimates combine the snapshot with what this router did since: each event is logged with
-its time, and a snapshot taken at time ``t`` absorbs the events up to ``t``, so a burst of
-dispatches between two polls is seen at once and nothing is counted twice. Requests from other
-router processes appear with the next snapshot. Each estimate costs O(priority classes), not
-O(requests). All times are wall clock (``time.time()``), the clock of the snapshots.
+A replica that leaves Serve's replica set (Serve is stopping it: a scale-down, an update, a node
+drain, the app's deletion; or it died) while this router still has requests there stays in the
+book as *draining*: no policy routes to it, its requests are still counted, and it leaves the
+book with the last of them. ``draining()`` lists them for the Router's drain
+(``kvray.frontend.drain``), which ends what runs past ``graceful_shutdown_timeout_s``.
 
-One book per (application, deployment) and process (``get_book``), shared by the Serve
-request-router plug-in (Serve's router loop) and the Router ingress (its own loop): callers hold
-``book.lock`` around reads and updates.
+The book lives on its Router's event loop and is only ever touched there (the replica-set
+broadcasts of Serve's request-router plug-in are posted to that loop: ``kvray.router.replica_set``),
+so it takes no lock.
 """
 from __future__ import annotations
 
-import bisect
-import math
-import threading
 import time
-from collections import OrderedDict, deque
-from dataclasses import dataclass
 
-from kvray.records import EngineStats, ReplicaStats, RoutingHint
-from kvray.step_cost import DEFAULT_COEFFS, StepCoeffs, StepTimeModel
-
-RATE_WINDOW_S = 10.0     # time constant of the per-class dispatch-rate estimate
-PREFIX_CAPACITY = 65536  # block hashes remembered per replica (LRU), capped by the replica's pool
-PLACEMENTS_KEPT = 10_000
-_EMPTY = ReplicaStats(engine=EngineStats(), time=-math.inf)
-
-
-@dataclass
-class InFlight:
-    """A request this router sent to the replica and has not seen finish."""
-
-    request_id: str
-    prompt_tokens: int
-    uncached_tokens: int
-    cost: int                          # outstanding tokens it adds: uncached prompt + budgeted decode
-    deadline: float | None = None      # absolute TTFT deadline
-    tpot_s: float | None = None
-    priority: float = 1.0
-    first_token_at: float | None = None
-
-
-class _Pending:
-    """Own requests waiting for their first token, of one priority, sorted by deadline."""
-
-    __slots__ = ("deadlines", "tokens", "ids")
-
-    def __init__(self):
-        self.deadlines: list[float] = []
-        self.tokens: list[int] = []
-        self.ids: list[str] = []
-
-    def add(self, r: InFlight) -> None:
-        d = math.inf if r.deadline is None else r.deadline
-        i = bisect.bisect_right(self.deadlines, d)
-        self.deadlines.insert(i, d)
-        self.tokens.insert(i, r.uncached_tokens)
-        self.ids.insert(i, r.request_id)
-
-    def remove(self, r: InFlight) -> None:
-        d = math.inf if r.deadline is None else r.deadline
-        i = bisect.bisect_left(self.deadlines, d)
-        while self.ids[i] != r.request_id:
-            i += 1
-        del self.deadlines[i], self.tokens[i], self.ids[i]
-
-    def tokens_between(self, lo: float, hi: float) -> int:
-        """Tokens of requests with lo <= deadline <= hi."""
-        a = bisect.bisect_left(self.deadlines, lo)
-        b = bisect.bisect_right(self.deadlines, hi)
-        return sum(self.tokens[a:b]) if b > a else 0
-
-
-class ReplicaState:
-    """One replica, as this router sees it. Mutated only through the book's events."""
-
-    def __init__(self, replica_id: str, prior: StepCoeffs = DEFAULT_COEFFS):
-        self.replica_id = replica_id
-        self.stats: ReplicaStats = _EMPTY
-        self.received_at: float | None = None
-        self.model = StepTimeModel.fixed_coeffs(prior)  # the replica's published fit once it reports
-        self._prior = prior
-        self.inflight: dict[str, InFlight] = {}
-        self.dispatched_total = 0
-        self._prefix: OrderedDict[int, None] = OrderedDict()
-        self._prefix_capacity = PREFIX_CAPACITY
-        self._events: deque = deque()                  # (t, d_requests, d_prefill, d_decoding, d_tokens, d_cost)
-        self._delta = [0, 0, 0, 0, 0]
-        self._rates: dict[float, list] = {}            # priority -> [prompt tokens/s, as of time]
-        self._pending: dict[float, _Pending] = {}      # priority -> own requests before their first token
-        self._own = [0, 0]                             # [own pending prompt tokens, own decoding]
-        self._tpots: dict[float, int] = {}             # tpot_s -> count of own requests
-
-    # ---- updates (the book calls these) ------------------------------------------------------
-    def update_stats(self, stats: ReplicaStats, received_at: float) -> None:
-        if stats.time <= self.stats.time:
-            return  # the same (or an older) snapshot broadcast again
-        self.stats, self.received_at = stats, received_at
-        ev = self._events
-        while ev and ev[0][0] <= stats.time:
-            _, *d = ev.popleft()
-            self._delta[:] = [x - y for x, y in zip(self._delta, d)]
-        if stats.engine.num_total_blocks:
-            self._prefix_capacity = min(PREFIX_CAPACITY, stats.engine.num_total_blocks)
-        coeffs = stats.engine.step_coeffs
-        self.model = StepTimeModel.fixed_coeffs(StepCoeffs(*coeffs) if coeffs else self._prior)
-
-    def _event(self, now: float, *d: int) -> None:
-        self._events.append((now, *d))
-        self._delta[:] = [x + y for x, y in zip(self._delta, d)]
-
-    def on_dispatch(self, hint: RoutingHint, now: float, cached_tokens: int | None = None) -> None:
-        hit = self.prefix_hit_blocks(hint.block_hashes)
-        cached = hit * hint.block_size if cached_tokens is None else cached_tokens
-        uncached = max(1, hint.num_prompt_tokens - cached)
-        slo_ttft = hint.ttft_ms / 1000.0 if hint.ttft_ms else None
-        tpot_s = hint.tpot_ms / 1000.0 if hint.tpot_ms else None
-        r = InFlight(hint.request_id, hint.num_prompt_tokens, uncached, hint.cost(hit),
-                     hint.arrival_time + slo_ttft if slo_ttft else None, tpot_s, hint.priority)
-        self.inflight[r.request_id] = r
-        self.dispatched_total += 1
-        self._event(now, 1, uncached, 0, r.prompt_tokens, r.cost)
-        self._pending.setdefault(r.priority, _Pending()).add(r)
-        self._own[0] += uncached
-        if tpot_s:
-            self._tpots[tpot_s] = self._tpots.get(tpot_s, 0) + 1
-        rate = self._rates.setdefault(r.priority, [0.0, now])
-        rate[0] = rate[0] * math.exp(-max(0.0, now - rate[1]) / RATE_WINDOW_S) + uncached / RATE_WINDOW_S
-        rate[1] = now
-        prefix = self._prefix
-        for h in hint.block_hashes:
-            prefix[h] = None
-            prefix.move_to_end(h)
-        while len(prefix) > self._prefix_capacity:
-            prefix.popitem(last=False)
-
-    def on_first_token(self, request_id: str, now: float) -> None:
-        r = self.inflight.get(request_id)
-        if r is None or r.first_token_at is not None:
-            return
-        r.first_token_at = now
-        self._pending[r.priority].remove(r)
-        self._own[0] -= r.uncached_tokens
-        self._own[1] += 1
-        self._event(now, 0, -r.uncached_tokens, 1, 0, 0)
-
-    def on_finish(self, request_id: str, now: float, num_output_tokens: int = 0) -> None:
-        r = self.inflight.pop(request_id, None)
-        if r is None:
-            return
-        if r.tpot_s:
-            self._tpots[r.tpot_s] -= 1
-            if not self._tpots[r.tpot_s]:
-                del self._tpots[r.tpot_s]
-        if r.first_token_at is None:  # ended before its first token (abort, error, moved)
-            self._pending[r.priority].remove(r)
-            self._own[0] -= r.uncached_tokens
-            self._event(now, -1, -r.uncached_tokens, 0, -r.prompt_tokens - num_output_tokens, -r.cost)
-        else:
-            self._own[1] -= 1
-            self._event(now, -1, 0, -1, -r.prompt_tokens - num_output_tokens, -r.cost)
-
-    # ---- estimates (what policies read) ------------------------------------------------------
-    @property
-    def engine(self) -> EngineStats:
-        return self.stats.engine
-
-    @property
-    def healthy(self) -> bool:
-        return self.stats.healthy
-
-    @property
-    def load(self) -> float:
-        """Outstanding tokens (uncached prompt + budgeted decode), the least-load policy's measure."""
-        return max(0, self.stats.outstanding_tokens + self._delta[4])
-
-    @property
-    def num_ongoing(self) -> int:
-        """Requests this router sent there and has not seen finish (Ray Serve's queue length)."""
-        return len(self.inflight)
-
-    @property
-    def num_requests(self) -> int:
-        e = self.engine
-        return max(len(self.inflight), e.num_running + e.num_waiting + self._delta[0])
-
-    @property
-    def queued_prefill_tokens(self) -> int:
-        return max(self._own[0], self.engine.queued_prefill_tokens + self._delta[1])
-
-    @property
-    def num_decoding(self) -> int:
-        return max(self._own[1], self.engine.num_running + self._delta[2])
-
-    @property
-    def context_tokens(self) -> int:
-        """Tokens held or queued on the replica (KV in use + queued prompts), estimated."""
-        return max(0, self.engine.tokens_in_flight + self._delta[3])
-
-    @property
-    def free_blocks(self) -> int | None:
-        e = self.engine
-        return e.num_free_blocks - self._delta[3] // e.block_size if e.num_total_blocks else None
-
-    @property
-    def max_num_seqs(self) -> int:
-        return self.engine.max_num_seqs
-
-    @property
-    def full(self) -> bool:
-        """As many requests there as it admits (batch slots plus its queue limit)."""
-        return bool(self.stats.max_queued_requests) and self.num_requests >= self.stats.capacity
-
-    def min_tpot_s(self) -> float | None:
-        """The tightest TPOT target among the requests there: this router's, and the replica's own
-        report (which covers other routers' requests)."""
-        there = self.engine.min_tpot_ms
-        vals = list(self._tpots) + ([there / 1000.0] if there else [])
-        return min(vals) if vals else None
-
-    def prefill_rates(self, now: float, priority: float) -> tuple[float, float]:
-        """Prompt tokens per second recently sent here: (by every class, by classes above
-        ``priority`` -- which a deadline-ordered replica serves first even when they arrive later)."""
-        total = above = 0.0
-        for p, (r, t) in self._rates.items():
-            x = r * math.exp(-(now - t) / RATE_WINDOW_S) if now > t else r
-            total += x
-            if p > priority:
-                above += x
-        return total, above
-
-    def prefill_ahead_of(self, key: float, deadline: float | None, now: float) -> int:
-        """Queued prompt tokens the replica serves before a new request whose ``urgency`` is
-        ``key`` (``kvray.slo.urgency`` of its deadline and priority): all of them for FCFS; for a
-        deadline-ordered replica, own pending requests that are more urgent, plus what the
-        snapshot shows that the router cannot attribute (assumed ahead)."""
-        if self.engine.scheduling_policy == "fcfs":
-            return self.queued_prefill_tokens
-        ahead = 0
-        for p, pend in self._pending.items():
-            if not pend.ids:
-                continue
-            if key < 1e9:  # on time: on-time requests with (d - now) / p <= key, and those of lower
-                # classes due before the new request's deadline (their slack shrinks faster: they pass it)
-                ahead += pend.tokens_between(now, max(now + key * p, deadline if deadline is not None else now))
-            elif deadline is not None:  # late: every on-time request, then late ones by deadline
-                ahead += pend.tokens_between(now, math.inf) + pend.tokens_between(-math.inf, min(deadline, now))
-            else:
-                ahead += sum(pend.tokens)
-        unknown = max(0, self.engine.queued_prefill_tokens + self._delta[1] - self._own[0])
-        return ahead + unknown
-
-    def prefix_hit_blocks(self, block_hashes) -> int:
-        """How many leading block hashes of a prompt the replica is believed to hold."""
-        n = 0
-        prefix = self._prefix
-        for h in block_hashes:
-            if h not in prefix:
-                break
-            n += 1
-        return n
-
-    def snapshot(self, now: float) -> dict:
-        """For ``/v1/kvray/replicas`` and the per-replica gauges."""
-        s = self.stats
-        return {"stats": None if s is _EMPTY else s, "stats_age_s": None if self.received_at is None else
-                max(0.0, now - self.received_at), "estimated_outstanding_tokens": self.load,
-                "router_active_requests": len(self.inflight), "router_dispatched_total": self.dispatched_total,
-                "estimated_requests": self.num_requests, "estimated_queued_prefill_tokens": self.queued_prefill_tokens,
-                "step_coeffs": self.model.coeffs.as_tuple()}
+from kvray.records import ReplicaStats, RoutingHint
+from kvray.router.replica_state import ReplicaState
+from kvray.step_cost import DEFAULT_COEFFS, StepCoeffs
 
 
 class ReplicaBook:
     def __init__(self, clock=time.time, prior: StepCoeffs = DEFAULT_COEFFS):
-        self.lock = threading.RLock()
         self.replicas: dict[str, ReplicaState] = {}
         self._clock = clock
         self._prior = prior
         self._where: dict[str, str] = {}  # request id -> replica it is in flight at
-        self._placed: OrderedDict[str, str] = OrderedDict()  # request id -> latest replica (kept after finish)
 
     def now(self) -> float:
         return self._clock()
@@ -299,98 +43,82 @@ class ReplicaBook:
 
     # ---- the replica set and snapshots -------------------------------------------------------
     def sync(self, stats_by_replica: dict[str, ReplicaStats | None]) -> None:
-        """Set the replica set (ids -> latest stats or None); drop replicas not listed."""
+        """Set Serve's replica set (ids -> latest stats or None). A replica not listed is dropped,
+        or, while this router has requests there, kept as draining until they end."""
         now = self._clock()
-        with self.lock:
-            for rid in [r for r in self.replicas if r not in stats_by_replica]:
-                for req in self.replicas.pop(rid).inflight:
-                    self._where.pop(req, None)
-            for rid, stats in stats_by_replica.items():
-                st = self._state(rid)
-                if stats is not None:
-                    st.update_stats(stats, now)
+        for rid in [r for r in self.replicas if r not in stats_by_replica]:
+            st = self.replicas[rid]
+            if not st.inflight:
+                del self.replicas[rid]
+            elif st.draining_since is None:
+                st.draining_since = now
+        for rid, stats in stats_by_replica.items():
+            st = self._state(rid)
+            st.draining_since = None
+            if stats is not None:
+                st.update_stats(stats, now)
 
     def update_stats(self, replica_id: str, stats: ReplicaStats) -> None:
-        with self.lock:
-            self._state(replica_id).update_stats(stats, self._clock())
+        self._state(replica_id).update_stats(stats, self._clock())
 
-    # ---- a request's life --------------------------------------------------------------------
+    # ---- a request's life (kvray.router.dispatch.RequestLife is the one caller) -------------
     def on_dispatch(self, hint: RoutingHint, replica_id: str, cached_tokens: int | None = None) -> None:
         """``hint``'s request went (or is reserved) to ``replica_id``; a request already placed
         elsewhere moves (a retry, or Serve's fallback to the next replica of the route)."""
         now = self._clock()
-        with self.lock:
-            rid = hint.request_id
-            where = self._where.get(rid)
-            if where == replica_id:
-                return
-            if where is not None and where in self.replicas:
-                self.replicas[where].on_finish(rid, now)
-            self._state(replica_id).on_dispatch(hint, now, cached_tokens)
-            self._where[rid] = replica_id
-            self._placed[rid] = replica_id
-            self._placed.move_to_end(rid)
-            if len(self._placed) > PLACEMENTS_KEPT:
-                self._placed.popitem(last=False)
+        rid = hint.request_id
+        where = self._where.get(rid)
+        if where == replica_id:
+            return
+        if where is not None and where in self.replicas:
+            self.replicas[where].on_finish(rid, now)
+        self._state(replica_id).on_dispatch(hint, now, cached_tokens)
+        self._where[rid] = replica_id
 
     def on_first_token(self, request_id: str) -> None:
-        with self.lock:
-            st = self.replicas.get(self._where.get(request_id, ""))
-            if st is not None:
-                st.on_first_token(request_id, self._clock())
+        st = self.replicas.get(self._where.get(request_id, ""))
+        if st is not None:
+            st.on_first_token(request_id, self._clock())
 
-    def on_finish(self, request_id: str, num_output_tokens: int = 0, replica_id: str | None = None) -> None:
-        """The request ended; with ``replica_id``, only if that is where it is (the end of a call
-        to a replica the request has since moved away from is no end of the request)."""
-        with self.lock:
-            where = self._where.get(request_id)
-            if where is None or (replica_id is not None and where != replica_id):
-                return
-            del self._where[request_id]
-            st = self.replicas.get(where)
-            if st is not None:
-                st.on_finish(request_id, self._clock(), num_output_tokens)
-
-    def replica_of(self, request_id: str) -> str | None:
-        """The replica the request was last sent to (kept for the latest PLACEMENTS_KEPT requests)."""
-        with self.lock:
-            return self._placed.get(request_id)
+    def on_finish(self, request_id: str, num_output_tokens: int = 0) -> None:
+        """The request ended (however: done, refused, aborted, failed)."""
+        where = self._where.pop(request_id, None)
+        if where is None:
+            return
+        st = self.replicas.get(where)
+        if st is not None:
+            st.on_finish(request_id, self._clock(), num_output_tokens)
+            if not st.routable and not st.inflight:  # a draining replica's last request
+                del self.replicas[where]
 
     # ---- reads -------------------------------------------------------------------------------
+    def routable(self) -> list[ReplicaState]:
+        """The replicas in Serve's replica set (none draining)."""
+        return [s for s in self.replicas.values() if s.routable]
+
     def live(self, avoid: tuple[str, ...] = ()) -> list[ReplicaState]:
-        """The replicas a request may go to: the healthy ones not in ``avoid`` (those that failed
-        it), or, when there is none, every replica not in ``avoid``, or every replica. Call with
-        the lock held."""
-        states = [s for s in self.replicas.values() if s.replica_id not in avoid] or list(self.replicas.values())
+        """The replicas a request may go to: of those not draining, the healthy ones not in
+        ``avoid`` (those that failed it), or, when there is none, every one not in ``avoid``, or
+        every one."""
+        routable = self.routable()
+        states = [s for s in routable if s.replica_id not in avoid] or routable
         return [s for s in states if s.healthy] or states
 
     def replica_ids(self) -> list[str]:
-        with self.lock:
-            return list(self.replicas)
+        """The replicas new requests may go to (none draining)."""
+        return [s.replica_id for s in self.routable()]
+
+    def draining(self) -> list[tuple[str, float]]:
+        """``(replica id, since)`` of each draining replica (``since`` on the book's clock)."""
+        return [(s.replica_id, s.draining_since) for s in self.replicas.values() if not s.routable]
 
     def capacity(self) -> int | None:
         """Requests the healthy replicas admit in all; None while one has not reported its limit."""
-        with self.lock:
-            if not self.replicas or any(not s.stats.max_queued_requests for s in self.replicas.values()):
-                return None
-            return sum(s.stats.capacity for s in self.replicas.values() if s.healthy) or None
+        states = self.routable()
+        if not states or any(not s.stats.max_queued_requests for s in states):
+            return None
+        return sum(s.stats.capacity for s in states if s.healthy) or None
 
     def snapshot(self) -> dict[str, dict]:
         now = self._clock()
-        with self.lock:
-            return {rid: st.snapshot(now) for rid, st in self.replicas.items()}
-
-
-_books: dict[tuple[str, str], ReplicaBook] = {}
-_books_lock = threading.Lock()
-
-
-def get_book(app_name: str, deployment_name: str) -> ReplicaBook:
-    """The process's book for one deployment: the ingress and the request-router plug-in share it.
-    (The plug-in module is shipped to the handle by value, so this state lives in a module that
-    is imported by name.)"""
-    with _books_lock:
-        book = _books.get((app_name, deployment_name))
-        if book is None:
-            book = _books[(app_name, deployment_name)] = ReplicaBook()
-        return book
+        return {rid: st.snapshot(now) for rid, st in self.replicas.items()}

@@ -1,29 +1,36 @@
-"""The Router's side of routing: each request is decided once by the routing policy, and its life
-enters the replica book (pure Python, no Ray).
+"""The Router's side of routing, and the one owner of each request's life in the replica book
+(pure Python, no Ray).
 
-``Dispatcher.admit(hint)`` asks the policy. On ``DISPATCH`` it reserves the first replica of
-the route in the book at once (so a burst of admissions sees its own load) and writes the route
-into the hint, which the Serve request-router plug-in follows. On ``QUEUE`` it holds the request
-and decides again whenever a first token or a completion frees capacity, and at the policy's
-``recheck_at`` at the latest; the policy never holds a request past the last moment it could
-meet its TTFT. On ``REJECT`` the Router answers 429 with ``Retry-After``. The lifecycle events
-(``on_routed`` from the plug-in, ``on_first_token`` and ``on_finish`` from the ingress and the
-plug-in) keep the book fresh between stats polls.
+``Dispatcher`` is one Router's routing policy and replica book, and the requests it holds for
+capacity. ``Dispatcher.life(hint)`` starts a ``RequestLife``: the only writer of the book's
+dispatch, first-token and finish events, driven by the Router's serving loop
+(``kvray.frontend.serving``) from admission to the request's end:
 
-One dispatcher per (application, deployment) and process (``get_dispatcher``): the ingress and
-the plug-in share it, and every method takes the book's lock (Serve's router loop and the
-ingress loop run on different threads).
+* ``admit()`` asks the policy. On ``DISPATCH`` it places the request at the first replica of
+  the route in the book at once (so a burst of admissions sees its own load) and writes the
+  route into the hint, which the Serve request-router plug-in follows. On ``QUEUE`` it holds
+  the request and decides again whenever a first token or a completion frees capacity, and at
+  the policy's ``recheck_at`` at the latest; the policy never holds a request past the last
+  moment it could meet its TTFT. On ``REJECT`` the Router answers 429 with ``Retry-After``.
+* ``follow(replica)``: the other choices of an ``n > 1`` request go where the first one went.
+* ``retry(failed, full)``: a replica refused the request or failed it before its first token:
+  decided again without that replica.
+* ``bound(replica)``: the replica that took the request (Serve falls back to the next replica
+  of the route when the first is at its ``max_ongoing_requests``): the request moves there.
+* ``first_token()`` and ``finish(num_output_tokens)``: the book sees them at once, and the
+  requests held for capacity are decided again.
+
+Everything here runs on the Router's event loop, where the book lives, so nothing takes a lock.
 """
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections import Counter
 
 from kvray.records import RoutingHint
-from kvray.router.book import ReplicaBook, get_book
-from kvray.router.policy import DISPATCH, QUEUE, Decision, RoutingPolicy, make_policy, route_from
+from kvray.router.book import ReplicaBook
+from kvray.router.policy import DISPATCH, QUEUE, Decision, RoutingPolicy, route_from
 
 
 class Dispatcher:
@@ -31,106 +38,126 @@ class Dispatcher:
         self.book = book
         self.policy = policy
         self._clock = clock
-        self._wakers: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+        self._held: set[asyncio.Event] = set()  # one per request held for capacity
         self.counts: Counter = Counter()  # dispatched, queued, rejected
 
-    def decide(self, hint: RoutingHint) -> Decision:
-        """One decision now; on DISPATCH the replica is reserved and ``hint.route`` set. With no
-        replica in the book (LLMReplica runs another request router, such as Serve's default,
-        which never fills it) the request goes on with no route: that router picks."""
-        book = self.book
-        with book.lock:
-            if not book.replicas:
-                self.counts["dispatched"] += 1
-                return Decision(DISPATCH, reason="no replica book: the deployment's request router picks")
-            d = self.policy.decide(hint, book, self._clock())
-            if d.action == DISPATCH:
-                book.on_dispatch(hint, d.route[0], d.cached_tokens)
-                hint.route = d.route
-                self.counts["dispatched"] += 1
-        return d
+    def life(self, hint: RoutingHint) -> RequestLife:
+        """A request's life from its admission on (``hint`` is its routing hint)."""
+        return RequestLife(self, hint)
 
-    def follow(self, hint: RoutingHint, replica_id: str | None) -> Decision:
-        """Dispatch ``hint``'s request to ``replica_id``, where a request with the same prompt
-        went (the other choices of an ``n > 1`` request: they find its prompt there in the
-        prefix cache); the policy decides instead when that replica is no longer healthy."""
-        book = self.book
-        with book.lock:
-            state = book.replicas.get(replica_id) if replica_id is not None else None
-            if state is None or not state.healthy:
-                return self.decide(hint)
-            route = route_from(state, book, lambda s: s.load, hint.avoid)
-            book.on_dispatch(hint, replica_id)
-            hint.route = route
-            self.counts["dispatched"] += 1
-            return Decision(DISPATCH, route, reason="same prompt as its first choice")
-
-    async def admit(self, hint: RoutingHint) -> Decision:
-        """DISPATCH (the route is in the hint) or REJECT; a QUEUE decision waits here."""
-        d = self.decide(hint)
-        if d.action == QUEUE:
-            self.counts["queued"] += 1
-            d = await self._wait(hint, d)
-        if d.action != DISPATCH:
-            self.counts["rejected"] += 1
-        return d
-
-    async def _wait(self, hint: RoutingHint, d: Decision) -> Decision:
-        waker = (asyncio.get_running_loop(), asyncio.Event())
-        with self.book.lock:
-            self._wakers.add(waker)
+    async def _hold(self, life: RequestLife, d: Decision) -> Decision:
+        """Decide ``life`` again until it is no longer held: at each wake-up (capacity freed)
+        and at the policy's ``recheck_at``."""
+        woken = asyncio.Event()
+        self._held.add(woken)
         try:
             while d.action == QUEUE:
-                waker[1].clear()
+                woken.clear()
                 try:
-                    await asyncio.wait_for(waker[1].wait(), max(0.0, d.recheck_at - self._clock()))
+                    await asyncio.wait_for(woken.wait(), max(0.0, d.recheck_at - self._clock()))
                 except asyncio.TimeoutError:
                     pass
-                d = self.decide(hint)
+                d = life.decide()
         finally:
-            with self.book.lock:
-                self._wakers.discard(waker)
+            self._held.discard(woken)
         return d
 
     def _wake(self) -> None:
-        with self.book.lock:
-            for loop, event in self._wakers:
-                loop.call_soon_threadsafe(event.set)
+        for woken in self._held:
+            woken.set()
 
     @property
     def num_waiting(self) -> int:
         """Requests held in the router for a replica to free up."""
-        with self.book.lock:
-            return len(self._wakers)
-
-    # ---- a request's life (the book counts it; waiting requests may go now) -----------------
-    def on_routed(self, hint: RoutingHint, replica_id: str) -> None:
-        """Serve sent the request to ``replica_id`` (the reservation moves if it went elsewhere)."""
-        self.book.on_dispatch(hint, replica_id)
-
-    def on_first_token(self, request_id: str) -> None:
-        self.book.on_first_token(request_id)
-        self._wake()
-
-    def on_finish(self, request_id: str, num_output_tokens: int = 0, replica_id: str | None = None) -> None:
-        self.book.on_finish(request_id, num_output_tokens, replica_id)
-        self._wake()
+        return len(self._held)
 
     def snapshot(self) -> dict:
         return {"name": self.policy.name, **self.counts, "waiting": self.num_waiting}
 
 
-_dispatchers: dict[tuple[str, str], Dispatcher] = {}
-_lock = threading.Lock()
+class RequestLife:
+    """One request (one choice of an HTTP request) as the replica book sees it, from its
+    admission to its end; ``replica`` is where it is placed (None before its dispatch)."""
 
+    __slots__ = ("_d", "hint", "replica", "_first", "_ended")
 
-def get_dispatcher(app_name: str, deployment_name: str, policy: str = "least_load",
-                   policy_options: dict | None = None) -> Dispatcher:
-    """The process's dispatcher for one deployment, made on first use with that policy (the
-    ingress and the plug-in are configured with the same one by ``build_app``)."""
-    with _lock:
-        d = _dispatchers.get((app_name, deployment_name))
-        if d is None:
-            d = _dispatchers[(app_name, deployment_name)] = Dispatcher(
-                get_book(app_name, deployment_name), make_policy(policy, **(policy_options or {})))
-        return d
+    def __init__(self, dispatcher: Dispatcher, hint: RoutingHint):
+        self._d = dispatcher
+        self.hint = hint
+        self.replica: str | None = None
+        self._first = False
+        self._ended = False
+
+    # ---- where it goes -------------------------------------------------------------------------
+    def decide(self) -> Decision:
+        """One decision now; on DISPATCH the request is placed and ``hint.route`` set. With no
+        replica in the book (LLMReplica runs another request router, such as Serve's default,
+        which never fills it) the request goes on with no route: that router picks."""
+        d = self._d
+        if not d.book.replicas:
+            d.counts["dispatched"] += 1
+            return Decision(DISPATCH, reason="no replica book: the deployment's request router picks")
+        decision = d.policy.decide(self.hint, d.book, d._clock())
+        if decision.action == DISPATCH:
+            self._place(decision.route[0], decision.cached_tokens)
+            self.hint.route = decision.route
+            d.counts["dispatched"] += 1
+        return decision
+
+    async def admit(self) -> Decision:
+        """DISPATCH (the route is in the hint) or REJECT; a QUEUE decision waits here."""
+        decision = self.decide()
+        if decision.action == QUEUE:
+            self._d.counts["queued"] += 1
+            decision = await self._d._hold(self, decision)
+        if decision.action != DISPATCH:
+            self._d.counts["rejected"] += 1
+        return decision
+
+    def follow(self, replica_id: str | None) -> Decision:
+        """Dispatch to ``replica_id``, where a request with the same prompt went (the other
+        choices of an ``n > 1`` request: they find its prompt there in the prefix cache); the
+        policy decides instead when that replica is gone, unhealthy or draining."""
+        book = self._d.book
+        state = book.replicas.get(replica_id) if replica_id is not None else None
+        if state is None or not state.healthy or not state.routable:
+            return self.decide()
+        self.hint.route = route_from(state, book, lambda s: s.load, self.hint.avoid)
+        self._place(replica_id)
+        self._d.counts["dispatched"] += 1
+        return Decision(DISPATCH, self.hint.route, reason="same prompt as its first choice")
+
+    def retry(self, failed: str | None, full: bool) -> bool:
+        """``failed`` refused the request (``full``: its queue is full) or failed it before its
+        first token: decide again, without it. False: answer the error now (every replica is
+        full, or the policy will not dispatch)."""
+        hint = self.hint
+        hint.avoid += (failed,) if failed else ()
+        if full and not set(self._d.book.replica_ids()) - set(hint.avoid):
+            return False  # every replica is full: the client retries later
+        return self.decide().action == DISPATCH
+
+    def bound(self, replica_id: str) -> None:
+        """The replica that took the request: it moves there if it was placed elsewhere."""
+        if not self._ended and replica_id != self.replica:
+            self._place(replica_id)
+
+    def _place(self, replica_id: str, cached_tokens: int | None = None) -> None:
+        self._d.book.on_dispatch(self.hint, replica_id, cached_tokens)
+        self.replica = replica_id
+
+    # ---- how it goes ---------------------------------------------------------------------------
+    def first_token(self) -> None:
+        if not self._first and not self._ended:
+            self._first = True
+            self._d.book.on_first_token(self.hint.request_id)
+            self._d._wake()
+
+    def finish(self, num_output_tokens: int = 0) -> None:
+        """The request ended, however (done, refused, failed, the client left); once."""
+        if self._ended:
+            return
+        self._ended = True
+        if self.replica is not None:
+            self._d.book.on_finish(self.hint.request_id, num_output_tokens)
+            self._d._wake()

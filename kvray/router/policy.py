@@ -1,8 +1,7 @@
 """Routing policies behind one interface (pure Python, no Ray).
 
 A policy answers one question per request: ``decide(request, book, now) -> Decision``, where
-``request`` is the request's ``RoutingHint`` and ``book`` the ``ReplicaBook`` (read only, with
-its lock held by the caller). The decision dispatches (a route: replica ids, best first; the
+``request`` is the request's ``RoutingHint`` and ``book`` the ``ReplicaBook`` (read only). The decision dispatches (a route: replica ids, best first; the
 first is where the request goes, the rest are Serve's fallbacks when it is at its
 ``max_ongoing_requests``), holds the request in the router until ``recheck_at`` (``QUEUE``), or
 refuses it (``REJECT``: a 429 with ``Retry-After``).
@@ -10,8 +9,8 @@ refuses it (``REJECT``: a 429 with ``Retry-After``).
 Policies are registered by name (``@register_policy``); ``router.policy`` in the app config picks
 one and ``router.policy_options`` are its constructor's keyword arguments. The built-in ones
 (``least_load``, ``slo_aware``, and the baselines ``round_robin`` and ``p2c``) register when
-``kvray.router`` is imported. The Router's admission (``kvray.router.dispatch``), the Serve
-plug-in and ``benchmarks/router_sim.py`` all go through this registry, with the same names.
+``kvray.router`` is imported. The Router's admission (``kvray.router.dispatch``) and
+``benchmarks/router_sim.py`` both go through this registry, with the same names.
 """
 from __future__ import annotations
 
@@ -20,7 +19,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from kvray.records import RoutingHint
-from kvray.router.book import ReplicaBook, ReplicaState
+from kvray.router.book import ReplicaBook
+from kvray.router.replica_state import ReplicaState
 
 DISPATCH, QUEUE, REJECT = "dispatch", "queue", "reject"
 
@@ -66,7 +66,8 @@ def make_policy(name: str, **options) -> RoutingPolicy:
 
 def route_from(first: ReplicaState, book: ReplicaBook, key, avoid: tuple[str, ...] = ()) -> tuple[str, ...]:
     """``first``, then the other healthy replicas by ``key``, then the unhealthy ones (none of
-    ``avoid``): Serve tries them in this order when one is at its ``max_ongoing_requests``."""
-    rest = sorted((s for s in book.replicas.values() if s is not first and s.replica_id not in avoid),
+    ``avoid``, none draining): Serve tries them in this order when one is at its
+    ``max_ongoing_requests``."""
+    rest = sorted((s for s in book.routable() if s is not first and s.replica_id not in avoid),
                   key=lambda s: (not s.healthy, key(s)))
     return (first.replica_id, *(s.replica_id for s in rest))

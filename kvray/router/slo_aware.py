@@ -29,10 +29,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvray.records import RoutingHint
-from kvray.router.book import RATE_WINDOW_S, ReplicaBook, ReplicaState
+from kvray.router.book import ReplicaBook
 from kvray.router.policy import DISPATCH, QUEUE, REJECT, Decision, RoutingPolicy, register_policy
+from kvray.router.replica_state import RATE_WINDOW_S, ReplicaState
 from kvray.slo import urgency
 from kvray.step_cost import predict_ttft_s, predict_tpot_s, tpot_safe_chunk
+
+NO_TARGET_S = 1e6  # the TTFT budget of a request without a target
 
 
 # Steps a busy engine has scheduled beyond the one in progress (async scheduling, kvray's
@@ -93,17 +96,17 @@ class SLOAwarePolicy(RoutingPolicy):
         m = v.model
         decodes, ctx = v.num_decoding, v.context_tokens
         fcfs = e.scheduling_policy == "fcfs"
-        own, there = (req.tpot_ms / 1000.0 if req.tpot_ms else None), v.min_tpot_s()
+        own, there = req.slo.tpot_s, v.min_tpot_s()
         target = own if there is None else (there if own is None else min(own, there))
         guard = target * self.tpot_margin if target and not fcfs else None
         chunk = tpot_safe_chunk(m, decodes + 1, ctx + req.num_prompt_tokens, guard, e.max_num_batched_tokens,
                                 self.min_prefill_tokens)
         per_tok = m.predict(decodes + chunk, ctx + chunk, decodes + 1) / chunk
-        rate_all, rate_above = v.prefill_rates(now, req.priority)
+        rate_all, rate_above = v.prefill_rates(now, req.slo.priority)
         # TTFT: the queued work ahead plus the own prompt, slowed down by the share of the
         # prefill capacity that later, higher-priority arrivals take (deadline replicas).
-        deadline = _deadline(req)
-        ahead = v.prefill_ahead_of(urgency(deadline, req.priority, now), deadline, now)
+        deadline = req.slo.deadline(req.arrival_time)
+        ahead = v.prefill_ahead_of(urgency(deadline, req.slo.priority, now), deadline, now)
         ttft = predict_ttft_s(m, ahead, uncached, decodes, ctx, chunk,
                               lookahead=ENGINE_LOOKAHEAD if decodes or v.queued_prefill_tokens else 0)
         if not fcfs:
@@ -197,9 +200,9 @@ class SLOAwarePolicy(RoutingPolicy):
         # Retry-After: how far the best replica is over the TTFT budget, within [0.05, ttft_s].
         excess = (now - req.arrival_time) + best.ttft_s - self.ttft_budget(req)
         retry = min(ttft_s, max(0.05, excess))
-        if req.on_infeasible == "best_effort":
+        if req.slo.on_infeasible == "best_effort":
             return self._dispatch(best, "best effort: no replica meets the SLO", ests)
-        if req.on_infeasible == "queue":
+        if req.slo.on_infeasible == "queue":
             # The last moment a dispatch could still meet the deadline: an idle replica's TTFT.
             last = req.arrival_time + self.ttft_budget(req) - self.idle_ttft(best)
             if now + 1e-9 < last:
@@ -211,8 +214,5 @@ class SLOAwarePolicy(RoutingPolicy):
 
 
 def _ttft_s(req: RoutingHint) -> float:
-    return (req.ttft_ms or 1e9) / 1000.0
-
-
-def _deadline(req: RoutingHint) -> float | None:
-    return req.arrival_time + req.ttft_ms / 1000.0 if req.ttft_ms else None
+    """The request's TTFT target; a request without one is never late."""
+    return req.slo.ttft_s or NO_TARGET_S

@@ -62,21 +62,32 @@ class ScriptedPolicy(RoutingPolicy):
         return self.decisions.pop(0) if self.decisions else Decision(DISPATCH, (self.default,))
 
 
-def serving(tok, stream_factory, policy=None, replicas=("r1", "r2")):
+class FakeClient:
+    """The replica client: ``send`` records each call ``(request id, prompt, params, hint)`` and
+    returns ``factory()``'s stream; ``bound_to`` (if set) is the replica that says it took the
+    next request sent."""
+
+    def __init__(self, factory, bound_to=None):
+        self.factory, self.bound_to, self.calls = factory, bound_to, []
+
+    def send(self, hint, prompt_token_ids, params, on_bound=None):
+        self.calls.append((hint.request_id, prompt_token_ids, params, hint))
+        if self.bound_to is not None:
+            on_bound(self.bound_to)
+            self.bound_to = None
+        return self.factory()
+
+
+def serving(tok, stream_factory, policy=None, replicas=("r1", "r2"), info=None, bound_to=None):
     metrics = RouterMetrics("tiny", "router-1", MemorySink())
-    calls = []
-
-    def submit(rid, ids, params, hint):
-        calls.append((rid, ids, params, hint))
-        return stream_factory()
-
+    client = FakeClient(stream_factory, bound_to)
     book = ReplicaBook()
     book.sync({r: None for r in replicas})
-    s = OpenAIServing(info=ModelInfo(tok, 128, 16, len(tok)), model_names=["tiny"],
+    s = OpenAIServing(info=info or ModelInfo(tok, 128, 16, len(tok)), model_names=["tiny"],
                       slo_classes={"interactive": SLOTarget("interactive", 500, 50)},
-                      default_slo_class="interactive", decode_estimate_cap=64, submit=submit, metrics=metrics,
+                      default_slo_class="interactive", decode_estimate_cap=64, client=client, metrics=metrics,
                       dispatcher=Dispatcher(book, policy or ScriptedPolicy()))
-    return s, calls, metrics
+    return s, client.calls, metrics
 
 
 async def body_of(resp):
@@ -108,7 +119,7 @@ def test_completion_json_and_request_mapping(tok):
         -0.1, -0.2, -0.3, -0.4]
     rid, prompt_ids, params, hint = calls[0]
     assert prompt_ids == tok("abc").input_ids and params.max_tokens == 4 and params.seed == 7
-    assert params.temperature == 0 and params.stop == ["zzz"] and params.slo_class == "interactive"
+    assert params.temperature == 0 and params.stop == ["zzz"] and params.slo.name == "interactive" and hint.slo is params.slo
     assert hint.decode_estimate == 4 and hint.num_prompt_tokens == len(prompt_ids) and rid == hint.request_id
     assert streams[0].closed is False  # finished normally: nothing to abort
 
@@ -176,24 +187,32 @@ def test_admission_refusal_is_a_429_with_retry_after(tok):
 
 
 def test_lifecycle_events(tok):
+    """The request's life enters the book from the serving loop: placed at admission, moved
+    where the replica says it went, its first token, and its end (with its tokens)."""
     seen = []
 
-    class Recording(Dispatcher):
+    class Recording(ReplicaBook):
+        def on_dispatch(self, hint, replica_id, cached_tokens=None):
+            seen.append(("dispatch", hint.request_id, replica_id))
+            super().on_dispatch(hint, replica_id, cached_tokens)
+
         def on_first_token(self, request_id):
-            seen.append(("first", request_id))
+            seen.append(("first", request_id, self.replicas["r2"].num_decoding))
             super().on_first_token(request_id)
 
-        def on_finish(self, request_id, num_output_tokens=0, replica_id=None):
+        def on_finish(self, request_id, num_output_tokens=0):
             seen.append(("finish", request_id, num_output_tokens))
-            super().on_finish(request_id, num_output_tokens, replica_id)
+            super().on_finish(request_id, num_output_tokens)
 
-    s, calls, _ = serving(tok, lambda: FakeStream([batch([5, 6]), batch([7], "length")]))
-    s.dispatcher = Recording(s.dispatcher.book, ScriptedPolicy())
+    s, calls, _ = serving(tok, lambda: FakeStream([batch([5, 6]), batch([7], "length")]), bound_to="r2")
+    book = Recording()
+    book.sync({"r1": None, "r2": None})
+    s.dispatcher.book = book
     run(s.handle("completions", b'{"prompt": [1, 2, 3], "max_tokens": 3}', {}))
     rid = calls[0][0]
-    assert seen == [("first", rid), ("finish", rid, 3)]
-    assert calls[0][3].route == ("r1",) and s.dispatcher.book.replica_of(rid) == "r1"  # reserved at admission
-    assert s.dispatcher.book.replicas["r1"].num_ongoing == 0  # and ended there
+    assert calls[0][3].route == ("r1",)  # the route admission chose
+    assert seen == [("dispatch", rid, "r1"), ("dispatch", rid, "r2"), ("first", rid, 0), ("finish", rid, 3)]
+    assert book.replicas["r1"].num_ongoing == book.replicas["r2"].num_ongoing == 0  # and ended there
 
 
 def test_validation_happens_before_dispatch(tok):
@@ -202,7 +221,7 @@ def test_validation_happens_before_dispatch(tok):
         (b'{"prompt": "x", "max_tokens": 200}', 400, "context_length_exceeded"),
         (json.dumps({"prompt": list(range(130))}).encode(), 400, "context_length_exceeded"),
         (b'{"prompt": []}', 400, None),
-        (b'{"prompt": ["a", "b"]}', 400, None),
+        (b'{"prompt": [[1, 2], []]}', 400, None),  # batched prompts: each is checked
         (b'{"model": "other", "prompt": "x"}', 404, "model_not_found"),
         (b'{"prompt": "x", "slo_class": "gold"}', 400, None),
         (b'not json', 400, "invalid_json"),
@@ -241,10 +260,7 @@ class ThreadRecordingTokenizer:
 
 def test_long_prompts_are_tokenized_off_the_event_loop_and_huge_ones_not_at_all(tok):
     rec = ThreadRecordingTokenizer(tok)
-    metrics = RouterMetrics("tiny", "router-1", MemorySink())
-    s = OpenAIServing(info=ModelInfo(rec, 4096, 16, len(tok)), model_names=["tiny"],
-                      slo_classes={"interactive": SLOTarget("interactive", 500, 50)}, default_slo_class="interactive",
-                      decode_estimate_cap=64, submit=lambda *a: FakeStream([batch([1], "length")]), metrics=metrics)
+    s, _, _ = serving(tok, lambda: FakeStream([batch([1], "length")]), info=ModelInfo(rec, 4096, 16, len(tok)))
 
     async def main():
         loop_thread = threading.get_ident()
@@ -275,7 +291,7 @@ def test_a_replica_that_fails_before_the_first_token_is_left_out_on_a_retry(tok)
 
     from kvray.router.least_load import LeastLoadPolicy
     s, calls, _ = serving(tok, factory, policy=LeastLoadPolicy(), replicas=("r1", "r2", "r3"))
-    s.dispatcher.book.replica_of = lambda rid: "r1"  # where the first call went
+    s.sender.client.bound_to = "r1"  # where the first call went
     resp = run(s.handle("completions", b'{"prompt": [1, 2], "max_tokens": 2}', {}))
     assert resp.status_code == 200 and json.loads(resp.body)["usage"]["completion_tokens"] == 2
     assert len(calls) == 3

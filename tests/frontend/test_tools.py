@@ -1,28 +1,32 @@
-"""Tool calls: the presets' chat templates with tools, the tool-call parsers (whole and streamed),
-request validation, and tool_choice enforced by the structural-tag grammar (driven with random
-allowed tokens, as a random-weight model would)."""
+"""Tool calls: the presets' chat templates with tools, the tool-call format of a model (the
+tool_call_parser option, detection from the template, the log line), request validation, and
+tool_choice enforced by the structural-tag grammar for every format, a template of no known
+format included (driven with random allowed tokens, as a random-weight model would). The
+parsers themselves: test_tool_parsers.py."""
 import asyncio
 import json
 import random
 
 import jsonschema
 import pytest
+from tool_models import PLAIN_CHATML, no_tool_template_checkpoint
 
-from kvray.frontend import tools as T
+from kvray.app_config import TOOL_CALL_PARSERS, ConfigError, parse_args
+from kvray.frontend import tool_formats as F
+from kvray.frontend.body import parse_request
+from kvray.frontend.errors import APIError
 from kvray.frontend.prepare import ModelInfo, prepare
-from kvray.frontend.protocol import APIError, ChatCompletionRequest, parse_request
+from kvray.frontend.protocol import ChatCompletionRequest
+from kvray.frontend.tool_calls import NO_ARGUMENTS, tool_finish_reason
+from kvray.frontend.tool_grammar import MAX_CALLS, tool_constraint
 from kvray.replica.models import bpe
 from kvray.replica.models.loader import load_tokenizer
 from kvray.replica.models.presets import ensure_preset
 from kvray.slo import SLOTarget
+from tests.frontend.grammar_shape import calls_of
 
 # The templates as they were before tools: rendering without tools must not change by a byte.
-OLD_CHATML = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
+OLD_CHATML = PLAIN_CHATML
 OLD_LLAMA3 = (
     "{{- bos_token }}"
     "{%- for message in messages %}"
@@ -44,7 +48,7 @@ BOOKING = {"type": "object", "properties": {
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather now", "parameters": WEATHER}},
          {"type": "function", "function": {"name": "book_table", "parameters": BOOKING}},
          {"type": "function", "function": {"name": "ping"}}]
-SCHEMAS = {"get_weather": WEATHER, "book_table": BOOKING, "ping": T.NO_ARGUMENTS}
+SCHEMAS = {"get_weather": WEATHER, "book_table": BOOKING, "ping": NO_ARGUMENTS}
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +59,12 @@ def qwen():
 @pytest.fixture(scope="module")
 def llama():
     return load_tokenizer(ensure_preset("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """A tokenizer whose chat template has no tool section."""
+    return load_tokenizer(no_tool_template_checkpoint(tmp_path_factory.mktemp("plain") / "ckpt"))
 
 
 # ---- templates ------------------------------------------------------------------------------
@@ -110,14 +120,14 @@ def test_chatml_template_with_tools(qwen):
         "<|im_start|>assistant\n")
     # the assistant's calls render exactly as the parser reads them back
     block = text[text.index("<|im_start|>assistant\n") + 22:text.index("<|im_end|>", text.index("<tool_call>\n{\"name\": \"get"))]
-    content, calls = T.parse_tool_calls(block, T.HERMES, TOOLS)
+    content, calls = F.parse_tool_calls(block, F.HERMES, TOOLS)
     assert content is None and [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
         ("get_weather", {"city": "Paris", "unit": "c"}), ("ping", {})]
     # arguments given as JSON text render the same; no system message: the tools block stands alone
     assert text == qwen.apply_chat_template(_round_trip(True), tools=TOOLS, tokenize=False, add_generation_prompt=True)
     alone = qwen.apply_chat_template(_round_trip()[1:2], tools=TOOLS[:1], tokenize=False, add_generation_prompt=True)
     assert alone.startswith("<|im_start|>system\n# Tools\n\n") and "Be brief" not in alone
-    assert T.template_family(qwen) == T.HERMES
+    assert F.detect_format(qwen) is F.HERMES
 
 
 def test_llama3_template_with_tools(llama):
@@ -135,7 +145,7 @@ def test_llama3_template_with_tools(llama):
         "<|start_header_id|>ipython<|end_header_id|>\n\npong<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n")
     reply = text.split("<|start_header_id|>assistant<|end_header_id|>\n\n")[1].split("<|eot_id|>")[0]
-    content, calls = T.parse_tool_calls(reply, T.LLAMA3, TOOLS)
+    content, calls = F.parse_tool_calls(reply, F.LLAMA3_JSON, TOOLS)
     assert content is None and [c["function"]["name"] for c in calls] == ["get_weather", "ping"]
     # tools in the system turn instead
     sys_ = llama.apply_chat_template(_round_trip()[:2], tools=TOOLS[:1], tokenize=False, add_generation_prompt=True,
@@ -143,130 +153,7 @@ def test_llama3_template_with_tools(llama):
     assert "Environment: ipython\n\nYou have access to the following functions." in sys_
     assert sys_.endswith("Be brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWeather?<|eot_id|>"
                          "<|start_header_id|>assistant<|end_header_id|>\n\n")
-    assert T.template_family(llama) == T.LLAMA3 and T.template_family("{{ messages }}") is None
-
-
-# ---- parsing --------------------------------------------------------------------------------
-HERMES_TEXT = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Köln", "unit": "c"}}\n'
-               '</tool_call>\n<tool_call>\n{"name": "book_table", "arguments": {"guests": 2, "names": ["</tool_call>"], '
-               '"when": {"day": "mon", "hour": 9}, "vip": false}}\n</tool_call>\n')
-LLAMA_TEXT = '{"name": "get_weather", "parameters": {"city": "Oslo", "unit": "f"}}; {"name": "ping", "arguments": {}}'
-
-
-def _calls(calls):
-    return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
-
-
-def test_parse_hermes():
-    content, calls = T.parse_tool_calls(HERMES_TEXT, T.HERMES, TOOLS)
-    assert content == "Let me check."
-    assert _calls(calls) == [("get_weather", {"city": "Köln", "unit": "c"}),
-                             ("book_table", {"guests": 2, "names": ["</tool_call>"], "when": {"day": "mon", "hour": 9},
-                                             "vip": False})]
-    for c in calls:
-        assert c["type"] == "function" and c["id"].startswith("call_") and len(c["id"]) == 29
-        int(c["id"][5:], 16)
-    assert calls[0]["function"]["arguments"] == '{"city": "Köln", "unit": "c"}'
-    assert T.parse_tool_calls("no calls here  \n", T.HERMES, TOOLS) == ("no calls here  \n", [])
-    assert T.parse_tool_calls("\n", T.HERMES, TOOLS) == ("\n", [])
-    for bad in ['<tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call>',  # unknown tool
-                '<tool_call>\n{"name": "ping", "arguments": {oops}\n</tool_call>',  # not JSON
-                '<tool_call>\n{"name": "ping", "arguments": [1]}\n</tool_call>',  # arguments not an object
-                'x <tool_call>\n{"name": "ping", "arguments": {}}']:  # never closed
-        assert T.parse_tool_calls(bad, T.HERMES, TOOLS) == (bad, [])
-    broken_then_good = ('<tool_call>{bad}</tool_call>\n<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>')
-    content, calls = T.parse_tool_calls(broken_then_good, T.HERMES, TOOLS)
-    assert content == "<tool_call>{bad}</tool_call>" and _calls(calls) == [("ping", {})]
-    assert T.parse_tool_calls("a <tool_c b", T.HERMES, TOOLS) == ("a <tool_c b", [])
-    assert T.parse_tool_calls("<tool_call>\n" + '{"name": "ping"}' + "\n</tool_call>", T.HERMES, TOOLS)[1]
-
-
-def test_parse_llama3():
-    content, calls = T.parse_tool_calls(LLAMA_TEXT, T.LLAMA3, TOOLS)
-    assert content is None and _calls(calls) == [("get_weather", {"city": "Oslo", "unit": "f"}), ("ping", {})]
-    content, calls = T.parse_tool_calls('<|python_tag|>{"name": "ping", "parameters": "{}"}', T.LLAMA3, TOOLS)
-    assert content is None and _calls(calls) == [("ping", {})]
-    for text in ["Hello there.", '{"answer": 42}', '{"name": "nope", "parameters": {}}', LLAMA_TEXT + " and more",
-                 '{"name": "ping", "parameters": {}', "  ", ""]:
-        assert T.parse_tool_calls(text, T.LLAMA3, TOOLS) == (text, [])
-
-
-def _stream(text, family, cuts):
-    s = T.ToolCallStream(family, TOOLS)
-    deltas, prev = [], 0
-    for c in list(cuts) + [len(text)]:
-        deltas += s.feed(text[prev:c])
-        prev = c
-    return deltas + s.finish(), s
-
-
-def _aggregate(deltas):
-    content, calls = "", {}
-    for d in deltas:
-        assert set(d) <= {"content", "tool_calls"} and len(d) == 1
-        content += d.get("content", "")
-        for tc in d.get("tool_calls", ()):
-            if "id" in tc:
-                assert tc["index"] == len(calls) and tc["function"]["arguments"] == ""
-                calls[tc["index"]] = {"name": tc["function"]["name"], "arguments": ""}
-            else:
-                calls[tc["index"]]["arguments"] += tc["function"]["arguments"]
-    return content, [(c["name"], c["arguments"]) for c in calls.values()]
-
-
-@pytest.mark.parametrize("family,text", [(T.HERMES, HERMES_TEXT), (T.LLAMA3, LLAMA_TEXT),
-                                         (T.HERMES, "plain <tool text with < and <tool_call and an end \n"),
-                                         (T.LLAMA3, " plain answer, not a call"),
-                                         (T.HERMES, '<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>x'),
-                                         (T.HERMES, '<tool_call>\n{"name": "bad"}\n</tool_call> tail')])
-def test_streaming_matches_whole_parse_at_every_split(family, text):
-    content, calls = T.parse_tool_calls(text, family, TOOLS)
-    want = (content or "", [(c["function"]["name"], c["function"]["arguments"]) for c in calls])
-    rng = random.Random(0)
-    splits = [[i] for i in range(len(text) + 1)] + [[i, j] for i in range(0, len(text), 3) for j in (i + 1, i + 7)
-                                                     if j <= len(text)]
-    splits += [sorted(rng.sample(range(len(text) + 1), min(len(text), 12))) for _ in range(20)]
-    splits.append(list(range(1, len(text))))  # one character at a time
-    for cuts in splits:
-        deltas, s = _stream(text, family, cuts)
-        assert _aggregate(deltas) == want, cuts
-        if calls:  # the tags never leak out as content
-            assert not any("tool_call" in d.get("content", "") for d in deltas)
-    assert s.has_tool_calls == bool(calls)
-
-
-def test_stream_holds_back_a_partial_tag():
-    s = T.ToolCallStream(T.HERMES, TOOLS)
-    assert s.feed("Hi <tool_") == [{"content": "Hi"}]  # the space waits: it may end the content
-    assert s.feed("call>\n{\"name\": \"ping\", ") == []
-    header, args = s.feed('"arguments": {}}\n</tool_call>')
-    assert header["tool_calls"][0]["function"] == {"name": "ping", "arguments": ""}
-    assert header["tool_calls"][0]["index"] == 0 and header["tool_calls"][0]["type"] == "function"
-    assert args == {"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}
-    assert s.feed("\n") == [] and s.finish() == [] and s.calls[0]["id"] == header["tool_calls"][0]["id"]
-    s = T.ToolCallStream(T.HERMES, TOOLS)
-    assert s.feed("a <b") == [{"content": "a <b"}] and s.feed("<tool") == [] and s.finish() == [{"content": "<tool"}]
-
-
-def test_finish_reason_and_family_none():
-    assert T.tool_finish_reason("stop", True) == "tool_calls"
-    assert T.tool_finish_reason("stop", False) == "stop" and T.tool_finish_reason("length", True) == "length"
-    s = T.ToolCallStream(None, TOOLS)
-    assert s.feed("<tool_c") == [{"content": "<tool_c"}] and s.finish() == []
-    assert T.parses_tool_calls(TOOLS, "auto") and not T.parses_tool_calls(TOOLS, "none")
-    assert not T.parses_tool_calls(None, "auto")
-
-
-def test_response_parser(qwen, llama):
-    assert T.response_parser(_req(), qwen) is None
-    assert T.response_parser(_req(tools=TOOLS, tool_choice="none"), qwen) is None
-    p = T.response_parser(_req(tools=TOOLS), qwen)
-    assert p.family == T.HERMES and p.names == set(SCHEMAS)
-    assert T.response_parser(_req(tools=TOOLS, tool_choice="required"), llama).family == T.LLAMA3
-
-    class NoTools:
-        chat_template = "{{ messages }}"
-    assert T.response_parser(_req(tools=TOOLS), NoTools()) is None
+    assert F.detect_format(llama) is F.LLAMA3_JSON and F.detect_format("{{ messages }}") is None
 
 
 # ---- validation -----------------------------------------------------------------------------
@@ -315,39 +202,124 @@ def test_tool_messages_validate():
         parse_request(ChatCompletionRequest, {"messages": [{**msgs[1], "role": "user"}]})
 
 
-def _prepare(tok, **kw):
+def _prepare(tok, parser="auto", **kw):
     body = json.dumps({"messages": [{"role": "user", "content": "Weather in Paris?"}], **kw}).encode()
-    return asyncio.run(prepare("chat", body, {}, 0.0, info=ModelInfo(tok, 4096, 16, len(tok)), model_names=["m"],
-                               slo_classes={"i": SLOTarget("i", 500, 50)}, default_slo_class="i"))
+    return asyncio.run(prepare("chat", body, {}, 0.0, info=ModelInfo(tok, 4096, 16, len(tok), parser),
+                               model_names=["m"], slo_classes={"i": SLOTarget("i", 500, 50)}, default_slo_class="i"))
 
 
-@pytest.mark.parametrize("which", ["qwen", "llama"])
+def _structural(p):
+    return json.loads(p.params.structured_outputs.structural_tag)["format"]
+
+
+@pytest.mark.parametrize("which", ["qwen", "llama", "plain"])
 def test_prepare_renders_tools_and_sets_the_constraint(which, request):
     tok = request.getfixturevalue(which)
-    plain = _prepare(tok)
-    assert plain.params.structured_outputs is None
+    no_tools = _prepare(tok)
+    assert no_tools.params.structured_outputs is None
     for choice in (None, "none", "auto"):
         p = _prepare(tok, tools=TOOLS, **({"tool_choice": choice} if choice else {}))
-        assert p.params.structured_outputs is None and len(p.prompt_ids) > len(plain.prompt_ids)
-        assert "get_weather" in tok.decode(p.prompt_ids)
-    req = _prepare(tok, tools=TOOLS, tool_choice="required", parallel_tool_calls=False).params.structured_outputs
-    assert req.kind == "structural_tag" and json.loads(req.structural_tag)["format"]["stop_after_first"] is True
+        assert p.params.structured_outputs is None
+        if which != "plain":  # a template without a tool section shows the model no tools
+            assert len(p.prompt_ids) > len(no_tools.prompt_ids) and "get_weather" in tok.decode(p.prompt_ids)
+    req = _prepare(tok, tools=TOOLS, tool_choice="required", parallel_tool_calls=False)
+    assert req.params.structured_outputs.kind == "structural_tag"
+    calls = _structural(req)
+    if which == "plain":  # no known format: a JSON array of calls, never a 400
+        assert calls["type"] == "sequence" and calls["elements"][0] == {"type": "const_string", "value": "["}
+        assert calls["elements"][2] == {"type": "optional", "content": {"type": "const_string", "value": "]"}}
+    assert calls_of(calls)[1] == 1
+    shape = F.enforced_format(F.detect_format(tok)).shape
     named = _prepare(tok, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "ping"}})
-    tags = json.loads(named.params.structured_outputs.structural_tag)["format"]["tags"]
-    assert [t["begin"] for t in tags] == [T._FORMATS[T.template_family(tok)][0] + '"ping"' +
-                                          T._FORMATS[T.template_family(tok)][1]]
+    tags = calls_of(_structural(named))[0]
+    assert [t["begin"] for t in tags] == [shape.head + '"ping"' + shape.mid]
     with pytest.raises(APIError) as e:
         _prepare(tok, tools=TOOLS, tool_choice="required", response_format={"type": "json_object"})
     assert e.value.status == 400 and e.value.param == "tool_choice"
 
 
+# ---- the model's tool-call format -----------------------------------------------------------
+def test_the_option_and_the_registry_agree():
+    assert set(TOOL_CALL_PARSERS) == set(F.FORMATS) | {"auto", "none"}
+    assert parse_args({"model": "kvray:tiny-qwen3"}).tool_call_parser == "auto"
+    for value in TOOL_CALL_PARSERS:
+        assert parse_args({"model": "kvray:tiny-qwen3", "tool_call_parser": value}).tool_call_parser == value
+    for bad in ("mistral", "", 3, None):
+        with pytest.raises(ConfigError) as e:
+            parse_args({"model": "kvray:tiny-qwen3", "tool_call_parser": bad})
+        assert "args.tool_call_parser" in str(e.value) and "llama3_json" in str(e.value)
+
+
+# the start of each format's own template (as its models ship it), enough to tell it apart
+TEMPLATES = [
+    ("{%- if tools %}...<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>",
+     F.HERMES),
+    ("reply in the following format with NO suffix:\n\n<tool_call>\n<function=example_function_name>\n"
+     "<parameter=example_parameter_1>\nvalue_1\n</parameter>\n</function>\n</tool_call>", F.QWEN3_CODER),
+    ("<|start_header_id|>system<|end_header_id|>\n\n{%- if tools %}Environment: ipython\n{%- endif %}", F.LLAMA3_JSON),
+    ("{{- '<|python_tag|>' + tool_call.name }}", F.LLAMA3_JSON),
+    ("<|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\nRespond in the format [func_name1("
+     "params_name1=params_value1, params_name2=params_value2...), func_name2(params)]", F.PYTHONIC),
+    ("<|header_start|>system<|header_end|>\n\nyou MUST put it in the format of [func_name1(params_name1=params_value1",
+     F.PYTHONIC),
+    (PLAIN_CHATML, None),
+    ("<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n{{ message['content'] }}<|eot_id|>", None),  # Llama 3.0
+    ("", None),
+]
+
+
+@pytest.mark.parametrize("template,fmt", TEMPLATES)
+def test_detection_from_the_chat_template(template, fmt):
+    assert F.detect_format(template) is fmt
+
+    class Tok:
+        chat_template = {"default": "x", "tool_use": template}
+    assert F.detect_format(Tok()) is (fmt if template else None)
+
+
+def test_resolve_logs_its_choice_once(qwen, plain, caplog):
+    with caplog.at_level("INFO", logger="kvray.frontend.tool_formats"):
+        assert F.resolve_tool_format("auto", qwen) is F.HERMES
+        assert [r.levelname for r in caplog.records] == ["INFO"] and "hermes" in caplog.text
+        caplog.clear()
+        info = ModelInfo(plain, 4096, 16, len(plain))  # what a Router builds once, at startup
+        assert info.tool_format is None
+        warned = [r for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warned) == 1 and "no known tool-call format" in warned[0].getMessage()
+        assert "tool_choice=auto returns plain text" in warned[0].getMessage()
+        caplog.clear()
+        assert F.resolve_tool_format("none", qwen) is None and F.resolve_tool_format("pythonic", qwen) is F.PYTHONIC
+        assert ModelInfo(plain, 4096, 16, len(plain), "hermes").tool_format is F.HERMES
+        assert not caplog.records  # an explicit choice is not news
+    with pytest.raises(ValueError, match="mistral"):
+        F.resolve_tool_format("mistral", qwen)
+
+
+def test_which_format_a_response_is_read_in():
+    named = {"type": "function", "function": {"name": "ping"}}
+    for fmt in (F.HERMES, F.LLAMA3_JSON, F.QWEN3_CODER, F.PYTHONIC, None):
+        assert F.response_parser(_req(), fmt) is None
+        assert F.response_parser(_req(tools=TOOLS, tool_choice="none"), fmt) is None
+        auto = F.response_parser(_req(tools=TOOLS), fmt)
+        assert (auto is None) if fmt is None else isinstance(auto, fmt.stream)
+        for choice in ("required", named):  # enforced: the format's own grammar, else a JSON array
+            forced = F.request_format(fmt, TOOLS, choice)
+            assert forced is (fmt if fmt is not None and fmt.shape is not None else F.JSON_ARRAY)
+            assert isinstance(F.response_parser(_req(tools=TOOLS, tool_choice=choice), fmt), forced.stream)
+    assert F.response_parser(_req(tools=TOOLS), F.HERMES).names == set(SCHEMAS)
+    assert F.parse_tool_calls('<tool_call>{"name": "ping"}</tool_call>', None, TOOLS) == (
+        '<tool_call>{"name": "ping"}</tool_call>', [])
+    assert tool_finish_reason("stop", True) == "tool_calls"
+    assert tool_finish_reason("stop", False) == "stop" and tool_finish_reason("length", True) == "length"
+
+
 # ---- enforcing tool_choice: random walks through the grammar --------------------------------
 @pytest.fixture(scope="module")
 def compilers(qwen, llama):
-    """Per family, its preset's tokenizer and an xgrammar compiler over its vocabulary."""
+    """Per preset, its tokenizer and an xgrammar compiler over its vocabulary."""
     xgr = pytest.importorskip("xgrammar")
-    return {fam: (tok, xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tok, vocab_size=1024)))
-            for fam, tok in ((T.HERMES, qwen), (T.LLAMA3, llama))}
+    return {name: (tok, xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tok, vocab_size=1024)))
+            for name, tok in (("qwen", qwen), ("llama", llama))}
 
 
 def _random_walk(compiler, constraint, seed, max_steps=3000):
@@ -368,19 +340,24 @@ def _random_walk(compiler, constraint, seed, max_steps=3000):
     pytest.fail(f"seed {seed}: the grammar did not terminate within {max_steps} tokens")
 
 
-@pytest.mark.parametrize("family", [T.HERMES, T.LLAMA3])
+# (the model's format, the preset whose vocabulary generates): every format, and none known
+WALKS = [(F.HERMES, "qwen"), (F.LLAMA3_JSON, "llama"), (F.QWEN3_CODER, "qwen"), (F.PYTHONIC, "llama"), (None, "qwen"),
+         (None, "llama")]
+
+
+@pytest.mark.parametrize("fmt,preset", WALKS, ids=lambda x: getattr(x, "name", x))
 @pytest.mark.parametrize("choice,parallel", [("required", True), ("required", False),
                                              ({"type": "function", "function": {"name": "book_table"}}, True)])
-def test_constraint_random_walks_parse_into_valid_calls(compilers, family, choice, parallel):
-    tok, compiler = compilers[family]
-    constraint = T.tool_constraint(TOOLS, choice, parallel, family)
+def test_constraint_random_walks_parse_into_valid_calls(compilers, fmt, preset, choice, parallel):
+    tok, compiler = compilers[preset]
+    constraint = tool_constraint(TOOLS, choice, parallel, fmt)
     assert constraint.kind == "structural_tag"
-    counts = []
+    read_as = F.request_format(fmt, TOOLS, choice)
     for seed in range(6):
         ids = _random_walk(compiler, constraint, seed)
         assert ids[-1] == tok.eos_token_id  # ends on the stop token, as the engine would
         text = tok.decode(ids[:-1])
-        content, calls = T.parse_tool_calls(text, family, TOOLS)
+        content, calls = F.parse_tool_calls(text, read_as, TOOLS)
         assert content is None and calls, text
         if parallel is False or isinstance(choice, dict):
             assert len(calls) == 1
@@ -388,23 +365,32 @@ def test_constraint_random_walks_parse_into_valid_calls(compilers, family, choic
             assert calls[0]["function"]["name"] == "book_table"
         for c in calls:
             jsonschema.validate(json.loads(c["function"]["arguments"]), SCHEMAS[c["function"]["name"]])
-        assert _aggregate(_stream(text, family, range(1, len(text), 5))[0])[1] == \
-            [(c["function"]["name"], c["function"]["arguments"]) for c in calls]
-        counts.append(len(calls))
-    if parallel is True and choice == "required":
-        assert max(counts) > 1  # several calls, one after the other
+        stream = read_as.parser(TOOLS)  # streamed in pieces: the same calls
+        deltas = [d for i in range(0, len(text), 5) for d in stream.feed(text[i:i + 5])] + stream.finish()
+        assert [d for d in deltas if "content" in d] == []
+        assert [tc["function"]["name"] for d in deltas for tc in d["tool_calls"] if "id" in tc] == \
+            [c["function"]["name"] for c in calls]
+    shape = read_as.shape  # and several calls, one after the other, where they are allowed
+    one = shape.head + ('"ping"' + shape.mid + "{}" if shape.args == "json" else "ping" + shape.mid) + shape.end
+    import xgrammar as xgr
+    matcher = xgr.GrammarMatcher(compiler.compile_structural_tag(constraint.structural_tag))
+    two = matcher.accept_string(shape.open + one + shape.sep + one + shape.close)
+    assert two == (parallel is True and choice == "required")
+    assert F.parse_tool_calls(shape.open + one + shape.sep + one + shape.close, read_as, TOOLS)[1]
 
 
 def test_constraint_cases():
-    assert T.tool_constraint(TOOLS, "auto", True, T.HERMES) is None
-    assert T.tool_constraint(TOOLS, "none", True, T.HERMES) is None
-    assert T.tool_constraint(TOOLS, None, True, T.HERMES) is None
-    assert T.tool_constraint(None, "required", True, T.HERMES) is None
-    with pytest.raises(ValueError, match="no known tool-call format"):
-        T.tool_constraint(TOOLS, "required", True, None)
-    with pytest.raises(ValueError, match="not in tools"):
-        T.tool_constraint(TOOLS, {"type": "function", "function": {"name": "zzz"}}, True, T.HERMES)
-    a = T.tool_constraint(TOOLS, "required", True, T.HERMES)
-    assert a == T.tool_constraint(TOOLS, "required", True, T.HERMES)  # same text: the engine's cache hits
+    for fmt in (F.HERMES, None):
+        assert tool_constraint(TOOLS, "auto", True, fmt) is None
+        assert tool_constraint(TOOLS, "none", True, fmt) is None
+        assert tool_constraint(TOOLS, None, True, fmt) is None
+        assert tool_constraint(None, "required", True, fmt) is None
+        with pytest.raises(ValueError, match="not in tools"):
+            tool_constraint(TOOLS, {"type": "function", "function": {"name": "zzz"}}, True, fmt)
+    a = tool_constraint(TOOLS, "required", True, F.HERMES)
+    assert a == tool_constraint(TOOLS, "required", True, F.HERMES)  # same text: the engine's cache hits
     fmt = json.loads(a.structural_tag)["format"]
-    assert fmt["at_least_one"] is True and fmt["stop_after_first"] is False and len(fmt["tags"]) == 3
+    tags, most = calls_of(fmt)
+    assert most == MAX_CALLS and len(tags) == 3
+    # no known format, or one without a grammar of its own: the same JSON array of calls
+    assert tool_constraint(TOOLS, "required", True, None) == tool_constraint(TOOLS, "required", True, F.PYTHONIC)

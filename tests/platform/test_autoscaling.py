@@ -16,11 +16,14 @@ pytest.importorskip("ray")
 from ray.serve import autoscaling_policy as serve_policy  # noqa: E402
 from ray.serve.config import AutoscalingConfig, AutoscalingContext  # noqa: E402
 
-from kvray.platform import autoscaling as asc  # noqa: E402
+from kvray.platform import gpus  # noqa: E402
+from kvray.platform.autoscaling import __main__ as cli  # noqa: E402
+from kvray.platform.autoscaling import defaults, signal  # noqa: E402
 from kvray.platform.autoscaling import (  # noqa: E402
     POLICY_PATH, SLOHeadroomPolicy, apply_autoscaling_defaults, derive_autoscaling_defaults,
     derived_target, fill_serve_config, user_set)
 from kvray.records import EngineStats, RequestSnapshot  # noqa: E402
+from kvray.slo import SLOTarget  # noqa: E402
 from kvray.step_cost import StepCoeffs, StepTimeModel, predict_attainment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,10 +86,10 @@ def test_user_keys_win_over_derived_defaults():
     assert apply_autoscaling_defaults(None, 256) is None  # fixed num_replicas: untouched
     out = apply_autoscaling_defaults({"max_replicas": 4, "upscale_delay_s": 1.0}, 64)
     assert out["max_replicas"] == 4 and out["upscale_delay_s"] == 1.0
-    assert out["target_ongoing_requests"] == 48 and out["downscale_delay_s"] == asc.DOWNSCALE_DELAY_S
+    assert out["target_ongoing_requests"] == 48 and out["downscale_delay_s"] == defaults.DOWNSCALE_DELAY_S
     # an AutoscalingConfig counts only the keys that were set
     out = apply_autoscaling_defaults(AutoscalingConfig(max_replicas=4, target_ongoing_requests=7), 64)
-    assert out["target_ongoing_requests"] == 7 and out["upscale_delay_s"] == asc.UPSCALE_DELAY_S
+    assert out["target_ongoing_requests"] == 7 and out["upscale_delay_s"] == defaults.UPSCALE_DELAY_S
     AutoscalingConfig(**out)  # still a valid Serve config
 
 
@@ -103,7 +106,7 @@ def test_fill_serve_config_only_touches_kvray_autoscaling():
     ac = filled["applications"][0]["deployments"][0]["autoscaling_config"]
     seqs = gpu["applications"][0]["args"]["engine"]["max_num_seqs"]
     assert ac["target_ongoing_requests"] == derived_target(seqs)
-    assert ac["downscale_delay_s"] == 120 and ac["upscale_delay_s"] == asc.UPSCALE_DELAY_S
+    assert ac["downscale_delay_s"] == 120 and ac["upscale_delay_s"] == defaults.UPSCALE_DELAY_S
     assert auto["applications"][0]["deployments"][0]["autoscaling_config"] == {
         "min_replicas": 1, "max_replicas": 4, "downscale_delay_s": 120}  # input not mutated
 
@@ -115,11 +118,11 @@ def test_cli_prints_the_config_with_defaults_written_out(tmp_path, capsys):
     dep["autoscaling_config"] = {"max_replicas": 3}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    assert asc.main([str(path)]) == 0
+    assert cli.main([str(path)]) == 0
     out = yaml.safe_load(capsys.readouterr().out)
     ac = out["applications"][0]["deployments"][0]["autoscaling_config"]
     assert ac["max_replicas"] == 3 and ac["target_ongoing_requests"] == 48  # local.yaml: max_num_seqs 64
-    assert asc.main([]) == 2
+    assert cli.main([]) == 2
 
 
 def test_user_set_means_a_value_other_than_serves_default():
@@ -168,6 +171,17 @@ def test_scale_up_on_low_predicted_attainment():
                    "r1": {"predicted_attainment": 1.0, "slo_requests": 99, "max_num_seqs": 8}})
     n, state = policy(make_ctx(c, running=2, total=8, raw=raw))
     assert n == 2 and state["kvray"]["attainment"] == pytest.approx(0.99) and state["kvray"]["reason"] == "hold"
+
+
+def test_decisions_count_the_gpus_of_a_replica():
+    """A replica of tensor_parallel_size 2 reports 2 GPUs: three of them are 6 GPUs."""
+    policy = SLOHeadroomPolicy(attainment_target=0.9)
+    raw = replica_metrics(2, attain=0.5, slo_reqs=10)
+    raw.update(metrics({f"r{i}": {"gpus_per_replica": 2} for i in range(2)}))
+    n, state = policy(make_ctx(cfg(), running=2, total=4, raw=raw))
+    assert n == 3 and state["kvray"]["gpus"] == 6
+    n, state = policy(make_ctx(cfg(), running=2, total=4, raw=replica_metrics(2, attain=0.5, slo_reqs=10)))
+    assert n == 3 and state["kvray"]["gpus"] == 0  # CPU replicas (or ones that do not say)
 
 
 def test_scale_up_on_queued_prefill_and_kv_pressure():
@@ -328,34 +342,35 @@ def _fake_engine(requests: list[RequestSnapshot]):
 
 
 def test_replica_autoscaling_stats_are_numbers_serve_accepts():
-    now = asc.time.monotonic()
+    now = signal.time.monotonic()
     running = RequestSnapshot(now - 1, now - 0.9, 0, 8, 32, 60.0, 10.0)
     waiting = RequestSnapshot(now - 0.1, None, 64, 0, 32, 60.0, 10.0)
     eng = _fake_engine([running, waiting])
-    out = asc.replica_autoscaling_stats(eng)
+    out = signal.replica_autoscaling_stats(eng)
     assert all(isinstance(v, float) for v in out.values())  # Serve drops non-numeric custom metrics
-    assert out[asc.M_MAX_NUM_SEQS] == 16 and out[asc.M_PREFILL] == 64
-    assert out[asc.M_KV] == pytest.approx(0.25)
-    assert out[asc.M_SLO_REQS] == 2 and out[asc.M_ATTAIN] == 1.0  # generous targets: all met
+    assert out[signal.M_MAX_NUM_SEQS] == 16 and out[signal.M_PREFILL] == 64
+    assert out[signal.M_KV] == pytest.approx(0.25)
+    assert out[signal.M_SLO_REQS] == 2 and out[signal.M_ATTAIN] == 1.0  # generous targets: all met
     # a request already past its TTFT target counts as a miss
     late = RequestSnapshot(now - 5, None, 64, 0, 32, 1.0, 10.0)
-    out = asc.replica_autoscaling_stats(_fake_engine([running, late]))
-    assert out[asc.M_SLO_REQS] == 2 and out[asc.M_ATTAIN] == pytest.approx(0.5)
+    out = signal.replica_autoscaling_stats(_fake_engine([running, late]))
+    assert out[signal.M_SLO_REQS] == 2 and out[signal.M_ATTAIN] == pytest.approx(0.5)
     # nothing in flight: load metrics only, nothing to predict
-    out = asc.replica_autoscaling_stats(_fake_engine([]))
-    assert out[asc.M_SLO_REQS] == 0 and out[asc.M_ATTAIN] == 1.0 and out[asc.M_RUNNING] == 1
+    assert out[signal.M_GPUS] == 0.0 and signal.replica_autoscaling_stats(eng, 2)[signal.M_GPUS] == 2.0
+    out = signal.replica_autoscaling_stats(_fake_engine([]))
+    assert out[signal.M_SLO_REQS] == 0 and out[signal.M_ATTAIN] == 1.0 and out[signal.M_RUNNING] == 1
 
 
 def test_the_prediction_uses_the_coefficients_the_engine_published():
     """A replica whose engine measured slow steps predicts misses the default model would not."""
-    now = asc.time.monotonic()
+    now = signal.time.monotonic()
     waiting = [RequestSnapshot(now, None, 1000, 0, 32, 1.0, 1.0) for _ in range(4)]
-    fast = asc.replica_autoscaling_stats(_fake_engine(waiting))
-    assert fast[asc.M_ATTAIN] == 1.0
+    fast = signal.replica_autoscaling_stats(_fake_engine(waiting))
+    assert fast[signal.M_ATTAIN] == 1.0
     slow = _fake_engine(waiting)
     st = dataclasses.replace(slow.stats(), step_coeffs=(0.01, 1e-3, 0.0, 0.0))  # 1 ms per prompt token
     slow.stats = lambda: st
-    assert asc.replica_autoscaling_stats(slow)[asc.M_ATTAIN] < 1.0
+    assert signal.replica_autoscaling_stats(slow)[signal.M_ATTAIN] < 1.0
 
 
 def test_replica_stats_from_a_real_engine():
@@ -367,30 +382,30 @@ def test_replica_stats_from_a_real_engine():
     core = LLMEngine(EngineConfig(model="kvray:tiny-qwen3", device="cpu", max_num_seqs=4, max_model_len=256))
     for i in range(3):
         core.add_sequence(core.make_sequence(f"r{i}", list(range(10, 10 + 20 * (i + 1))),
-                                             SamplingParams(max_tokens=8, ignore_eos=True, ttft_ms=60_000, tpot_ms=5_000)))
+                                             SamplingParams(max_tokens=8, ignore_eos=True, slo=SLOTarget("t", 60_000, 5_000))))
     core.step()
     eng = SimpleNamespace(stats=core.stats, request_snapshots=core.request_snapshots)
     snaps = core.request_snapshots()
     assert len(snaps) == 3 and all(isinstance(r, RequestSnapshot) for r in snaps)
     assert all(r.ttft_s == 60.0 and r.tpot_s == 5.0 and r.max_tokens == 8 for r in snaps)
-    out = asc.replica_autoscaling_stats(eng)
-    assert out[asc.M_SLO_REQS] == 3 and 0.0 <= out[asc.M_ATTAIN] <= 1.0
-    assert out[asc.M_MAX_NUM_SEQS] == 4 and 0.0 < out[asc.M_KV] <= 1.0
+    out = signal.replica_autoscaling_stats(eng)
+    assert out[signal.M_SLO_REQS] == 3 and 0.0 <= out[signal.M_ATTAIN] <= 1.0
+    assert out[signal.M_MAX_NUM_SEQS] == 4 and 0.0 < out[signal.M_KV] <= 1.0
 
 
 def test_pin_replica_gpus_hides_gpus_from_a_replica_that_asked_for_none(monkeypatch):
     import ray
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
-    assert asc.pin_replica_gpus() == []  # not inside a Ray actor: untouched
-    assert asc.os.environ["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
+    assert gpus.pin_replica_gpus() == []  # not inside a Ray actor: untouched
+    assert gpus.os.environ["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
 
     def ctx(gpus):
         return SimpleNamespace(get_actor_id=lambda: "actor", get_accelerator_ids=lambda: {"GPU": gpus})
 
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray, "get_runtime_context", lambda: ctx(["2"]))
-    assert asc.pin_replica_gpus() == ["2"]  # Ray already narrowed CUDA_VISIBLE_DEVICES to it
+    assert gpus.pin_replica_gpus() == ["2"]  # Ray already narrowed CUDA_VISIBLE_DEVICES to it
     monkeypatch.setattr(ray, "get_runtime_context", lambda: ctx([]))
-    assert asc.pin_replica_gpus() == []
-    assert asc.os.environ["CUDA_VISIBLE_DEVICES"] == ""
+    assert gpus.pin_replica_gpus() == []
+    assert gpus.os.environ["CUDA_VISIBLE_DEVICES"] == ""

@@ -4,7 +4,7 @@
   ``../shared/kuberay-crds`` next to the repository, never copied in), strictly: a field the CRD
   does not define is an error, as with ``kubectl apply --validate=strict``.
 * Every embedded Serve config (RayService ``serveConfigV2``, the launcher's heredoc) and
-  ``local.yaml`` / ``gpu.yaml``: Ray's ``ServeDeploySchema`` and kvray's ``AppArgs``.
+  ``local.yaml`` / ``gpu.yaml`` / ``gpu-tp2.yaml``: Ray's ``ServeDeploySchema`` and kvray's ``AppArgs``.
 * Resources agree: each group's ``nvidia.com/gpu`` equals its ``num-gpus``, the head has none,
   a replica fits a worker group, ``max_replicas`` fits the groups' capacity, and readiness checks
   the Serve proxy on the serve port.
@@ -160,7 +160,7 @@ def test_embedded_serve_config_validates(name, cfg):
     assert cfg["proxy_location"] == "EveryNode"
 
 
-@pytest.mark.parametrize("name", ["local.yaml", "gpu.yaml"])
+@pytest.mark.parametrize("name", ["local.yaml", "gpu.yaml", "gpu-tp2.yaml"])
 def test_local_and_gpu_configs_validate(name):
     validate_serve_config(load(CONFIGS / name))
 

@@ -1,5 +1,5 @@
 """The shipped Grafana dashboard is valid JSON, its panels query only series the app exports
-(``kvray.metrics``), and it shows what the README promises."""
+(``kvray.metrics``), and it shows what docs/metrics.md promises."""
 import json
 import re
 from pathlib import Path

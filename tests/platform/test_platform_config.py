@@ -6,7 +6,9 @@ import pytest
 import yaml
 
 from kvray.app_config import AppArgs, ConfigError, EngineArgs, parse_args
-from kvray.frontend.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
+from kvray.frontend.body import parse_request
+from kvray.frontend.errors import APIError
+from kvray.frontend.protocol import ChatCompletionRequest, CompletionRequest
 from kvray.replica.config import EngineConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,7 +73,7 @@ def test_cluster_configs_validate():
         assert set(deps) == {"LLMReplica", "Router"}
         assert deps["LLMReplica"]["ray_actor_options"]["num_gpus"] == gpus
     local = yaml.safe_load((ROOT / "cluster-configs" / "local.yaml").read_text())["applications"][0]
-    assert local["args"]["model"] == "kvray:tiny-qwen3" and local["deployments"][0]["num_replicas"] == 2
+    assert local["args"]["model"] == "kvray:smollm2-135m-instruct" and local["deployments"][0]["num_replicas"] == 2
 
 
 def test_build_app_sets_overridable_defaults():
@@ -88,7 +90,7 @@ def test_build_app_sets_overridable_defaults():
         "max_ongoing_requests"] == 32 + 8 + 32
     rc = opts["request_router_config"]
     assert rc.get_request_router_class().__name__ == KVRayRequestRouter.__name__
-    assert rc.request_router_kwargs == {"policy": "least_load", "policy_options": {}}
+    assert not rc.request_router_kwargs  # the Router decides every route: the plug-in takes no policy
     assert rc.request_routing_stats_period_s == 2
     assert build_app({"model": "m"}) is not None
     with pytest.raises(ConfigError, match="args.nope"):
@@ -105,7 +107,9 @@ def test_build_app_sets_overridable_defaults():
     ({"prompt": "x", "temperature": "0"}, 400, "temperature"),
     ({"prompt": "x", "top_p": 0}, 400, "top_p"),
     ({"prompt": "x", "logprobs": 21}, 400, "logprobs"),
-    ({"prompt": "x", "echo": True}, 400, "echo"),
+    ({"prompt": "x", "echo": True, "max_tokens": -1}, 400, "max_tokens"),
+    ({"prompt": "x", "echo": "yes"}, 400, "echo"),
+    ({"prompt": "x", "prompt_logprobs": -1}, 400, "prompt_logprobs"),
     ({"prompt": "x", "best_of": 2}, 400, "best_of"),
     ({"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
     ({"prompt": "x", "stop": [""]}, 400, "stop"),

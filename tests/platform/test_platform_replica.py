@@ -5,7 +5,8 @@ from types import SimpleNamespace
 import pytest
 
 from kvray import SamplingParams
-from kvray.platform.replica import LLMReplica, _Active, _Outbox, _Request
+from kvray.platform.replica import LLMReplica
+from kvray.platform.token_streams import _Active, _Outbox, _Request
 from kvray.records import Bound, Delta, Refusal, RoutingHint
 
 ENGINE = {"max_num_seqs": 16, "max_model_len": 256, "device": "cpu", "num_kv_blocks": 256}
@@ -25,6 +26,7 @@ def test_batches_stats_and_errors():
         try:
             hint = RoutingHint("a", 5, 30)
             gen = r.generate("a", [1, 2, 3, 4, 5], greedy(30, logprobs=1), hint=hint)
+            assert await gen.__anext__() == Bound("local")  # the replica that took it, then its tokens
             first = await gen.__anext__()
             assert first.ids and first.finish_reason is None and len(first.logprobs) == len(first.ids)
             stats = r.stats()
@@ -47,6 +49,8 @@ def test_batches_stats_and_errors():
             assert bad[0].status == 400
             info = await r.model_info()
             assert info["max_model_len"] == 256 and info["block_size"] == 16 and info["tokenizer"] is not None
+            assert info["kv_cache_dtype"] == "float32" and info["quantization"] is None  # what /v1/models shows
+            assert info["kv_cache_tokens"] == stats.engine.num_total_blocks * 16 > 0
         finally:
             await r.__del__()
 
@@ -85,9 +89,10 @@ def test_stream_interval_merges_steps():
     async def main():
         r = make(stream_interval_ms=10_000)
         try:
-            items = [b async for b in r.generate("m", [1, 2, 3], greedy(12))]
+            bound, *items = [b async for b in r.generate("m", [1, 2, 3], greedy(12))]
             # the first batch goes out at once (it may hold two steps if both were ready), the
             # rest waits for the interval, which the request outlives: one more batch
+            assert bound == Bound("local")
             assert len(items) == 2 and items[0].ids and len(items[0].ids) + len(items[1].ids) == 12
         finally:
             await r.__del__()
@@ -139,7 +144,8 @@ def test_cancelled_request_frees_its_blocks():
             total = r.engine.stats().num_total_blocks
             gens = [r.generate(f"x{i}", list(range(1, 60)), greedy(200)) for i in range(4)]
             for g in gens:
-                await g.__anext__()
+                assert await g.__anext__() == Bound("local")
+                await g.__anext__()  # its first tokens: its blocks are held
             assert r.engine.stats().num_free_blocks < total
             for g in gens:  # the caller goes away (Serve closes the generator)
                 await g.aclose()
@@ -176,7 +182,8 @@ def test_graceful_shutdown(timeout_s, reason):
     async def main():
         r = make(shutdown_timeout_s=timeout_s)
         gen = r.generate("s", [1, 2, 3], greedy(150))
-        await gen.__anext__()
+        await gen.__anext__()  # Bound
+        await gen.__anext__()  # its first tokens: it runs
         consumer = asyncio.create_task(_drain(gen))
         await r.__del__()  # what Serve calls after draining its own in-flight calls
         items = await asyncio.wait_for(consumer, 30)

@@ -93,7 +93,7 @@ CORPUS = [
     ("c", _c(prompt=[2**80]), {}, 400, "prompt", None),
     ("c", _c(prompt=[]), {}, 400, "prompt", None),
     ("c", _c(prompt=""), {}, 400, "prompt", None),
-    ("c", _c(prompt=["a", "b"]), {}, 400, "prompt", None),
+    ("c", _c(prompt=[[1, 2], []]), {}, 400, "prompt", None),  # batched prompts: each one is checked
     ("c", _c(temperature=5), {}, 400, "temperature", None),
     ("c", _c(temperature=-1), {}, 400, "temperature", None),
     ("c", b'{"model": "tiny-qwen3", "prompt": "hi", "temperature": NaN}', {}, 400, None, "invalid_json"),
@@ -119,7 +119,8 @@ CORPUS = [
     ("c", _c(stop_token_ids=[2**80]), {}, 400, "stop_token_ids", None),
     ("c", _c(presence_penalty=1), {}, 400, "presence_penalty", None),
     ("c", _c(logit_bias={"1": 5}), {}, 400, "logit_bias", None),
-    ("c", _c(echo=True), {}, 400, "echo", None),
+    ("c", _c(echo=True, max_tokens=-1), {}, 400, "max_tokens", None),
+    ("c", _c(echo=True, logprobs=1, prompt_logprobs=21), {}, 400, "prompt_logprobs", None),
     ("c", _c(best_of=2), {}, 400, "best_of", None),
     ("c", _c(suffix="x"), {}, 400, "suffix", None),
     ("h", _h(tools=[{"type": "function", "function": {"name": "not a name"}}]), {}, 400, "tools", None),

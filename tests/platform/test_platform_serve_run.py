@@ -4,6 +4,7 @@ The config is used as is, except for the HTTP port (a free one, so the test neve
 with another server on the machine). ``RAY_ADDRESS=local`` makes `serve run` start its own
 Ray instance instead of joining one that may be running here.
 """
+import json
 import os
 import signal
 import time
@@ -13,19 +14,28 @@ import requests
 
 pytest.importorskip("ray")
 
-from serve_app import ServeRun, engine_processes, local_config, wait_until  # noqa: E402
+from serve_app import ServeRun, engine_processes, local_config, served_name, wait_until  # noqa: E402
+
 
 def test_serve_run_local_yaml(tmp_path):
+    """The shipped file as is: the real SmolLM2 preset answers the README's questions."""
     before = set(engine_processes())
-    run = ServeRun(local_config(), tmp_path)
+    cfg = local_config(real_model=True)
+    name = served_name(cfg)
+    run = ServeRun(cfg, tmp_path)
     try:
         run.wait_healthy()
-        r = requests.post(run.url + "/v1/completions", json={"model": "tiny-qwen3", "prompt": "Hello", "max_tokens": 5})
+        r = requests.post(run.url + "/v1/completions", json={"model": name, "prompt": "The capital of France is",
+                                                              "max_tokens": 5, "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 5
+        assert "Paris" in r.json()["choices"][0]["text"], r.json()
         r = requests.post(run.url + "/v1/chat/completions", json={
-            "model": "tiny-qwen3", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True})
+            "model": name, "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 32, "temperature": 0, "stream": True})
         assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
-        assert requests.get(run.url + "/v1/models").json()["data"][0]["id"] == "tiny-qwen3"
+        assert "Paris" in "".join(json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                                  for line in r.text.splitlines() if line.startswith("data: {")), r.text
+        assert requests.get(run.url + "/v1/models").json()["data"][0]["id"] == name
         # local.yaml asks for 2 LLMReplica replicas; /health needs only the first, so wait for both
         deadline = time.time() + 60
         while len(replicas := requests.get(run.url + "/v1/kvray/replicas").json()["replicas"]) < 2:
@@ -42,7 +52,7 @@ def test_serve_run_local_yaml(tmp_path):
         wait_until(lambda: len([p for p in engine_processes() if p not in before]) == 2, 180,
                    "Serve did not replace the replica")
         wait_until(run.healthy, 60, "unhealthy after the replica was replaced")
-        r = requests.post(run.url + "/v1/completions", json={"model": "tiny-qwen3", "prompt": "Hello", "max_tokens": 5})
+        r = requests.post(run.url + "/v1/completions", json={"model": name, "prompt": "Hello", "max_tokens": 5})
         assert r.status_code == 200
     finally:
         run.stop()

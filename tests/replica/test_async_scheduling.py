@@ -50,13 +50,13 @@ def count_lookaheads(llm: LLM) -> dict:
     orig = runner.execute
     seen = {"launches": 0, "lookahead": 0, "mixed": 0}
 
-    def execute(scheduled, pending=None, prev_tokens=None):
+    def execute(scheduled, pending=None, prev_tokens=None, prompt_lp=None):
         seen["launches"] += 1
         if pending:
             seen["lookahead"] += 1
             if any(n > 1 for _, n in scheduled):
                 seen["mixed"] += 1  # a prompt chunk shares the step with gathered decodes
-        return orig(scheduled, pending, prev_tokens)
+        return orig(scheduled, pending, prev_tokens, prompt_lp)
 
     runner.execute = execute
     return seen
@@ -267,10 +267,10 @@ def test_lookahead_launches_before_reading_back():
     log = []
     orig_exec, orig_resolve = eng.runner.execute, SampleResult.resolve
 
-    def execute(scheduled, pending=None, prev_tokens=None):
-        seqs, res = orig_exec(scheduled, pending, prev_tokens)
+    def execute(scheduled, pending=None, prev_tokens=None, prompt_lp=None):
+        seqs, res, plp = orig_exec(scheduled, pending, prev_tokens, prompt_lp)
         log.append(("launch", res, len(pending or ())))
-        return seqs, res
+        return seqs, res, plp
 
     def resolve(self):
         log.append(("resolve", self))

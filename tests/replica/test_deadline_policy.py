@@ -4,6 +4,7 @@ import pytest
 from kvray.replica.block_manager import BlockManager
 from kvray.replica.deadline_policy import DeadlinePolicy
 from kvray.replica.sampling_params import SamplingParams
+from kvray.slo import SLOTarget
 from kvray.replica.scheduler import Scheduler
 from kvray.replica.scheduling_policy import FCFSPolicy, make_policy
 from kvray.replica.sequence import Sequence
@@ -21,7 +22,7 @@ class Clock:
 
 
 def seq(rid, n, arrival, ttft_ms=None, tpot_ms=None, priority=1.0, max_tokens=64, cls=None):
-    p = SamplingParams(max_tokens=max_tokens, ttft_ms=ttft_ms, tpot_ms=tpot_ms, priority=priority, slo_class=cls)
+    p = SamplingParams(max_tokens=max_tokens, slo=SLOTarget(cls or "none", ttft_ms, tpot_ms, priority))
     return Sequence(rid, [hash((rid, i)) % 30000 for i in range(n)], p, BS, arrival_time=arrival)
 
 

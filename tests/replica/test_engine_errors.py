@@ -35,10 +35,11 @@ def test_sampling_params_refuse_out_of_range_values(kw, name):
 
 
 def _mutated(kw: dict) -> SamplingParams:
-    """Valid params changed afterwards: the engine must still refuse them (it validates again)."""
+    """Valid params changed afterwards: the engine must still refuse them (a changed field marks
+    them unchecked, and the engine validates unchecked params at its door)."""
     p = SamplingParams()
     for k, v in kw.items():
-        object.__setattr__(p, k, v)
+        setattr(p, k, v)
     return p
 
 
@@ -82,6 +83,25 @@ def test_bad_requests_fail_cleanly_while_a_stream_runs(engine):
     assert out.finished and out.finish_reason == "length"
     assert out.token_ids == reference.token_ids
     engine.check_health()
+
+
+def test_params_are_validated_once_per_request(monkeypatch):
+    """Construction validates; the engine's doors (the async engine's submit, then the engine's
+    make_sequence, one after the other in thread mode) re-validate only params changed since."""
+    calls = []
+    real = SamplingParams.validate
+    monkeypatch.setattr(SamplingParams, "validate", lambda self: (calls.append(1), real(self))[1])
+    eng = AsyncLLMEngine(EngineConfig(model="kvray:tiny-qwen3", max_model_len=128))
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+        assert len(calls) == 1
+        out = asyncio.run(_collect(eng, "once", [1, 2, 3], params))
+        assert len(out.token_ids) == 3 and len(calls) == 1
+        params.max_tokens = 2  # changed after construction: validated again at the door, once
+        out = asyncio.run(_collect(eng, "again", [1, 2, 3], params))
+        assert len(out.token_ids) == 2 and len(calls) == 2
+    finally:
+        asyncio.run(eng.shutdown(timeout_s=1))
 
 
 def test_offline_generate_rejects_before_running_anything():

@@ -6,6 +6,7 @@ chunked prefill, preemption) and compares every generated token with transformer
 import pytest
 
 from kvray import LLM, SamplingParams
+from kvray.slo import SLOTarget
 from tests.conftest import TINY_PRESETS, hf_greedy, random_prompts
 
 # 17 prompts of mixed lengths from 1 to 300 tokens, up to 64 new tokens each.
@@ -83,7 +84,7 @@ def test_parity_under_preemption(case):
 def test_deadline_policy_keeps_greedy_output():
     # Scheduling order and chunk sizes change, tokens must not: greedy output is per sequence.
     prompts = random_prompts(1000, [3, 40, 90, 200], seed=31)
-    params = [SamplingParams(temperature=0.0, max_tokens=24, ttft_ms=t, tpot_ms=50)
+    params = [SamplingParams(temperature=0.0, max_tokens=24, slo=SLOTarget("t", t, 50))
               for t in (500, 10000, 500, 10000)]
     fcfs = LLM("kvray:tiny-qwen3", max_model_len=512, max_num_batched_tokens=64)
     deadline = LLM("kvray:tiny-qwen3", max_model_len=512, max_num_batched_tokens=64, scheduling_policy="deadline")

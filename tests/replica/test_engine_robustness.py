@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from kvray import LLM, SamplingParams
 from kvray.replica.async_engine import AsyncLLMEngine, QueueFull
 from kvray.replica.config import EngineConfig
+from kvray.slo import SLOTarget
 from tests.conftest import random_prompts
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -39,24 +40,24 @@ def _clean(llm) -> None:
 
 
 def test_a_failing_request_fails_alone_and_the_llm_stays_usable(llm, prompts, reference, monkeypatch):
-    from kvray.replica.detokenizer import IncrementalDetokenizer
+    from kvray.replica.detokenizer import TextStream
 
-    real = IncrementalDetokenizer.add_until_stop
+    real = TextStream.add
     calls = {"n": 0}
 
-    def flaky(self, new_ids, stops):  # the stop check of one request raises on its 3rd token
-        if stops == ["never-matches-xyz"]:
+    def flaky(self, new_ids, finished):  # the stop check of one request raises on its 3rd token
+        if self._stops == ["never-matches-xyz"]:
             calls["n"] += 1
             if calls["n"] == 3:
                 raise RuntimeError("a stop-string check blew up")
-        return real(self, new_ids, stops)
+        return real(self, new_ids, finished)
 
-    monkeypatch.setattr(IncrementalDetokenizer, "add_until_stop", flaky)
+    monkeypatch.setattr(TextStream, "add", flaky)
     bad = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, stop=["never-matches-xyz"])
     with pytest.raises(RuntimeError, match="prompt 1: RuntimeError: a stop-string check blew up"):
         llm.generate(prompts, [GREEDY, bad, GREEDY], use_tqdm=False)
     _clean(llm)
-    monkeypatch.setattr(IncrementalDetokenizer, "add_until_stop", real)
+    monkeypatch.setattr(TextStream, "add", real)
     assert [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == reference
 
 
@@ -118,6 +119,8 @@ FLOATS = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(0, 
 def test_generated_sampling_params_never_break_the_engine(llm, prompts, reference, kw):
     kw.setdefault("max_tokens", 4)
     try:
+        if "priority" in kw:  # the SLO record carries it (and checks it)
+            kw["slo"] = SLOTarget("generated", priority=kw.pop("priority"))
         params = SamplingParams(**kw)
     except ValueError:
         params = None

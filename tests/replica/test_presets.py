@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from kvray.cli import main as cli_main
 from kvray.replica.models import bpe, load_config, load_model, load_tokenizer, presets, resolve_model
-from kvray.replica.models.decoder import MODEL_REGISTRY
+from kvray.replica.models.registry import MODEL_REGISTRY
 
 
 def _tensors(d: Path) -> dict[str, torch.Tensor]:
@@ -198,7 +198,9 @@ FULL_SIZE = {
     "qwen3-0.6b": ("Qwen3ForCausalLM", 1024, 3072, 28, 16, 8, 128, 151936, True, 1e6, 40960, 596_049_920),
     "llama-3.2-1b": ("LlamaForCausalLM", 2048, 8192, 16, 32, 8, 64, 128256, True, 500000.0, 131072, 1_235_814_400),
     "llama-3.1-8b": ("LlamaForCausalLM", 4096, 14336, 32, 32, 8, 128, 128256, False, 500000.0, 131072, 8_030_261_248),
+    "qwen3-30b-a3b": ("Qwen3MoeForCausalLM", 2048, 6144, 48, 32, 4, 128, 151936, False, 1e6, 40960, 30_532_122_624),
 }
+LLAMA3_ROPE_FACTOR = {"llama-3.2-1b": 32.0, "llama-3.1-8b": 8.0}
 
 
 @pytest.mark.parametrize("name", sorted(FULL_SIZE))
@@ -214,10 +216,9 @@ def test_full_size_preset_shapes(name):
     from kvray.replica.models.layers import rope_parameters
     rope = rope_parameters(cfg)
     assert rope["rope_theta"] == theta
-    if name.startswith("llama"):
-        factor = {"llama-3.2-1b": 32.0, "llama-3.1-8b": 8.0}[name]
+    if name in LLAMA3_ROPE_FACTOR:
         assert (rope["rope_type"], rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"],
-                rope["original_max_position_embeddings"]) == ("llama3", factor, 1.0, 4.0, 8192)
+                rope["original_max_position_embeddings"]) == ("llama3", LLAMA3_ROPE_FACTOR[name], 1.0, 4.0, 8192)
     else:
         assert rope["rope_type"] == "default"
     shapes = presets.parameter_shapes(preset)
@@ -240,3 +241,13 @@ def test_make_tensor_is_per_name_and_chunk_independent():
     # drawing in smaller chunks (a multiple of 16) gives the same values as the default chunking
     d = presets.make_tensor(p, "model.layers.0.mlp.up_proj.weight", (192, 64), chunk=1024)
     assert torch.equal(a, d)
+
+
+def test_fp8_variants_share_their_base_and_declare_their_format():
+    for base in ("tiny-llama", "tiny-qwen3", "llama-3.1-8b"):
+        b = presets.get_preset(base)
+        for fmt, method in (("fp8-block", "fp8"), ("fp8-dynamic", "compressed-tensors")):
+            p = presets.get_preset(f"{base}-{fmt}")
+            assert (p.config, p.seed, p.tokenizer, p.quant) == (b.config, b.seed, b.tokenizer, fmt)
+            assert presets.config_dict(p)["quantization_config"]["quant_method"] == method
+            assert presets.parameter_shapes(p) == presets.parameter_shapes(b)  # quantized on write, same names

@@ -4,7 +4,7 @@ import pytest
 from helpers import Clock, hint, stats
 
 from kvray.router.book import ReplicaBook
-from kvray.slo import urgency
+from kvray.slo import SLOTarget, urgency
 from kvray.step_cost import StepCoeffs
 
 
@@ -21,13 +21,12 @@ def test_dispatch_and_completion_are_counted_at_once():
     assert loads(book) == {"a": 0, "b": 0}
     book.on_finish("k1")  # twice is harmless
     book.on_finish("unknown")
-    # a request refused by "a" and then sent to "b": the end of a's call does not end it
+    # a request refused by "a" and then sent to "b": it moves, and ends once, at "b"
     book.on_dispatch(hint(10, 10, rid="k2"), "a")
     book.on_dispatch(hint(10, 10, rid="k2"), "b")
-    book.on_finish("k2", replica_id="a")
-    assert loads(book) == {"a": 0, "b": 20} and book.replica_of("k2") == "b"
-    book.on_finish("k2", replica_id="b")
-    assert loads(book) == {"a": 0, "b": 0} and book.replica_of("k2") == "b"  # still known for a retry
+    assert loads(book) == {"a": 0, "b": 20}
+    book.on_finish("k2")
+    assert loads(book) == {"a": 0, "b": 0}
 
 
 def test_snapshot_plus_dispatches_since_never_double_counts():
@@ -97,7 +96,7 @@ def test_counts_between_polls():
     book.update_stats("r0", stats(1.0, num_running=2, num_waiting=1, queued_prefill_tokens=500, tokens_in_flight=3000,
                                   num_free_blocks=100, num_total_blocks=200, block_size=16))
     v = book.replicas["r0"]
-    book.on_dispatch(hint(800, 100, rid="a", arrival_time=1.5, ttft_ms=500, tpot_ms=50, priority=2.0), "r0")
+    book.on_dispatch(hint(800, 100, rid="a", arrival_time=1.5, slo=SLOTarget("i", 500, 50, 2.0)), "r0")
     assert v.num_requests == 4 and v.queued_prefill_tokens == 1300 and v.context_tokens == 3800
     assert v.free_blocks == 100 - 800 // 16
     assert v.min_tpot_s() == 0.05
@@ -124,8 +123,8 @@ def test_prefix_lru_and_who_goes_first_on_a_deadline_replica():
     assert len(v._prefix) == 4 and v.prefix_hit_blocks([1, 2]) == 0  # oldest hashes evicted
     book = ReplicaBook(clock=Clock(0.0))
     book.update_stats("r1", stats(-1.0, scheduling_policy="deadline"))
-    book.on_dispatch(hint(4000, 10, rid="batch", arrival_time=0.0, ttft_ms=10_000, priority=1.0), "r1")
-    book.on_dispatch(hint(1000, 10, rid="inter", arrival_time=0.0, ttft_ms=500, priority=2.0), "r1")
+    book.on_dispatch(hint(4000, 10, rid="batch", arrival_time=0.0, slo=SLOTarget("b", 10_000, None, 1.0)), "r1")
+    book.on_dispatch(hint(1000, 10, rid="inter", arrival_time=0.0, slo=SLOTarget("i", 500, None, 2.0)), "r1")
     v = book.replicas["r1"]
     # A new interactive request (deadline 0.6) waits only for the earlier interactive one...
     assert v.prefill_ahead_of(urgency(0.6, 2.0, 0.1), 0.6, 0.1) == 1000
@@ -133,7 +132,7 @@ def test_prefix_lru_and_who_goes_first_on_a_deadline_replica():
     assert v.prefill_ahead_of(urgency(10.5, 1.0, 0.1), 10.5, 0.1) == 5000
     # A batch request due before a new interactive one's deadline passes it as its slack runs out
     # (slack / priority shrinks twice as fast for weight 1 as for weight 2): it counts as ahead.
-    book.on_dispatch(hint(3000, 10, rid="due", arrival_time=-9.55, ttft_ms=10_000, priority=1.0), "r1")
+    book.on_dispatch(hint(3000, 10, rid="due", arrival_time=-9.55, slo=SLOTarget("b", 10_000, None, 1.0)), "r1")
     assert v.prefill_ahead_of(urgency(0.6, 2.0, 0.1), 0.6, 0.1) == 1000 + 3000
     assert urgency(0.45, 1.0, 0.1) > urgency(0.6, 2.0, 0.1)  # although it ranks after it now
     book.update_stats("r1", stats(0.0, scheduling_policy="fcfs", queued_prefill_tokens=8000))
@@ -142,7 +141,39 @@ def test_prefix_lru_and_who_goes_first_on_a_deadline_replica():
 
 def test_the_replica_reports_other_routers_tpot_targets_and_its_step_fit():
     book = ReplicaBook()
-    book.update_stats("r", stats(1.0, min_tpot_ms=20.0, step_coeffs=(1e-3, 2e-5, 0.0, 0.0)))
+    book.update_stats("r", stats(1.0, min_tpot_s=0.02, step_coeffs=(1e-3, 2e-5, 0.0, 0.0)))
     v = book.replicas["r"]
     assert v.min_tpot_s() == pytest.approx(0.02)  # no request of this router is there: the replica's own report
     assert v.model.coeffs == StepCoeffs(1e-3, 2e-5, 0.0, 0.0) and v.model.fixed  # the published fit, not refitted
+
+
+def test_a_replica_serve_stops_drains_in_the_book():
+    """A replica that leaves Serve's replica set while this router has requests there stays, as
+    draining: no route goes there, its requests still count, and it leaves with the last one."""
+    from kvray.router.least_load import LeastLoadPolicy
+    from kvray.router.policy import route_from
+
+    clock = Clock(1000.0)
+    book = ReplicaBook(clock=clock)
+    book.sync({"a": stats(max_queued=4, max_num_seqs=4), "b": stats(max_queued=4, max_num_seqs=4),
+               "idle": stats(max_queued=4, max_num_seqs=4)})
+    book.on_dispatch(hint(10, 10, rid="k1"), "a")
+    book.on_dispatch(hint(10, 10, rid="k2"), "a")
+    assert book.capacity() == 24
+    clock.t = 1001.0
+    book.sync({"b": stats(max_queued=4, max_num_seqs=4)})  # Serve stops "a" and "idle"
+    assert "idle" not in book.replicas and book.draining() == [("a", 1001.0)]
+    assert [s.replica_id for s in book.live()] == ["b"] and book.replica_ids() == ["b"]
+    assert route_from(book.replicas["b"], book, lambda s: s.load) == ("b",)
+    assert LeastLoadPolicy().decide(hint(500, 500, rid="new"), book, clock()).route == ("b",)
+    assert book.capacity() == 8 and book.replicas["a"].num_ongoing == 2
+    book.on_finish("k1")
+    assert book.draining() == [("a", 1001.0)]
+    book.on_finish("k2")
+    assert book.draining() == [] and "a" not in book.replicas
+    # a draining replica listed again (it was not stopped after all) takes requests again
+    book.on_dispatch(hint(10, 10, rid="k3"), "b")
+    book.sync({})
+    assert book.draining() == [("b", 1001.0)]
+    book.sync({"b": None})
+    assert book.draining() == [] and book.replica_ids() == ["b"]

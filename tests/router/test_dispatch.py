@@ -1,5 +1,5 @@
 """The dispatcher with the slo_aware policy: admit / hold / refuse, reservations, waking held
-requests, and the lifecycle entering the book once (no Ray)."""
+requests, and each request's life (``RequestLife``) entering the book once (no Ray)."""
 import asyncio
 
 import pytest
@@ -9,6 +9,7 @@ from kvray.records import RoutingHint
 from kvray.router.book import ReplicaBook
 from kvray.router.dispatch import Dispatcher
 from kvray.router.policy import DISPATCH, REJECT, make_policy
+from kvray.slo import SLOTarget
 
 TPOT_MS = 50.0
 
@@ -21,9 +22,8 @@ def replica(running=0, waiting=0, queued=0, tokens=0, max_seqs=4, t=999.0, healt
 
 def hint(rid, cls="interactive", prompt=200, decode=64, arrival=1000.0, on_infeasible="queue"):
     ttft = 500.0 if cls == "interactive" else 10_000.0
-    return RoutingHint(rid, prompt, decode, [], 16, slo_class=cls, ttft_ms=ttft, tpot_ms=TPOT_MS,
-                       priority=2.0 if cls == "interactive" else 1.0, on_infeasible=on_infeasible,
-                       arrival_time=arrival)
+    slo = SLOTarget(cls, ttft, TPOT_MS, 2.0 if cls == "interactive" else 1.0, on_infeasible)
+    return RoutingHint(rid, prompt, decode, [], 16, slo=slo, arrival_time=arrival)
 
 
 def dispatcher(clock, replicas: dict, **opts) -> Dispatcher:
@@ -33,7 +33,7 @@ def dispatcher(clock, replicas: dict, **opts) -> Dispatcher:
 
 
 def admit(d: Dispatcher, h: RoutingHint):
-    return asyncio.run(d.admit(h))
+    return asyncio.run(d.life(h).admit())
 
 
 def requests(d: Dispatcher, rid: str) -> int:
@@ -76,12 +76,13 @@ def test_queued_request_is_admitted_when_capacity_frees():
 
     async def main():
         h0, h1, h2 = hint("r0"), hint("r1"), hint("r2", "batch")
-        assert (await d.admit(h0)).action == DISPATCH
-        assert (await d.admit(h1)).action == DISPATCH
-        task = asyncio.ensure_future(d.admit(h2))
+        life0 = d.life(h0)
+        assert (await life0.admit()).action == DISPATCH
+        assert (await d.life(h1).admit()).action == DISPATCH
+        task = asyncio.ensure_future(d.life(h2).admit())
         await asyncio.sleep(0.05)
         assert not task.done() and d.num_waiting == 1
-        d.on_finish("r0", 10)  # frees a slot on r0's replica: the waiter wakes
+        life0.finish(10)  # frees a slot on r0's replica: the waiter wakes
         assert (await asyncio.wait_for(task, 1.0)).action == DISPATCH
         assert h2.route[0] == h0.route[0]
         assert d.num_waiting == 0
@@ -94,7 +95,7 @@ def test_queued_request_is_rejected_before_its_deadline():
     d = dispatcher(clock, {"a": replica(running=4), "b": replica(running=4)}, recheck_interval_s=0.01)
 
     async def main():
-        task = asyncio.ensure_future(d.admit(hint("r", arrival=clock.t)))
+        task = asyncio.ensure_future(d.life(hint("r", arrival=clock.t)).admit())
         for _ in range(200):  # the router clock moves on; nothing frees up
             await asyncio.sleep(0.005)
             clock.t += 0.01
@@ -107,19 +108,35 @@ def test_queued_request_is_rejected_before_its_deadline():
     asyncio.run(main())
 
 
-def test_lifecycle_keeps_the_state_fresh_and_moves_reservations():
-    d = dispatcher(Clock(), {"a": replica(), "b": replica()})
+def test_a_life_keeps_the_book_fresh_and_moves_with_the_request():
+    d = dispatcher(Clock(), {"a": replica(), "b": replica(), "c": replica()})
     h = hint("r")
-    admit(d, h)
+    life = d.life(h)
+    asyncio.run(life.admit())
     first = h.route[0]
-    other = "b" if first == "a" else "a"
-    d.on_routed(h, other)  # Serve skipped the first choice (at max_ongoing_requests)
-    assert requests(d, first) == 0 and requests(d, other) == 1
-    d.on_first_token("r")
+    other = next(r for r in "abc" if r != first)
+    life.bound(other)  # the replica that took it: Serve skipped the first choice (at max_ongoing_requests)
+    assert requests(d, first) == 0 and requests(d, other) == 1 and life.replica == other
+    life.first_token()
+    life.first_token()  # once
     assert d.book.replicas[other].num_decoding == 1
-    d.on_finish("r", replica_id=other)  # the call ended (the plug-in)...
-    d.on_finish("r", 5)  # ...and the response (the ingress): counted once
-    assert requests(d, other) == 0
+    life.finish(5)
+    life.finish(5)  # counted once, however many paths end it
+    assert requests(d, other) == 0 and d.book.replicas[other].num_decoding == 0
+    life.bound(first)  # a late word from a replica: the request has ended, nothing moves
+    assert requests(d, first) == 0
+    # a retry: the replica that refused it is avoided, the request moves to the new decision
+    h2 = hint("r2")
+    life2 = d.life(h2)
+    asyncio.run(life2.admit())
+    failed = life2.replica
+    assert life2.retry(failed, full=False) and failed in h2.avoid and life2.replica != failed
+    assert requests(d, failed) == 0 and requests(d, life2.replica) == 1
+    # the other choices of the request follow it, and do not move it
+    follower = d.life(hint("r2-1"))
+    assert follower.follow(life2.replica).action == DISPATCH and follower.replica == life2.replica
+    assert life2.retry(life2.replica, full=True)  # full there: the third replica is left
+    assert not life2.retry(life2.replica, full=True)  # every replica full: the client retries later
 
 
 def test_unhealthy_replica_gets_nothing_while_another_is_healthy():

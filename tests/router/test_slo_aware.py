@@ -29,7 +29,7 @@ def book_of(*replicas):
             max_num_seqs=opts.get("max_seqs", 256), max_num_batched_tokens=8192, scheduling_policy="deadline",
             step_coeffs=DEFAULT_COEFFS.as_tuple()))
         if tpot_s:  # a running request of ours with this TPOT target
-            book.on_dispatch(hint(100, 100, rid=f"{rid}-running", tpot_ms=tpot_s * 1000), rid)
+            book.on_dispatch(hint(100, 100, rid=f"{rid}-running", slo=SLOTarget("t", None, tpot_s * 1000)), rid)
             book.on_first_token(f"{rid}-running")
     return book
 
@@ -39,13 +39,11 @@ def view(rid, **opts):
 
 
 def req(slo=INTERACTIVE, prompt=1000, hashes=(), arrival=1.0, rid="q"):
-    return hint(prompt, 256, rid=rid, hashes=list(hashes), slo_class=slo.name, ttft_ms=slo.ttft_ms,
-                tpot_ms=slo.tpot_ms, priority=slo.priority, on_infeasible=slo.on_infeasible, arrival_time=arrival)
+    return hint(prompt, 256, rid=rid, hashes=list(hashes), slo=slo, arrival_time=arrival)
 
 
 def choose(pol, request, book, now):
-    with book.lock:
-        return pol.decide(request, book, now)
+    return pol.decide(request, book, now)
 
 
 def test_prefix_hit_preferred():

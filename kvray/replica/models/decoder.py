@@ -10,22 +10,28 @@ Qwen2          always                      never     no
 Qwen3          config.attention_bias       same      yes
 =============  ==========================  ========  ==========
 
+Each model class picks the MLP of every layer (``make_mlp``: the gated MLP here; the MoE models
+in ``moe.py`` return their sparse blocks) and says where each checkpoint tensor goes
+(``checkpoint_layout``: here every tensor is the parameter of the same name).
+
 Interface used by the model runner:
 
 * ``model(input_ids [T], positions [T]) -> hidden [T, hidden_size]`` for a flattened batch;
   the paging metadata comes from the current forward context;
-* ``model.compute_logits(hidden [N, H]) -> [N, vocab]`` float32;
+* ``model.compute_logits(hidden [N, H]) -> [N, vocab]`` float32 (``None`` on tensor-parallel ranks > 0);
 * ``model.attention_layers()`` -> the ``Attention`` modules in layer order.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kvray.replica.models.layers import Attention, Embedding, GatedMLP, Linear, RMSNorm, RotaryEmbedding, rope_parameters
+from kvray.replica.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding, rope_parameters
+from kvray.replica.models.parallel_layers import ParallelLMHead, VocabParallelEmbedding
+from kvray.replica.parallel.sharding import Split
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,16 @@ class ArchFlags:
     o_bias: bool
     mlp_bias: bool
     qk_norm: bool
+
+
+@dataclass(frozen=True)
+class WeightSlot:
+    """Where one checkpoint tensor goes: parameter ``param``, or its sub-tensor ``param[index]``
+    (e.g. one expert's rows of a stacked expert weight); ``split``: the slice of the tensor that
+    this tensor-parallel rank reads, when it is not its module's ``tp_split``."""
+    param: str
+    index: tuple = ()
+    split: Split | None = None
 
 
 def _head_dim(config) -> int:
@@ -51,14 +67,14 @@ def _check_supported(config) -> None:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, flags: ArchFlags, rotary_dim: int, dtype: torch.dtype, device=None):
+    def __init__(self, config, flags: ArchFlags, rotary_dim: int, mlp: nn.Module, dtype: torch.dtype, device=None):
         super().__init__()
         hidden, eps = config.hidden_size, config.rms_norm_eps
         self.self_attn = Attention(
             hidden, config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads,
             _head_dim(config), qkv_bias=flags.qkv_bias, o_bias=flags.o_bias, qk_norm=flags.qk_norm,
             rms_norm_eps=eps, rotary_dim=rotary_dim, dtype=dtype, device=device)
-        self.mlp = GatedMLP(hidden, config.intermediate_size, flags.mlp_bias, dtype, device)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(hidden, eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(hidden, eps, dtype, device)
 
@@ -77,13 +93,13 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     """The ``model.*`` part of an HF causal LM: embeddings, layers, final norm."""
 
-    def __init__(self, config, flags: ArchFlags, dtype: torch.dtype, device=None):
+    def __init__(self, config, flags: ArchFlags, make_mlp: Callable[[int], nn.Module], dtype: torch.dtype, device=None):
         super().__init__()
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype, device)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype, device)
         self.rotary_emb = RotaryEmbedding(rope_parameters(config), _head_dim(config), device=device)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, flags, self.rotary_emb.rotary_dim, dtype, device)
-            for _ in range(config.num_hidden_layers))
+            DecoderLayer(config, flags, self.rotary_emb.rotary_dim, make_mlp(i), dtype, device)
+            for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -106,19 +122,26 @@ class DecoderForCausalLM(nn.Module):
         _check_supported(config)
         self.config = config
         self.dtype = dtype
-        self.model = DecoderModel(config, self.flags_for(config), dtype, device)
+        flags = self.flags_for(config)
+        self.model = DecoderModel(config, flags, lambda i: self.make_mlp(config, i, flags, dtype, device), dtype, device)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        if self.tie_word_embeddings:
-            self.lm_head = nn.Module()
-            self.lm_head.weight = self.model.embed_tokens.weight  # shared Parameter
-        else:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, False, dtype, device)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, dtype, device,
+                                      tied=self.model.embed_tokens if self.tie_word_embeddings else None)
+
+    def make_mlp(self, config, layer: int, flags: ArchFlags, dtype: torch.dtype, device) -> nn.Module:
+        """The MLP of layer ``layer``."""
+        return GatedMLP(config.hidden_size, config.intermediate_size, flags.mlp_bias, dtype, device)
+
+    def checkpoint_layout(self) -> dict[str, WeightSlot]:
+        """Checkpoint tensor name -> where the loader puts it. Every parameter must be covered."""
+        return {name: WeightSlot(name) for name, _ in self.named_parameters()}
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head.weight).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Float32 logits [N, vocab]; under tensor parallelism on rank 0 only (None elsewhere)."""
+        return self.lm_head(hidden)
 
     def fuse_projections(self) -> None:
         """After loading: merge q/k/v and gate/up projections into single matmuls."""
@@ -149,11 +172,3 @@ class Qwen3ForCausalLM(DecoderForCausalLM):
         bias = bool(getattr(config, "attention_bias", False))
         return ArchFlags(qkv_bias=bias, o_bias=bias, mlp_bias=False, qk_norm=True)
 
-
-MODEL_REGISTRY: dict[str, type[DecoderForCausalLM]] = {
-    "LlamaForCausalLM": LlamaForCausalLM,
-    "Qwen2ForCausalLM": Qwen2ForCausalLM,
-    "Qwen3ForCausalLM": Qwen3ForCausalLM,
-}
-# config.json files without an "architectures" entry fall back to their model_type
-MODEL_TYPE_TO_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}

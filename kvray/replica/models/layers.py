@@ -1,5 +1,6 @@
-"""Building blocks of the decoder models: linear, embedding, RMSNorm, rotary embedding, gated MLP
-and the paged ``Attention`` module.
+"""Building blocks of the decoder models: embedding, RMSNorm, rotary embedding, gated MLP and the
+paged ``Attention`` module (``Linear`` and its quantization methods live in ``linear`` and
+``quantization``; the layers tensor parallelism splits, in ``parallel_layers``).
 
 Parameters are created uninitialised (``torch.empty``) on the target device and dtype: the loader
 fills every one of them from the checkpoint and fails loudly if one is missing. Parameter names
@@ -21,35 +22,17 @@ from torch import nn
 
 from kvray import kernels
 from kvray.replica.forward_context import get_forward_context
+from kvray.replica.models.linear import Linear, fuse_linears
+from kvray.replica.models.parallel_layers import ColumnParallelLinear, RowParallelLinear
+from kvray.replica.parallel.group import build_group
+from kvray.replica.parallel.sharding import even_split, kv_head_range
+
+__all__ = ["Linear", "RMSNorm", "RotaryEmbedding", "GatedMLP", "Attention", "rope_parameters",
+           "compute_inv_freq", "apply_rotary"]
 
 
 def _empty(*shape: int, dtype: torch.dtype, device) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
-
-
-class Linear(nn.Module):
-    """``y = x W^T (+ b)`` with HF's ``weight`` [out, in] / ``bias`` [out] names."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = _empty(out_features, in_features, dtype=dtype, device=device)
-        self.bias = _empty(out_features, dtype=dtype, device=device) if bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
-
-
-class Embedding(nn.Module):
-    def __init__(self, num_embeddings: int, dim: int, dtype: torch.dtype, device=None):
-        super().__init__()
-        self.weight = _empty(num_embeddings, dim, dtype=dtype, device=device)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight)
 
 
 class RMSNorm(nn.Module):
@@ -148,25 +131,24 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_d
 # ----------------------------------------------------------------------------- MLP and attention
 
 class GatedMLP(nn.Module):
-    """``down(silu(gate(x)) * up(x))``."""
+    """``down(silu(gate(x)) * up(x))``; under tensor parallelism a rank holds an equal share of the
+    intermediate features (gate/up column-parallel, down row-parallel: one all-reduce)."""
 
     def __init__(self, hidden: int, intermediate: int, bias: bool, dtype: torch.dtype, device=None):
         super().__init__()
-        self.gate_proj = Linear(hidden, intermediate, bias, dtype, device)
-        self.up_proj = Linear(hidden, intermediate, bias, dtype, device)
-        self.down_proj = Linear(intermediate, hidden, bias, dtype, device)
+        self.gate_proj = ColumnParallelLinear(hidden, intermediate, bias, dtype, device)
+        self.up_proj = ColumnParallelLinear(hidden, intermediate, bias, dtype, device)
+        self.down_proj = RowParallelLinear(intermediate, hidden, bias, dtype, device)
 
         self.gate_up_proj: Linear | None = None
 
     def fuse(self) -> None:
-        """Replace gate_proj/up_proj by one [2I, H] projection (one matmul instead of two)."""
-        g, u = self.gate_proj, self.up_proj
-        fused = Linear(g.in_features, 2 * g.out_features, g.bias is not None, g.weight.dtype, g.weight.device)
-        fused.weight.data = torch.cat([g.weight.data, u.weight.data])
-        if g.bias is not None:
-            fused.bias.data = torch.cat([g.bias.data, u.bias.data])
-        self.gate_up_proj = fused
-        del self.gate_proj, self.up_proj
+        """Replace gate_proj/up_proj by one [2I, H] projection (one matmul instead of two), when
+        both are stored alike (same quantization)."""
+        fused = fuse_linears([self.gate_proj, self.up_proj])
+        if fused is not None:
+            self.gate_up_proj = fused
+            del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
@@ -178,8 +160,13 @@ class Attention(nn.Module):
     """Multi-head / grouped-query attention over the paged KV cache.
 
     ``k_cache`` / ``v_cache`` ([num_blocks, block_size, num_kv_heads, head_dim]) are plain
-    attributes set by the model runner, not parameters or buffers; the paging metadata comes
-    from the current :class:`~kvray.replica.forward_context.ForwardContext`.
+    attributes set by the model runner, not parameters or buffers, and so are ``k_scale`` /
+    ``v_scale`` (float32 [num_kv_heads], for an FP8 cache only); the paging metadata comes from
+    the current :class:`~kvray.replica.forward_context.ForwardContext`.
+
+    Under tensor parallelism ``num_heads`` / ``num_kv_heads`` are this rank's: an equal share of
+    the query heads, and of the KV heads (or the one KV head its query heads read, when there
+    are fewer KV heads than ranks); q/k/v are column-parallel, o row-parallel (one all-reduce).
     """
 
     def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, *, qkv_bias: bool,
@@ -188,12 +175,16 @@ class Attention(nn.Module):
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads})")
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        group = build_group()
+        q0, nq = even_split(num_heads, group.rank, group.size)
+        kv0, nkv = kv_head_range(num_kv_heads, group.rank, group.size)
+        self.num_heads, self.num_kv_heads, self.head_dim = nq, nkv, head_dim
         self.scaling = head_dim ** -0.5
-        self.q_proj = Linear(hidden, num_heads * head_dim, qkv_bias, dtype, device)
-        self.k_proj = Linear(hidden, num_kv_heads * head_dim, qkv_bias, dtype, device)
-        self.v_proj = Linear(hidden, num_kv_heads * head_dim, qkv_bias, dtype, device)
-        self.o_proj = Linear(num_heads * head_dim, hidden, o_bias, dtype, device)
+        d = head_dim
+        self.q_proj = ColumnParallelLinear(hidden, num_heads * d, qkv_bias, dtype, device, rows=(q0 * d, nq * d))
+        self.k_proj = ColumnParallelLinear(hidden, num_kv_heads * d, qkv_bias, dtype, device, rows=(kv0 * d, nkv * d))
+        self.v_proj = ColumnParallelLinear(hidden, num_kv_heads * d, qkv_bias, dtype, device, rows=(kv0 * d, nkv * d))
+        self.o_proj = RowParallelLinear(num_heads * d, hidden, o_bias, dtype, device)
         if qk_norm:
             self.q_norm = RMSNorm(head_dim, rms_norm_eps, dtype, device)
             self.k_norm = RMSNorm(head_dim, rms_norm_eps, dtype, device)
@@ -201,18 +192,17 @@ class Attention(nn.Module):
         self.rotary_dim = rotary_dim
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        self.k_scale: torch.Tensor | None = None
+        self.v_scale: torch.Tensor | None = None
         self.qkv_proj: Linear | None = None
 
     def fuse(self) -> None:
-        """Replace q/k/v_proj by one qkv projection (one matmul instead of three)."""
-        parts = (self.q_proj, self.k_proj, self.v_proj)
-        w = parts[0].weight
-        fused = Linear(w.shape[1], sum(p.out_features for p in parts), parts[0].bias is not None, w.dtype, w.device)
-        fused.weight.data = torch.cat([p.weight.data for p in parts])
-        if parts[0].bias is not None:
-            fused.bias.data = torch.cat([p.bias.data for p in parts])
-        self.qkv_proj = fused
-        del self.q_proj, self.k_proj, self.v_proj
+        """Replace q/k/v_proj by one qkv projection (one matmul instead of three), when all three are
+        stored alike (same quantization)."""
+        fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        if fused is not None:
+            self.qkv_proj = fused
+            del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: "RotaryEmbedding") -> torch.Tensor:
         h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
@@ -234,10 +224,11 @@ class Attention(nn.Module):
         if self.k_cache is None:
             raise RuntimeError("Attention.k_cache/v_cache are not set; the model runner must assign the KV cache first")
         ctx = get_forward_context()
-        kernels.write_kv_cache(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        kernels.write_kv_cache(k, v, self.k_cache, self.v_cache, ctx.slot_mapping, self.k_scale, self.v_scale)
         o = kernels.paged_attention(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.query_start_loc,
                                     ctx.seq_lens, self.scaling, max_seq_len=ctx.max_seq_len or None,
-                                    max_query_len=ctx.max_query_len or None)
+                                    max_query_len=ctx.max_query_len or None, k_scale=self.k_scale,
+                                    v_scale=self.v_scale)
         return self.o_proj(o.reshape(-1, self.num_heads * self.head_dim))
 
     def extra_repr(self) -> str:

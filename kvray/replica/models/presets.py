@@ -2,8 +2,10 @@
 layout (config.json, generation_config.json, model.safetensors or shards plus
 model.safetensors.index.json, and a real BPE tokenizer with a chat template).
 
-Weights: the tensor names and shapes are those of the model for the config (built on the meta
-device, so nothing is allocated; they equal transformers' names, which the tests check); each tensor is drawn from a
+Weights: the tensor names and shapes are those of the model's checkpoint layout for the config
+(built on the meta device, so nothing is allocated: the parameters themselves, or one tensor per
+expert and projection for MoE models, as save_pretrained writes them; tests check that transformers
+loads them); each tensor is drawn from a
 ``torch.Generator`` seeded from the preset seed and the tensor's name, straight in the preset's
 dtype, one tensor at a time. Matrices are N(0, 0.02²); RMSNorm weights 1 + 0.1·N(0, 1), so a loader
 that ignored them would be caught; biases 0.1·N(0, 1).
@@ -16,6 +18,7 @@ directory and renames it into place, so racing processes are safe.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -28,7 +31,9 @@ from pathlib import Path
 
 import torch
 
+from kvray.replica.models import fp8_checkpoint
 from kvray.replica.models.bpe import LLAMA3_TOKENIZER, QWEN_TOKENIZER, TokenizerSpec, write_tokenizer
+from kvray.replica.models.cache import kvray_cache_dir
 
 GENERATOR_VERSION = 1  # bump when the weight-generation code changes
 
@@ -41,6 +46,7 @@ class Preset:
     tokenizer: TokenizerSpec
     max_shard_size: int | None = None   # bytes; None writes a single model.safetensors
     seed: int = 0
+    quant: str | None = None      # an FP8 checkpoint format of kvray.replica.models.fp8_checkpoint
 
     @property
     def dtype(self) -> torch.dtype:
@@ -48,8 +54,8 @@ class Preset:
 
     def version(self) -> str:
         blob = json.dumps({"generator": GENERATOR_VERSION, "config": self.config, "seed": self.seed,
-                           "max_shard_size": self.max_shard_size, "tokenizer": self.tokenizer.fingerprint()},
-                          sort_keys=True)
+                           "max_shard_size": self.max_shard_size, "tokenizer": self.tokenizer.fingerprint(),
+                           **({"quant": self.quant} if self.quant else {})}, sort_keys=True)
         return f"v{GENERATOR_VERSION}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
@@ -97,23 +103,61 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
             "tie_word_embeddings": True, "initializer_range": 0.02, "pretraining_tp": 1,
             "torch_dtype": "bfloat16", "use_cache": True},
            LLAMA3_TOKENIZER, max_shard_size=1_000_000_000, seed=5),
-    Preset("llama-3.1-8b", "Llama-3.1-8B shapes (32 layers, hidden 4096, vocab 128256, untied), bf16, random weights",
-           {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-            "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-            "head_dim": 128, "vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
-            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
-            "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-            "tie_word_embeddings": False, "initializer_range": 0.02, "pretraining_tp": 1,
-            "torch_dtype": "bfloat16", "use_cache": True},
-           LLAMA3_TOKENIZER, max_shard_size=5_000_000_000, seed=6),
+    # ---- mixture of experts (docs/moe.md) ----
+    Preset("tiny-qwen3-moe", "3-layer Qwen3-MoE, 8 experts top-4 (no renormalisation), dense layer 0, GQA 4/2, q/k RMSNorm",
+           _tiny("Qwen3MoeForCausalLM", "qwen3_moe", num_hidden_layers=3, num_experts=8, num_experts_per_tok=4,
+                 moe_intermediate_size=32, norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[0],
+                 rope_theta=1000000.0, rope_scaling=None, tie_word_embeddings=False, attention_bias=False,
+                 router_aux_loss_coef=0.001, output_router_logits=False, **_QWEN_EXTRA),
+           QWEN_TOKENIZER, seed=6),
+    Preset("tiny-mixtral", "2-layer Mixtral, 4 experts top-2, GQA 4/2, untied",
+           _tiny("MixtralForCausalLM", "mixtral", intermediate_size=96, num_local_experts=4, num_experts_per_tok=2,
+                 rms_norm_eps=1e-5, rope_theta=1000000.0, rope_scaling=None, sliding_window=None,
+                 tie_word_embeddings=False, router_jitter_noise=0.0, router_aux_loss_coef=0.001,
+                 output_router_logits=False),
+           LLAMA3_TOKENIZER, seed=7),
+    Preset("qwen3-30b-a3b", "Qwen3-30B-A3B shapes (48 layers, hidden 2048, 128 experts top-8 of width 768, vocab "
+           "151936), bf16, random weights (~61 GB)",
+           {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 2048,
+            "intermediate_size": 6144, "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
+            "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [], "num_hidden_layers": 48,
+            "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 151936,
+            "max_position_embeddings": 40960, "max_window_layers": 48, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+            "attention_bias": False, "attention_dropout": 0.0, "rope_theta": 1000000.0, "rope_scaling": None,
+            "tie_word_embeddings": False, "initializer_range": 0.02, "router_aux_loss_coef": 0.001,
+            "output_router_logits": False, "torch_dtype": "bfloat16", "use_cache": True, **_QWEN_EXTRA},
+           QWEN_TOKENIZER, max_shard_size=1_000_000_000, seed=8),
 ]}
+
+# ---- the 8B reference model and FP8 variants (issue 26) -------------------------------------------
+# ``<base>-fp8-block`` / ``<base>-fp8-dynamic``: the base preset's weights (same seed, same names, so
+# the same values), linear layers written in the Hugging Face block-FP8 / compressed-tensors
+# FP8-dynamic format (kvray.replica.models.fp8_checkpoint).
+_LLAMA_31_8B = Preset(
+    "llama-3.1-8b", "Llama-3.1-8B shapes (32 layers, hidden 4096, GQA 32/8, vocab 128256, untied), bf16, random "
+    "weights", {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+                "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "max_position_embeddings": 131072,
+                "rms_norm_eps": 1e-5, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+                "attention_dropout": 0.0, "rope_theta": 500000.0,
+                "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 8192},
+                "tie_word_embeddings": False, "initializer_range": 0.02, "pretraining_tp": 1,
+                "torch_dtype": "bfloat16", "use_cache": True},
+    LLAMA3_TOKENIZER, max_shard_size=1_000_000_000, seed=6)
+PRESETS[_LLAMA_31_8B.name] = _LLAMA_31_8B
+for _base, _fmt in [("tiny-llama", "fp8-block"), ("tiny-llama", "fp8-dynamic"), ("tiny-qwen3", "fp8-block"),
+                    ("tiny-qwen3", "fp8-dynamic"), ("llama-3.1-8b", "fp8-block"), ("llama-3.1-8b", "fp8-dynamic")]:
+    _b = PRESETS[_base]
+    PRESETS[f"{_base}-{_fmt}"] = dataclasses.replace(
+        _b, name=f"{_base}-{_fmt}", description=f"{_base} in {_fmt} ({fp8_checkpoint.describe(_fmt)})", quant=_fmt)
 
 
 def get_preset(name: str) -> Preset:
     name = name.removeprefix("kvray:")
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+        from kvray.replica.models.real_presets import REAL_PRESETS
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join([*PRESETS, *REAL_PRESETS])}")
     return PRESETS[name]
 
 
@@ -135,7 +179,8 @@ def token_ids(preset: Preset) -> dict:
 
 def config_dict(preset: Preset) -> dict:
     # a deep copy: transformers edits nested dicts (rope_scaling) of the kwargs it is given
-    return copy.deepcopy(dict(sorted({**preset.config, **token_ids(preset)["config"]}.items())))
+    quant = {"quantization_config": fp8_checkpoint.quantization_config(preset.quant)} if preset.quant else {}
+    return copy.deepcopy(dict(sorted({**preset.config, **token_ids(preset)["config"], **quant}.items())))
 
 
 def hf_config(preset: Preset | str):
@@ -146,16 +191,30 @@ def hf_config(preset: Preset | str):
     return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
 
 
-def parameter_shapes(preset: Preset | str) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape of the checkpoint: the parameters of kvray's model for the config,
-    built on the meta device (no memory, no transformers import). Its names are transformers'
-    names (tests check this for every preset); a tied lm_head.weight is left out, as
-    transformers' save_pretrained does."""
-    from kvray.replica.models.decoder import MODEL_REGISTRY
-    preset = get_preset(preset) if isinstance(preset, str) else preset
+def _meta_model(preset: Preset):
+    """kvray's model for the preset's config on the meta device (no memory, no transformers import)."""
+    from kvray.replica.models.registry import MODEL_REGISTRY
     cfg = types.SimpleNamespace(**config_dict(preset))
-    model = MODEL_REGISTRY[cfg.architectures[0]](cfg, dtype=preset.dtype, device=torch.device("meta"))
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+    return MODEL_REGISTRY[cfg.architectures[0]](cfg, dtype=preset.dtype, device=torch.device("meta"))
+
+
+def parameter_shapes(preset: Preset | str) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of kvray's model for the config. The names and shapes are
+    transformers' (tests check this for every preset; MoE experts stacked as in transformers 5);
+    a tied lm_head.weight is left out."""
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    return {name: tuple(p.shape) for name, p in _meta_model(preset).named_parameters()}
+
+
+def checkpoint_shapes(preset: Preset | str) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of what the checkpoint holds: the model's ``checkpoint_layout`` (the
+    parameters themselves for dense models; one tensor per expert and projection for MoE models,
+    as save_pretrained writes them). A tied lm_head.weight is left out, as save_pretrained does."""
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    model = _meta_model(preset)
+    params = dict(model.named_parameters())
+    return {name: tuple((params[s.param][s.index] if s.index else params[s.param]).shape)
+            for name, s in model.checkpoint_layout().items()}
 
 
 def _tensor_seed(preset: Preset, name: str) -> int:
@@ -196,29 +255,51 @@ def _plan_shards(preset: Preset, shapes: dict[str, tuple[int, ...]]) -> list[lis
     return shards
 
 
-def _generate(preset: Preset, names: list[str], shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+def _generate(preset: Preset, names: list[str], shapes: dict[str, tuple[int, ...]], workers: int
+              ) -> dict[str, torch.Tensor]:
+    """The shard's tensors as the checkpoint stores them (FP8 presets: their linear weights
+    quantized in the preset's format, with their scales)."""
     # one generator per tensor, so threads (torch releases the GIL) cannot change the values
-    workers = max(1, min(8, os.cpu_count() or 1))
-    with ThreadPoolExecutor(workers) as pool:
-        values = list(pool.map(lambda n: make_tensor(preset, n, shapes[n]), names))
-    return dict(zip(names, values))
+    if workers <= 1:
+        tensors = {n: make_tensor(preset, n, shapes[n]) for n in names}
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            tensors = dict(zip(names, pool.map(lambda n: make_tensor(preset, n, shapes[n]), names)))
+    if preset.quant:
+        tensors = fp8_checkpoint.quantize_tensors(preset.quant, tensors,
+                                                  fp8_checkpoint.linear_weight_names(preset.config))
+    return tensors
 
 
 def _write_weights(preset: Preset, out_dir: Path) -> None:
+    """The weights, one shard per task: with many shards (the big presets), up to one shard per
+    core is generated and written at once, each by its own thread, so drawing the numbers and
+    writing the files overlap (memory: about two shards per thread)."""
     from safetensors.torch import save_file
-    shapes = parameter_shapes(preset)
+    shapes = checkpoint_shapes(preset)
     shards = _plan_shards(preset, shapes)
+    cores = os.cpu_count() or 1
     if len(shards) == 1:
-        save_file(_generate(preset, shards[0], shapes), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        tensors = _generate(preset, shards[0], shapes, min(8, cores))
+        save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
         return
-    weight_map, total = {}, 0
-    for i, names in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = _generate(preset, names, shapes)
-        save_file(tensors, str(out_dir / file), metadata={"format": "pt"})
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        weight_map.update({name: file for name in names})
-        del tensors
+    files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    parallel = max(1, min(cores, 16, len(shards)))
+
+    def write(i: int) -> dict[str, int]:
+        tensors = _generate(preset, shards[i], shapes, 1 if parallel > 1 else min(8, cores))
+        save_file(tensors, str(out_dir / files[i]), metadata={"format": "pt"})
+        return {name: t.numel() * t.element_size() for name, t in tensors.items()}  # scales of FP8 presets too
+
+    intra_op = torch.get_num_threads()
+    torch.set_num_threads(1 if parallel > 1 else intra_op)  # the shards are the parallelism: no oversubscription
+    try:
+        with ThreadPoolExecutor(parallel) as pool:
+            written = list(pool.map(write, range(len(shards))))
+    finally:
+        torch.set_num_threads(intra_op)
+    weight_map = {name: files[i] for i, sizes in enumerate(written) for name in sizes}
+    total = sum(sum(sizes.values()) for sizes in written)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     _write_json(out_dir / "model.safetensors.index.json", index)
 
@@ -242,8 +323,7 @@ def make_checkpoint(preset: Preset | str, out_dir: str | os.PathLike) -> Path:
 # ----------------------------------------------------------------------------- cache
 
 def cache_root() -> Path:
-    root = os.environ.get("KVRAY_CACHE_DIR")
-    return Path(root).expanduser() / "presets" if root else Path.home() / ".cache" / "kvray" / "presets"
+    return kvray_cache_dir() / "presets"
 
 
 def preset_cache_dir(name: str) -> Path:

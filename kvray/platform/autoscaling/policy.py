@@ -1,23 +1,6 @@
-"""Autoscaling that understands LLM load: defaults derived from the engine, kvray's Serve policy,
-and the load signal the replicas report for it.
+"""``SLOHeadroomPolicy``: kvray's Serve custom autoscaling policy (it runs in the controller).
 
-How Serve 2.60 merges options (checked in ``ray/serve/_private/application_state.py``): a key
-under ``deployments:`` in the config file replaces the code's value *as a whole*. An
-``autoscaling_config`` written in the file therefore drops every code default, and the keys it
-leaves out take Serve's defaults (``target_ongoing_requests: 2``, ``upscale_delay_s: 30``,
-``downscale_delay_s: 600``), not the code's. A code-side ``autoscaling_config`` would also turn
-a file's fixed ``num_replicas`` into autoscaling. So kvray applies its defaults where the merged
-config is visible:
-
-* ``apply_autoscaling_defaults`` / ``fill_serve_config``: for Python callers (``make_app``
-  overrides) and for writing a config file with every value spelled out
-  (``python -m kvray.platform.autoscaling CONFIG.yaml``). Keys the user set always win.
-* ``SLOHeadroomPolicy`` (in the controller): when the file leaves ``target_ongoing_requests``
-  at Serve's default, it uses the value derived from the ``max_num_seqs`` that the replicas
-  report. The delays stay Serve's: Serve applies ``upscale_delay_s`` /
-  ``downscale_delay_s``, the factors and min/max around every custom policy.
-
-The policy scales on SLO headroom:
+It scales on SLO headroom:
 
 * up when the replicas' predicted SLO attainment drops below ``attainment_target``, when
   queued prefill tokens per replica exceed ``max_queued_prefill_tokens``, when KV usage exceeds
@@ -29,103 +12,31 @@ The policy scales on SLO headroom:
   delay whenever one tick lacks headroom);
 * otherwise it holds the current target (the band between the two is the hysteresis).
 
-Replicas feed it through ``record_autoscaling_stats`` (Serve's custom-metrics hook; the
-controller receives the values every ``metrics_interval_s``); ``replica_autoscaling_stats``
-computes them from the engine, predicting each in-flight request's TTFT/TPOT with the step-cost
-model the engine fits and publishes (``kvray.step_cost``).
+When the config leaves ``target_ongoing_requests`` at Serve's default, the target comes from the
+``max_num_seqs`` that the replicas report (``kvray.platform.autoscaling.defaults``). The delays
+stay Serve's: Serve applies ``upscale_delay_s`` / ``downscale_delay_s``, the factors and min/max
+around every custom policy. The replicas' signal is ``kvray.platform.autoscaling.signal``.
 """
 from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from kvray.step_cost import StepCoeffs, StepTimeModel, predict_attainment
+from kvray.platform.autoscaling.defaults import SERVE_DEFAULT_TARGET, derived_target, user_set
+from kvray.platform.autoscaling.signal import (M_ATTAIN, M_GPUS, M_KV, M_MAX_NUM_SEQS, M_PREFILL, M_RUNNING, M_SLO_REQS,
+                                               M_WAITING)
 
 logger = logging.getLogger("ray.serve")  # in the controller: its log file
-
-POLICY_PATH = "kvray.platform.autoscaling:SLOHeadroomPolicy"
-REPLICA_DEPLOYMENT = "LLMReplica"
-
-# Derived defaults (see ``derive_autoscaling_defaults``).
-TARGET_FRACTION = 0.75        # target ongoing requests = this share of the engine's batch slots
-UPSCALE_DELAY_S = 10.0        # a burst must last this long before a (slow, costly) replica starts
-DOWNSCALE_DELAY_S = 300.0     # headroom must last this long before a warm replica is released
-LOOK_BACK_PERIOD_S = 15.0     # window Serve averages ongoing requests over
-_SERVE_DEFAULT_TARGET = 2.0   # AutoscalingConfig.target_ongoing_requests default in Serve 2.60
-
-# Custom metric names (``record_autoscaling_stats`` keys).
-M_MAX_NUM_SEQS = "kvray_max_num_seqs"
-M_RUNNING = "kvray_num_running"
-M_WAITING = "kvray_num_waiting"
-M_PREFILL = "kvray_queued_prefill_tokens"
-M_KV = "kvray_kv_usage"
-M_ATTAIN = "kvray_predicted_attainment"
-M_SLO_REQS = "kvray_slo_requests"
-
-
-# ---- defaults ----------------------------------------------------------------------------------
-
-def derived_target(max_num_seqs: int) -> int:
-    """Ongoing requests per replica to aim for: most of the engine's batch slots, so Serve adds
-    a replica before requests queue inside the engine (``max_ongoing_requests`` is 2x)."""
-    return max(1, round(TARGET_FRACTION * int(max_num_seqs)))
-
-
-def derive_autoscaling_defaults(max_num_seqs: int) -> dict[str, float]:
-    return {"target_ongoing_requests": derived_target(max_num_seqs), "upscale_delay_s": UPSCALE_DELAY_S,
-            "downscale_delay_s": DOWNSCALE_DELAY_S, "look_back_period_s": LOOK_BACK_PERIOD_S}
-
-
-def apply_autoscaling_defaults(autoscaling_config, max_num_seqs: int) -> dict | None:
-    """The user's autoscaling_config (dict or AutoscalingConfig; only the keys they set count)
-    over kvray's derived defaults. None stays None: fixed ``num_replicas``, nothing to scale."""
-    if autoscaling_config is None:
-        return None
-    if not isinstance(autoscaling_config, dict):
-        autoscaling_config = autoscaling_config.model_dump(exclude_unset=True)
-    return {**derive_autoscaling_defaults(max_num_seqs), **autoscaling_config}
-
-
-def fill_serve_config(config: dict) -> dict:
-    """A Serve config file (dict) with kvray's defaults written into each kvray application's
-    LLMReplica ``autoscaling_config`` (``max_num_seqs`` from its args; keys already set win)."""
-    from kvray.app_config import parse_args
-
-    out = dict(config)
-    apps = []
-    for app in config.get("applications", []):
-        app = dict(app)
-        if str(app.get("import_path", "")).startswith("kvray.platform"):
-            seqs = parse_args(app.get("args") or {}).engine.max_num_seqs
-            deps = []
-            for d in app.get("deployments", []):
-                if d.get("name") == REPLICA_DEPLOYMENT and d.get("autoscaling_config") is not None:
-                    d = {**d, "autoscaling_config": apply_autoscaling_defaults(d["autoscaling_config"], seqs)}
-                deps.append(d)
-            app["deployments"] = deps
-        apps.append(app)
-    out["applications"] = apps
-    return out
-
-
-def user_set(config, name: str) -> bool:
-    """Whether the Serve config set ``name``: a value other than Serve's default. (Which keys a
-    file gave does not survive the trip to the controller: the deployment config is rebuilt
-    from a full dump. So setting Serve's default value itself reads as unset.)"""
-    return getattr(config, name) != type(config).model_fields[name].default
-
-
-# ---- the policy (runs in the Serve controller) -------------------------------------------------
 
 @dataclass
 class Signals:
     """What the policy sees in one tick (all per running replica unless named total)."""
 
     replicas: int                  # running replicas (>= 1)
+    gpus_per_replica: float        # what one replica holds (its tensor_parallel_size; 0 on CPUs)
     target: float                  # target requests per replica
     total_requests: float          # requests in the engines + queued at handles (look-back average)
     queued_prefill: float          # mean queued prefill tokens per replica
@@ -163,14 +74,15 @@ class SLOHeadroomPolicy:
         sig = self.signals(ctx)
         desired, reason = self.decide(sig, current)
         out = _clamp(desired, lo, hi)
-        state["kvray"] = {"reason": reason, "desired": out, "target": sig.target, "requests": sig.total_requests,
-                          "attainment": sig.attainment, "queued_prefill": sig.queued_prefill}
+        state["kvray"] = {"reason": reason, "desired": out, "gpus": out * sig.gpus_per_replica, "target": sig.target,
+                          "requests": sig.total_requests, "attainment": sig.attainment,
+                          "queued_prefill": sig.queued_prefill}
         intent = (out, reason) if out != current else None
         if intent != getattr(self, "_intent", None):  # each change of intent once (and its end)
             self._intent = intent
-            logger.info("kvray autoscaling %s: %s -> %s replicas (%s; requests %.1f, target %.0f/replica, "
+            logger.info("kvray autoscaling %s: %s -> %s replicas, %g GPUs (%s; requests %.1f, target %.0f/replica, "
                         "attainment %s, queued prefill %.0f/replica, kv %.2f)", ctx.deployment_name, current, out,
-                        reason, sig.total_requests, sig.target,
+                        out * sig.gpus_per_replica, reason, sig.total_requests, sig.target,
                         "n/a" if sig.attainment is None else f"{sig.attainment:.2f}", sig.queued_prefill, sig.kv_usage)
         return out, state
 
@@ -185,7 +97,7 @@ class SLOHeadroomPolicy:
         seqs_known = getattr(self, "_seqs", None) or self.max_num_seqs
         config = ctx.config
         if (config is not None and user_set(config, "target_ongoing_requests")) or not seqs_known:
-            target = float(getattr(config, "target_ongoing_requests", None) or _SERVE_DEFAULT_TARGET)
+            target = float(getattr(config, "target_ongoing_requests", None) or SERVE_DEFAULT_TARGET)
         else:
             target = float(derived_target(seqs_known))
         prefill = latest.get(M_PREFILL, {})
@@ -193,7 +105,8 @@ class SLOHeadroomPolicy:
         att, reqs = latest.get(M_ATTAIN, {}), latest.get(M_SLO_REQS, {})
         weight = sum(reqs.get(r, 0.0) for r in att)
         attainment = (sum(att[r] * reqs.get(r, 0.0) for r in att) / weight) if weight > 0 else None
-        return Signals(replicas=n, target=target, total_requests=self._requests(ctx, now),
+        return Signals(replicas=n, gpus_per_replica=max(latest.get(M_GPUS, {}).values(), default=0.0),
+                       target=target, total_requests=self._requests(ctx, now),
                        queued_prefill=sum(prefill.values()) / n, kv_usage=max(kv.values(), default=0.0),
                        attainment=attainment, slo_requests=weight)
 
@@ -276,56 +189,3 @@ def _latest_metrics(ctx, not_before: float, aggregated_first: bool = False) -> d
                 if v is not None and math.isfinite(v):
                     dst[rid] = v
     return out
-
-
-# ---- the replica side --------------------------------------------------------------------------
-
-def replica_autoscaling_stats(engine) -> dict[str, float]:
-    """``LLMReplica.record_autoscaling_stats``: the kvray_* metrics of one replica (numbers only,
-    as Serve requires), from its engine's stats and in-flight requests."""
-    s = engine.stats()
-    model = StepTimeModel.fixed_coeffs(StepCoeffs(*s.step_coeffs)) if s.step_coeffs else StepTimeModel()
-    attainment, n = predict_attainment(model, engine.request_snapshots(), time.monotonic(),
-                                       max_batched_tokens=s.max_num_batched_tokens,
-                                       deadline_order=s.scheduling_policy == "deadline",
-                                       context_tokens=s.tokens_in_flight)
-    return {M_MAX_NUM_SEQS: float(s.max_num_seqs), M_RUNNING: float(s.num_running), M_WAITING: float(s.num_waiting),
-            M_PREFILL: float(s.queued_prefill_tokens), M_KV: s.kv_usage, M_ATTAIN: attainment,
-            M_SLO_REQS: float(n)}
-
-
-def pin_replica_gpus() -> list[str]:
-    """Call first in a replica's ``__init__``: a replica sees exactly the GPUs Ray assigned it.
-    Ray 2.60 sets CUDA_VISIBLE_DEVICES only for actors holding GPUs, so one that asked for none
-    would see (and could allocate on) every GPU of its node; hide them. Returns the GPU ids."""
-    try:
-        import ray
-
-        if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
-            return []  # not a Ray actor (a driver, a test): leave the process alone
-        ids = [str(i) for i in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
-    except Exception:
-        return []
-    if not ids:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    return ids
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m kvray.platform.autoscaling CONFIG.yaml``: print the config with kvray's
-    autoscaling defaults written out (what the LLMReplica deployment will run with)."""
-    import sys
-
-    import yaml
-
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m kvray.platform.autoscaling SERVE_CONFIG.yaml", file=sys.stderr)
-        return 2
-    with open(args[0]) as f:
-        print(yaml.safe_dump(fill_serve_config(yaml.safe_load(f)), sort_keys=False), end="")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

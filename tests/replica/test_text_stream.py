@@ -1,5 +1,5 @@
-"""The Router's text for a token stream: stop strings never sent in part (pure Python)."""
-from kvray.frontend.text_stream import TextStream
+"""The one text path (engine and Router): stop strings cut, never sent in part (pure Python)."""
+from kvray.replica.detokenizer import TextStream
 
 class CharTokenizer:
     """Token i is chr(i); enough for the detokenizer and stop-string logic."""

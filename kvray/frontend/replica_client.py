@@ -1,12 +1,25 @@
-"""Router side of replica token streams.
+"""The Router's replica client: it sends a request to a replica and returns its token stream.
 
-``TokenChannels`` keeps one ``LLMReplica.channel`` streaming call open per replica this Router
-talks to, and hands each ``TokenBatch`` to the request it belongs to. ``ChannelRequestStream``
-is one request: its own ``generate`` call (open for the request's lifetime: routing, Serve's
-ongoing-request accounting and cancellation go through it; it yields ``Bound`` once the replica
-has the request, or a ``Refusal``) plus its batches from the channel. ``DirectRequestStream``
-is the plain mode (batches in the request's own stream). Both offer ``__anext__`` (the next
-``TokenBatch`` or ``Refusal``; raises on errors) and ``close(abort)``.
+``ReplicaClient.send(hint, prompt_token_ids, params, on_bound)`` makes the request's
+``LLMReplica.generate`` call through the deployment handle (Serve's request router follows the
+hint's route) and returns the request's stream. The token-stream protocol lives behind it, and
+on the replica side in ``kvray.platform.token_streams``; its records are ``kvray.records``'
+``TokenBatch``, ``Refusal`` and ``Bound``.
+
+* Token channels (``router.token_channels``, the default): ``TokenChannels`` keeps one
+  ``LLMReplica.channel`` streaming call open per replica this Router talks to (pinned there by
+  the hint's ``pin_replica``), and hands each ``TokenBatch`` to the request it belongs to.
+  ``ChannelRequestStream`` is one request: its own ``generate`` call (open for the request's
+  lifetime: routing, Serve's ongoing-request accounting and cancellation go through it; it
+  yields ``Bound`` once the replica has the request, or a ``Refusal``) plus its batches from
+  the channel.
+* ``DirectRequestStream``, the plain mode: ``Bound``, then the batches in the request's own
+  stream.
+
+Either stream calls ``on_bound(replica_id)`` once the replica that took the request is known,
+and offers ``__anext__`` (the next ``TokenBatch`` or ``Refusal``; raises on errors),
+``fail(error)`` (the next ``__anext__`` raises ``error`` at once: how the Router's drain ends a
+request) and ``close(abort)``.
 """
 from __future__ import annotations
 
@@ -18,7 +31,8 @@ from collections import deque
 from typing import Any, Callable
 
 from kvray import tracing
-from kvray.records import Bound, Refusal, TokenBatch
+from kvray.records import Bound, Refusal, RoutingHint, TokenBatch
+from kvray.replica.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +43,36 @@ CHANNEL_OPEN_TIMEOUT_S = 30.0
 
 class ReplicaLost(RuntimeError):
     pass
+
+
+class ReplicaClient:
+    def __init__(self, handle, token_channels: bool = True):
+        """``handle``: the LLMReplica deployment's handle."""
+        self._stream = handle.options(stream=True)
+        self._use_channels = token_channels
+        self._channels: TokenChannels | None = None
+
+    def send(self, hint: RoutingHint, prompt_token_ids: list[int], params: SamplingParams,
+             on_bound: Callable[[str], None] | None = None):
+        """Start the request on a replica (where its ``hint`` routes it); its token stream."""
+        rid = hint.request_id
+        if not self._use_channels or (self._channels is not None and self._channels.disabled):
+            return DirectRequestStream(self._stream.generate.remote(rid, prompt_token_ids, params, hint=hint),
+                                       on_bound)
+        if self._channels is None:
+            self._channels = TokenChannels(self._open_channel)
+        call = self._stream.generate.remote(rid, prompt_token_ids, params, hint=hint,
+                                            channel=self._channels.channel_id)
+        return ChannelRequestStream(self._channels, rid, call, on_bound)
+
+    def close_unlisted(self, listed) -> None:
+        """Close the channels to replicas not in ``listed`` that no request is bound to."""
+        if self._channels is not None:
+            self._channels.close_unlisted(listed)
+
+    def _open_channel(self, replica_id: str, channel_id: str):
+        pin = RoutingHint(request_id=channel_id, num_prompt_tokens=0, decode_estimate=0, pin_replica=replica_id)
+        return self._stream.channel.remote(channel_id, hint=pin)
 
 
 class _Inbox:
@@ -80,6 +124,15 @@ class TokenChannels:
             # happens to open it (Ray Serve cancels a request's child calls with the request).
             self._tasks[replica_id] = asyncio.get_running_loop().create_task(
                 self._read(replica_id), context=contextvars.Context())
+
+    def close_unlisted(self, listed) -> None:
+        """Close the channels to replicas not in ``listed`` (Serve is stopping them) that no
+        request of this Router is bound to: a replica's drain waits for every open call, and an
+        idle channel would hold it open for ``CHANNEL_IDLE_CLOSE_S`` more."""
+        bound = set(self._where.values())
+        for replica_id, task in list(self._tasks.items()):
+            if replica_id not in listed and replica_id not in bound:
+                task.cancel()
 
     @property
     def open_replicas(self) -> list[str]:
@@ -143,10 +196,11 @@ class TokenChannels:
 
 
 class ChannelRequestStream:
-    def __init__(self, channels: TokenChannels, request_id: str, call):
+    def __init__(self, channels: TokenChannels, request_id: str, call, on_bound: Callable[[str], None] | None = None):
         self._channels = channels
         self._rid = request_id
         self._call = call
+        self._on_bound = on_bound
         self._q = channels.register(request_id)
         self._finished = False
         self._call_ended = False
@@ -157,6 +211,8 @@ class ChannelRequestStream:
             async for item in self._call:
                 if isinstance(item, Bound):  # the tokens come through that replica's channel
                     self._channels.bind(self._rid, item.replica_id)
+                    if self._on_bound is not None:
+                        self._on_bound(item.replica_id)
                 else:  # a Refusal
                     self._q.put(item)
             self._q.put(_ENDED)
@@ -197,6 +253,12 @@ class ChannelRequestStream:
                     break
             return item
 
+    def fail(self, error: BaseException) -> None:
+        """End the stream with ``error``, ahead of any batch still queued."""
+        if not self._finished:
+            self._q.items.appendleft(error)
+            self._q.event.set()
+
     def close(self, abort: bool) -> None:
         """Stop listening; with ``abort`` also cancel the request on the replica."""
         self._channels.unregister(self._rid)
@@ -209,14 +271,36 @@ class ChannelRequestStream:
 
 
 class DirectRequestStream:
-    def __init__(self, call):
+    def __init__(self, call, on_bound: Callable[[str], None] | None = None):
         self._call = call
+        self._on_bound = on_bound
+        self._error: BaseException | None = None
 
     def __aiter__(self):
         return self
 
     async def __anext__(self) -> TokenBatch | Refusal:
-        return await self._call.__anext__()
+        if self._error is not None:
+            raise self._error
+        try:
+            item = await self._call.__anext__()
+            if type(item) is Bound:  # the first item: the replica that took the request
+                if self._on_bound is not None:
+                    self._on_bound(item.replica_id)
+                item = await self._call.__anext__()
+            return item
+        except Exception:
+            if self._error is not None:  # fail() cancelled the call: its error, not Serve's
+                raise self._error from None
+            raise
+
+    def fail(self, error: BaseException) -> None:
+        """End the stream with ``error`` (cancels the call, so a pending ``__anext__`` wakes)."""
+        self._error = error
+        try:
+            self._call.cancel()
+        except Exception:  # pragma: no cover
+            pass
 
     def close(self, abort: bool) -> None:
         if abort:
