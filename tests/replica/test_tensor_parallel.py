@@ -298,3 +298,27 @@ def _ranks() -> list[int]:
         except OSError:
             continue
     return out
+
+
+def test_collectives_that_return_no_work_are_not_waited_on():
+    """NCCL in recent torch returns no work object for a collective issued on the current stream
+    (``asyncOp`` off): the group must take that as done, not call ``.wait()`` on None."""
+    import torch
+
+    from kvray.replica.parallel.group import ParallelGroup
+
+    class NoWork:  # a backend that runs each collective at once and returns nothing
+        def allreduce(self, xs, opts):
+            xs[0].mul_(2)
+
+        def broadcast(self, xs, opts):
+            xs[0].fill_(7)
+
+        def gather(self, out, xs, opts):
+            out[0][0].copy_(xs[0])
+
+    g = ParallelGroup(0, 1, torch.device("cpu"), NoWork())
+    x = torch.ones(3)
+    assert torch.equal(g.all_reduce(x), torch.full((3,), 2.0))
+    assert torch.equal(g.broadcast(x), torch.full((3,), 7.0))
+    assert torch.equal(g.gather(x)[0], x)

@@ -51,7 +51,7 @@ class ParallelGroup:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum ``x`` over the ranks, in place; returns it."""
         if self._pg is not None:
-            self._pg.allreduce([x], _on_current_stream(dist.AllreduceOptions())).wait()
+            _wait(self._pg.allreduce([x], _on_current_stream(dist.AllreduceOptions())))
         return x
 
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:
@@ -59,7 +59,7 @@ class ParallelGroup:
         if self._pg is not None:
             opts = _on_current_stream(dist.BroadcastOptions())
             opts.rootRank = 0
-            self._pg.broadcast([x], opts).wait()
+            _wait(self._pg.broadcast([x], opts))
         return x
 
     def gather(self, x: torch.Tensor) -> list[torch.Tensor] | None:
@@ -69,7 +69,7 @@ class ParallelGroup:
         opts = dist.GatherOptions()
         opts.rootRank = 0
         out = [[torch.empty_like(x) for _ in range(self.size)]] if self.rank == 0 else []
-        self._pg.gather(out, [x], opts).wait()
+        _wait(self._pg.gather(out, [x], opts))
         return out[0] if self.rank == 0 else None
 
     def abort(self) -> None:
@@ -79,6 +79,13 @@ class ParallelGroup:
                 self._pg.abort()
             except Exception:  # noqa: BLE001 - some backends cannot abort; the caller fails anyway
                 logger.debug("process group abort failed", exc_info=True)
+
+
+def _wait(work) -> None:
+    """Wait for a collective's work; a backend running it on the current stream with ``asyncOp``
+    off returns none (NCCL in recent torch): the stream orders it already."""
+    if work is not None:
+        work.wait()
 
 
 def _on_current_stream(opts):
@@ -122,6 +129,8 @@ def connect(rank: int, size: int, device: torch.device, store_port: int, store=N
         store = dist.TCPStore(STORE_HOST, store_port, size, False, timeout=datetime.timedelta(seconds=timeout_s))
     prefixed = dist.PrefixStore(f"kvray-tp-{store_port}", store)
     if device.type == "cuda":
+        if device.index is None:  # "cuda": the current device, named by index (NCCL binds to one)
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = COLLECTIVE_TIMEOUT
