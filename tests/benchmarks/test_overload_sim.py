@@ -250,12 +250,14 @@ def test_routing_gpu_program_end_to_end_on_cpu(traces, tmp_path, monkeypatch):
     assert "| p2c | 1x | measured |" in (out / "fidelity.md").read_text()
 
 
-def test_step_model_check_prints_the_known_figures(traces, capsys):
+def test_step_model_check_prints_the_known_figures(traces, capsys, tmp_path):
     from benchmarks import step_model_check
 
-    step_model_check.main(["--conv-trace", traces["conv"], "--rates", "4", "--duration", "10"])
+    coeffs = tmp_path / "coeffs.json"  # 6.5 ms + 21 us x 704 tokens + 35 ns x 192,512 context tokens = 28.0 ms
+    coeffs.write_text(json.dumps({"a": 0.0065, "b": 2.1e-05, "c": 3.5e-08, "d": 0.0}))
+    step_model_check.main(["--coeffs", str(coeffs), "--conv-trace", traces["conv"], "--rates", "4", "--duration", "10"])
     out = capsys.readouterr().out
-    assert "step of 192 decodes (1,000-token contexts) + a 512-token chunk: 28.0 ms" in out  # the estimate
+    assert "step of 192 decodes (1,000-token contexts) + a 512-token chunk: 28.0 ms" in out
     tok_s = float(out.split("offline workload B: ")[1].split()[0])
     assert 5000 < tok_s < 12000
     assert "| 4 | 100.0% |" in out
