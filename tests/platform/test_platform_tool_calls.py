@@ -9,6 +9,7 @@ replaced). To run these tests on another model, add it to MODELS (one line: the 
 SmolLM2 preset is ``("kvray:smollm2-135m-instruct", None)``: its ChatML template has no tools).
 """
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import pytest
@@ -95,19 +96,26 @@ def _request(app, which: str, seed: int) -> dict:
                 max_tokens=1500, parallel_tool_calls=parallel, **app.sampling)
 
 
+def _ten(one) -> None:
+    """``one(seed)`` for seeds 0..9, sent at once as ten clients would (the engine batches them)."""
+    with ThreadPoolExecutor(10) as pool:
+        list(pool.map(one, range(10)))  # re-raises the first failure
+
+
 @pytest.mark.parametrize("which", CHOICES)
 def test_forced_calls_validate_10_of_10(app, client, which):
-    for seed in range(10):
+    def one(seed):
         out = client.chat.completions.create(**_request(app, which, seed))
         choice = out.choices[0]
         assert choice.finish_reason == "tool_calls", choice
         assert not choice.message.content
         _check(choice.message.tool_calls, which == "named", seed % 2 == 1)
+    _ten(one)
 
 
 @pytest.mark.parametrize("which", CHOICES)
 def test_forced_calls_streamed_validate_10_of_10(app, client, which):
-    for seed in range(10):
+    def one(seed):
         finishes = []
         with client.chat.completions.stream(**_request(app, which, seed)) as stream:
             for event in stream:
@@ -117,6 +125,7 @@ def test_forced_calls_streamed_validate_10_of_10(app, client, which):
             done = stream.get_final_completion()
         assert finishes == ["tool_calls"]
         _check(done.choices[0].message.tool_calls, which == "named", seed % 2 == 1)
+    _ten(one)
 
 
 def test_auto_and_a_round_trip(app, client):
