@@ -1,5 +1,6 @@
 """Helpers for the end-to-end tests that run kvray on a local Ray + Serve (CPU)."""
 import contextlib
+import json
 import os
 import random
 import signal
@@ -41,8 +42,8 @@ def running_app(args: dict, num_replicas: int = 2, fast_metrics: bool = False, e
     import ray
     from ray import serve
 
-    from kvray.platform.app import make_app
     from kvray.app_config import parse_args
+    from kvray.platform.app import make_app
 
     extra = {**(METRICS_ENV if fast_metrics else {}), **(env or {})}
     saved = {k: os.environ.get(k) for k in extra}
@@ -126,8 +127,8 @@ class ServeRun:
         self._reader.join(5)
 
 
-def engine_processes() -> dict[int, int]:
-    """pid -> parent pid of every running engine child process (``kvray.replica.engine_process``)."""
+def module_processes(module: str, skip_zombies: bool = False) -> dict[int, int]:
+    """pid -> parent pid of every process running ``python -m <module>``."""
     found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -137,9 +138,33 @@ def engine_processes() -> dict[int, int]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        if b"kvray.replica.engine_process" in cmd:
-            found[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if module.encode() in cmd and not (skip_zombies and state == "Z"):
+            found[int(entry.name)] = int(ppid)
     return found
+
+
+def engine_processes() -> dict[int, int]:
+    """pid -> parent pid of every running engine child process (``kvray.replica.engine_process``)."""
+    return module_processes("kvray.replica.engine_process")
+
+
+async def long_stream(session, url: str, model: str, prompt: str, started) -> tuple[str, float, dict | None]:
+    """A streamed completion of 1,500 tokens; sets ``started`` at its first event. Returns how it
+    ended ("done", "error" with the error object, or "cut": the body ended without [DONE]) and when."""
+    body = {"model": model, "prompt": prompt, "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    async with session.post(url + "/v1/completions", json=body) as r:
+        assert r.status == 200, await r.text()
+        async for raw in r.content:
+            if not raw.startswith(b"data: "):
+                continue
+            started.set()
+            if raw.strip() == b"data: [DONE]":
+                return "done", time.monotonic(), None
+            chunk = json.loads(raw[6:])
+            if "error" in chunk:
+                return "error", time.monotonic(), chunk["error"]
+    return "cut", time.monotonic(), None
 
 
 def wait_until(cond, timeout_s: float, what: str):

@@ -4,7 +4,6 @@ error within 5 s, no new request fails, and after an engine kill the app is back
 replicas within 15 s.
 """
 import asyncio
-import json
 import os
 import signal
 import time
@@ -15,7 +14,7 @@ import requests
 
 pytest.importorskip("ray")
 
-from serve_app import engine_processes, running_app, wait_until  # noqa: E402
+from serve_app import engine_processes, long_stream, running_app, wait_until  # noqa: E402
 
 NAME = "tiny-qwen3"
 ARGS = {"model": "kvray:tiny-qwen3", "served_model_name": NAME,
@@ -42,20 +41,10 @@ def _ready(url: str, before: set | None = None) -> bool:
 
 
 async def _stream(session, url, i, started):
-    body = {"model": NAME, "prompt": f"long stream {i}", "max_tokens": 1500, "ignore_eos": True, "stream": True}
-    async with session.post(url + "/v1/completions", json=body) as r:
-        assert r.status == 200
-        async for raw in r.content:
-            if not raw.startswith(b"data: "):
-                continue
-            started.set()
-            if raw.strip() == b"data: [DONE]":
-                return "done", time.monotonic(), None
-            chunk = json.loads(raw[6:])
-            if "error" in chunk:
-                assert chunk["error"]["message"] and chunk["error"]["type"]
-                return "error", time.monotonic(), chunk["error"]["message"]
-    return "cut", time.monotonic(), None
+    how, at, error = await long_stream(session, url, NAME, f"long stream {i}", started)
+    if error:
+        assert error["message"] and error["type"]
+    return how, at, error and error["message"]
 
 
 async def _probe(session, url, stop: asyncio.Event, statuses: list):

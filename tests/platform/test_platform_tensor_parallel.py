@@ -5,7 +5,6 @@ exits and Serve's replacement serves; when rank 0 is killed, rank 1 goes with it
 outlives `serve run`.
 """
 import asyncio
-import json
 import os
 import signal
 import time
@@ -17,25 +16,15 @@ import requests
 
 pytest.importorskip("ray")
 
-from serve_app import ServeRun, engine_processes, local_config, wait_until  # noqa: E402
+from serve_app import (ServeRun, engine_processes, local_config, long_stream, module_processes,  # noqa: E402
+                       wait_until)
 
 NAME = "tiny-qwen3"
 
 
 def rank_processes() -> dict[int, int]:
     """pid -> parent pid of every tensor-parallel rank process (``kvray.replica.parallel.worker``)."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().split(b"\0")
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if b"kvray.replica.parallel.worker" in cmd and stat.rsplit(")", 1)[1].split()[0] != "Z":
-            found[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    return found
+    return module_processes("kvray.replica.parallel.worker", skip_zombies=True)
 
 
 def _config() -> dict:
@@ -54,19 +43,8 @@ def _ours(before_engines: set, before_ranks: set) -> tuple[dict, dict]:
 
 
 async def _stream(session, url, i, started):
-    body = {"model": NAME, "prompt": f"a long stream {i}", "max_tokens": 1500, "ignore_eos": True, "stream": True}
-    async with session.post(url + "/v1/completions", json=body) as r:
-        assert r.status == 200, await r.text()
-        async for raw in r.content:
-            if not raw.startswith(b"data: "):
-                continue
-            started.set()
-            if raw.strip() == b"data: [DONE]":
-                return "done", time.monotonic(), None
-            chunk = json.loads(raw[6:])
-            if "error" in chunk:
-                return "error", time.monotonic(), chunk["error"]["message"]
-    return "cut", time.monotonic(), None
+    how, at, error = await long_stream(session, url, NAME, f"a long stream {i}", started)
+    return how, at, error and error["message"]
 
 
 def _kill_under_streams(url: str, victim: int) -> tuple[float, list]:
